@@ -1,0 +1,20 @@
+"""Typed errors the trainer raises, so callers (the CLI, the worker) can react without parsing messages."""
+
+from __future__ import annotations
+
+
+class TrainingCancelled(Exception):
+    """Raised when a callback asked the trainer to stop; `step` is the last completed optimizer step."""
+
+    def __init__(self, step: int, checkpoint_dir: str | None = None) -> None:
+        super().__init__(f"training cancelled after step {step}")
+        self.step = step
+        self.checkpoint_dir = checkpoint_dir
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not match the run that tries to resume from it."""
+
+
+class ModelLoadError(ValueError):
+    """Base weights or the teacher encoder could not be loaded or do not fit together."""

@@ -1,0 +1,123 @@
+"""Student and teacher LoRA adapters on one base transformer, and the diffusers-format adapter file.
+
+peft quirk handled here: `set_adapter` makes the active adapter trainable and freezes the others, so every switch
+goes through `active_adapter`, which always returns to the student and re-freezes the teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+STUDENT_ADAPTER = "student"
+TEACHER_ADAPTER = "teacher"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def make_lora_config(rank: int, alpha: float, dropout: float, target_modules: tuple[str, ...]) -> LoraConfig:
+    """The method's LoRA: gaussian A, zero B, so a fresh adapter is exactly the base model."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+
+
+def add_adapters(transformer: torch.nn.Module, config: LoraConfig, *, with_teacher: bool) -> None:
+    """Adds the trainable student adapter and, for an EMA teacher, an identical frozen teacher adapter."""
+    transformer.add_adapter(config, adapter_name=STUDENT_ADAPTER)  # type: ignore[operator]
+    if with_teacher:
+        transformer.add_adapter(config, adapter_name=TEACHER_ADAPTER)  # type: ignore[operator]
+        load_adapter_state(transformer, TEACHER_ADAPTER, adapter_state(transformer, STUDENT_ADAPTER))
+    transformer.set_adapter(STUDENT_ADAPTER)  # type: ignore[operator]
+    for p in student_parameters(transformer):
+        p.data = p.data.float()  # LoRA weights and AdamW state stay fp32 under bf16 base weights
+
+
+def _adapter_params(transformer: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
+    marker = f".{adapter}."
+    return [(n, p) for n, p in transformer.named_parameters() if "lora_" in n and marker in n]
+
+
+def student_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The student's LoRA parameters, in a fixed order: all the optimizer ever sees."""
+    return [p for _, p in _adapter_params(transformer, STUDENT_ADAPTER)]
+
+
+def teacher_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The teacher adapter's parameters, in the same order as `student_parameters`."""
+    return [p for _, p in _adapter_params(transformer, TEACHER_ADAPTER)]
+
+
+@torch.no_grad()
+def ema_update(teacher: list[torch.nn.Parameter], student: list[torch.nn.Parameter], decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, after every optimizer step."""
+    torch._foreach_lerp_([t.data for t in teacher], [s.data.to(t.dtype) for s, t in zip(student, teacher)], 1 - decay)
+
+
+@contextlib.contextmanager
+def active_adapter(transformer: torch.nn.Module, adapter: str | None) -> Iterator[None]:
+    """Runs the block with `adapter` active (`None`: all adapters off = the base model), then back to the student."""
+    if adapter is None:
+        transformer.disable_adapters()  # type: ignore[operator]
+    elif adapter != STUDENT_ADAPTER:
+        transformer.set_adapter(adapter)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        if adapter is None:
+            transformer.enable_adapters()  # type: ignore[operator]
+        transformer.set_adapter(STUDENT_ADAPTER)  # type: ignore[operator]
+        for p in teacher_parameters(transformer):
+            p.requires_grad_(False)
+
+
+def adapter_state(transformer: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA tensors with peft's un-prefixed names (`layers.0.attention.to_q.lora_A.weight`)."""
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter)
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def load_adapter_state(transformer: torch.nn.Module, adapter: str, state: dict[str, torch.Tensor]) -> None:
+    """Loads tensors from `adapter_state` into an existing adapter; any unmatched key is an error."""
+    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"adapter {adapter!r} has no place for: {', '.join(unexpected[:10])}")
+
+
+def add_file_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Rewrites a safetensors file with `extra` added to its header metadata (atomically)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    metadata.update(extra)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_file_metadata(path: str | Path) -> dict[str, Any]:
+    """The header metadata of a safetensors file, JSON values decoded."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = dict(f.metadata() or {})
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

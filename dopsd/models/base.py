@@ -1,0 +1,95 @@
+"""The interface every model family implements, so the D-OPSD loop never sees a family's conventions.
+
+Time is always passed as sigma (1 = pure noise, 0 = clean). A family's raw prediction keeps its own sign and
+meaning; only the family turns it into x0 or takes an Euler step with it, so the trainer works unchanged on
+Z-Image (t = 1 - sigma, output toward the data) and FLUX.2 (sigma, output toward the noise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+
+Cond = Any  # a family's conditioning for one sample (e.g. Z-Image: a [L, D] tensor of caption features)
+
+
+class ModelFamily(ABC):
+    """A loaded base pipeline plus its teacher encoder, behind the operations D-OPSD needs."""
+
+    name: ClassVar[str]
+    lora_target_modules: ClassVar[tuple[str, ...]]
+
+    def __init__(self, pipeline: DiffusionPipeline, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipeline = pipeline
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The denoiser that carries the LoRA adapters."""
+        return self.pipeline.transformer  # type: ignore[no-any-return]
+
+    # Conditioning: computed once per (image, caption) before training, then the encoders leave the device.
+    @abstractmethod
+    def encode_student(self, captions: Sequence[str], max_sequence_length: int) -> list[Cond]:
+        """Text-only features of each caption, exactly as the family's pipeline encodes a prompt."""
+
+    @abstractmethod
+    def encode_teacher(self, image: Image.Image, caption: str, max_sequence_length: int) -> Cond:
+        """The teacher context: features of (target image + caption), differing from the student's by the image."""
+
+    @abstractmethod
+    def release_encoders(self) -> None:
+        """Frees the text and teacher encoders from the accelerator once all features are cached."""
+
+    # Denoising in the family's own convention.
+    @abstractmethod
+    def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
+        """Shape of one sample's initial noise for an image of `width` x `height` pixels."""
+
+    @abstractmethod
+    def predict(self, latents: torch.Tensor, sigma: float, conds: Sequence[Cond]) -> torch.Tensor:
+        """The network's raw prediction for a batch of latents at noise level `sigma`."""
+
+    @abstractmethod
+    def x0_from_prediction(self, latents: torch.Tensor, sigma: float, prediction: torch.Tensor) -> torch.Tensor:
+        """The clean-sample estimate implied by a prediction."""
+
+    @abstractmethod
+    def euler_step(
+        self, latents: torch.Tensor, sigma: float, sigma_next: float, prediction: torch.Tensor
+    ) -> torch.Tensor:
+        """One Euler step of the probability-flow ODE from `sigma` to `sigma_next`."""
+
+    @abstractmethod
+    def native_sigmas(self, num_steps: int, width: int, height: int) -> list[float]:
+        """The sampling schedule of the family's pipeline (ending with 0), as its scheduler computes it."""
+
+    # Sampling with the unchanged pipeline, so samples are what users will get at inference.
+    @abstractmethod
+    def generate(
+        self, conds: Sequence[Cond], *, seeds: Sequence[int], width: int, height: int, num_steps: int
+    ) -> list[Image.Image]:
+        """Images from the pipeline at its native few-step setting, one per (cond, seed) pair."""
+
+    @abstractmethod
+    def save_lora_weights(
+        self, directory: str, state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
+    ) -> None:
+        """Writes `pytorch_lora_weights.safetensors` the way the family's pipeline loads it."""
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """bf16 autocast on CUDA when the weights are bf16; a no-op in fp32."""
+        if self.device.type == "cuda" and self.dtype == torch.bfloat16:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                yield
+        else:
+            yield

@@ -1,0 +1,138 @@
+"""Z-Image (Turbo) behind the `ModelFamily` interface.
+
+Conventions hidden here: the transformer takes model time t = 1 - sigma (0 = noise, 1 = clean) and returns
+v = x0 - noise (pointing toward the data), on lists of [C, 1, H, W] latents; `ZImagePipeline` negates v before its
+scheduler step. So x0 = x + sigma * v and an Euler step is x + (sigma - sigma_next) * v.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import ZImagePipeline
+from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
+from PIL import Image
+
+from dopsd.models.base import Cond, ModelFamily
+from dopsd.models.qwen_teacher import QwenVLTeacherEncoder
+
+
+class ZImageFamily(ModelFamily):
+    """Z-Image with a Qwen3-VL teacher encoder (the released D-OPSD setup)."""
+
+    name = "z_image"
+    # Every transformer block, refiners included: attention q/k/v/out and the SwiGLU feed-forward (the released
+    # code lost w1 to a missing comma; all seven are asserted by a test).
+    lora_target_modules = (
+        "attention.to_q",
+        "attention.to_k",
+        "attention.to_v",
+        "attention.to_out.0",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+    )
+    # The Z-Image pipeline's own chat-template call (thinking "on" renders no think block).
+    chat_template_kwargs: dict[str, Any] = {"enable_thinking": True}
+
+    def __init__(
+        self,
+        pipeline: ZImagePipeline,
+        teacher_encoder: QwenVLTeacherEncoder,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__(pipeline, device=device, dtype=dtype)
+        self.teacher_encoder = teacher_encoder
+        for module in (pipeline.text_encoder, pipeline.vae):
+            # encode_prompt is not wrapped in no_grad: frozen encoders keep graphs out of the embeddings.
+            module.requires_grad_(False).eval()
+        pipeline.set_progress_bar_config(disable=True)
+
+    def _encoders_to(self, device: torch.device) -> None:
+        self.pipeline.text_encoder.to(device)
+        self.teacher_encoder.vlm.to(device)
+
+    @torch.no_grad()
+    def encode_student(self, captions: Sequence[str], max_sequence_length: int) -> list[Cond]:
+        self._encoders_to(self.device)
+        embeds, _ = self.pipeline.encode_prompt(
+            list(captions),  # the pipeline rewrites the list in place
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return [e.detach() for e in embeds]
+
+    @torch.no_grad()
+    def encode_teacher(self, image: Image.Image, caption: str, max_sequence_length: int) -> Cond:
+        self._encoders_to(self.device)
+        return self.teacher_encoder.encode(image, caption, max_length=max_sequence_length, hidden_layers=(-2,))
+
+    def release_encoders(self) -> None:
+        self._encoders_to(torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
+        scale = self.pipeline.vae_scale_factor * 2
+        return (self.pipeline.transformer.config.in_channels, 2 * (height // scale), 2 * (width // scale))
+
+    def predict(self, latents: torch.Tensor, sigma: float, conds: Sequence[Cond]) -> torch.Tensor:
+        t = torch.full((latents.shape[0],), 1.0 - sigma, device=latents.device, dtype=torch.float32)
+        x = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
+        out = self.transformer(x, t, list(conds), return_dict=False)[0]
+        return torch.stack(out, dim=0).squeeze(2).float()
+
+    def x0_from_prediction(self, latents: torch.Tensor, sigma: float, prediction: torch.Tensor) -> torch.Tensor:
+        return latents + sigma * prediction
+
+    def euler_step(
+        self, latents: torch.Tensor, sigma: float, sigma_next: float, prediction: torch.Tensor
+    ) -> torch.Tensor:
+        return latents + (sigma - sigma_next) * prediction
+
+    def native_sigmas(self, num_steps: int, width: int, height: int) -> list[float]:
+        _, h, w = self.latent_shape(width, height)
+        config = self.pipeline.scheduler.config
+        mu = calculate_shift(
+            (h // 2) * (w // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        scheduler = copy.deepcopy(self.pipeline.scheduler)
+        sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+        return [float(s) for s in scheduler.sigmas]
+
+    @torch.no_grad()
+    def generate(
+        self, conds: Sequence[Cond], *, seeds: Sequence[int], width: int, height: int, num_steps: int
+    ) -> list[Image.Image]:
+        images: list[Image.Image] = []
+        for cond in conds:
+            for seed in seeds:
+                # One call per image with a CPU generator: exactly what a user reproduces with diffusers.
+                out = self.pipeline(
+                    prompt_embeds=[cond],
+                    height=height,
+                    width=width,
+                    num_inference_steps=num_steps,
+                    guidance_scale=0.0,
+                    generator=torch.Generator().manual_seed(seed),
+                )
+                images.extend(out.images)
+        return images
+
+    def save_lora_weights(
+        self, directory: str, state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
+    ) -> None:
+        ZImagePipeline.save_lora_weights(
+            directory, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=adapter_metadata
+        )
