@@ -1,0 +1,170 @@
+"""`dopsd` command line: `train`, `models list`, `models export`.
+
+Every `DOPSDConfig` field is a flag (`--learning-rate 1e-4`), plus short forms for the common ones. Precedence:
+field defaults < preset defaults < `--config FILE` < flags. Bad input ends with one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dopsd.config import DOPSDConfig
+from dopsd.presets import PRESETS, get_preset
+
+
+# Short forms people type, mapped to config fields.
+_ALIASES = {
+    "instance_data_dir": ["--images"],
+    "default_caption": ["--caption"],
+    "max_train_steps": ["--steps"],
+    "output_dir": ["--out"],
+    "resume_from": ["--resume"],
+    "pretrained_model_name_or_path": ["--base"],
+    "teacher_encoder_path": ["--teacher-encoder"],
+    "learning_rate": ["--lr"],
+}
+_SKIP = {"captions"}  # given as a file with --captions
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(DOPSDConfig)
+    for f in dataclasses.fields(DOPSDConfig):
+        if f.name in _SKIP:
+            continue
+        flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        base = args[0] if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else kind
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is typing.Literal:
+            kwargs["choices"] = typing.get_args(base)
+        elif typing.get_origin(base) is list:
+            kwargs["nargs"] = "+"
+            kwargs["type"] = typing.get_args(base)[0]
+        else:
+            kwargs["type"] = base
+        parser.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `dopsd` argument parser."""
+    parser = argparse.ArgumentParser(prog="dopsd", description="D-OPSD LoRA training for step-distilled models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a LoRA adapter on a few images of a concept")
+    train.add_argument("--config", type=Path, help="JSON file of DOPSDConfig fields (flags override it)")
+    train.add_argument("--captions", type=Path, dest="captions_file", help="JSON: file name -> caption or list")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(train)
+
+    models = sub.add_parser("models", help="list presets or export a tiny base pipeline")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="list the model presets")
+    export = models_sub.add_parser("export", help="write a tiny preset's base pipeline with save_pretrained")
+    export.add_argument("preset", choices=sorted(PRESETS))
+    export.add_argument("directory", type=Path)
+    return parser
+
+
+def _config_from_args(ns: argparse.Namespace) -> DOPSDConfig:
+    from dopsd.data import load_captions_file
+
+    values: dict[str, Any] = {}
+    if ns.config is not None:
+        values.update(json.loads(ns.config.read_text()))
+    field_names = {f.name for f in dataclasses.fields(DOPSDConfig)}
+    values.update({k: v for k, v in vars(ns).items() if k in field_names})
+    if ns.captions_file is not None:
+        values["captions"] = load_captions_file(ns.captions_file)
+    return DOPSDConfig.from_dict(values)
+
+
+def _train(ns: argparse.Namespace) -> int:
+    config = _config_from_args(ns)
+    from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
+    from dopsd.errors import TrainingCancelled
+    from dopsd.trainer import train
+
+    class CliCallback(TrainerCallback):
+        """Progress bar, and Ctrl-C as a clean stop: checkpoint, then exit."""
+
+        def __init__(self) -> None:
+            self.bar: Any = None
+            self.stop = False
+            signal.signal(signal.SIGINT, self._interrupt)
+
+        def _interrupt(self, *_: object) -> None:
+            if self.stop:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.stop = True
+
+        def on_train_begin(self, total_steps: int, start_step: int) -> None:
+            if not ns.quiet:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="D-OPSD", unit="step")
+
+        def on_step_end(self, state: StepState) -> TrainerControl:
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{state.loss:.4g}")
+            return TrainerControl(should_stop=self.stop)
+
+        def on_train_end(self, output_dir: Path) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    try:
+        result = train(config, [CliCallback()])
+    except TrainingCancelled as exc:
+        print(f"stopped after step {exc.step}; resume with --resume {exc.checkpoint_dir}", file=sys.stderr)
+        return 130
+    gap = result.metrics["teacher_student_gap"]
+    print(f"adapter: {result.adapter_path}")
+    if gap["relative_change"] is not None:
+        print(f"teacher-student gap: {gap['before']:.4g} -> {gap['after']:.4g} ({gap['relative_change']:+.0%})")
+    print(f"samples: {result.output_dir / 'samples'}")
+    return 0
+
+
+def _models(ns: argparse.Namespace) -> int:
+    if ns.models_command == "list":
+        for preset in PRESETS.values():
+            print(f"{preset.name:16} {preset.description}")
+        return 0
+    from dopsd.models.loading import export_base_pipeline
+
+    path = export_base_pipeline(get_preset(ns.preset), ns.directory)
+    print(f"exported {ns.preset} to {path} (load it with ZImagePipeline.from_pretrained)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dopsd` command."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on a hub the machine cannot reach
+    ns = build_parser().parse_args(argv)
+    from dopsd.errors import CheckpointError, ModelLoadError
+
+    try:
+        if ns.command == "train":
+            return _train(ns)
+        return _models(ns)
+    except (ValueError, CheckpointError, ModelLoadError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
