@@ -1,0 +1,213 @@
+"""Cost of one D-OPSD training step against one plain flow-matching SFT (DreamBooth-style LoRA) step.
+
+Same model, same student LoRA adapter, same AdamW settings, same machine, one run. Prints one JSON line per size:
+`python bench/step_cost.py [--sizes tiny,small] [--repeats N] [--threads N] [--quick]`.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ZImagePipeline, ZImageTransformer2DModel
+from PIL import Image
+from transformers import Qwen3VLForConditionalGeneration
+
+from dopsd.config import DISTILL4_SIGMAS
+from dopsd.lora import add_adapters, ema_update, make_lora_config, student_parameters, teacher_parameters
+from dopsd.models import tiny
+from dopsd.models.base import Cond
+from dopsd.models.loading import TINY_SEED, _image_processor
+from dopsd.models.qwen_teacher import QwenVLTeacherEncoder, copy_text_encoder_into_vlm
+from dopsd.models.z_image import ZImageFamily
+from dopsd.rollout import distillation_rollout
+
+
+# name -> transformer dim, layers, refiner layers, heads, rope axes (sum = dim / heads), image resolution
+SIZES: dict[str, tuple[int, int, int, int, list[int], int]] = {
+    "tiny": (64, 2, 1, 2, [8, 12, 12], 64),
+    "small": (256, 4, 2, 4, [16, 24, 24], 256),
+}
+CAPTION = "a photo of sks dog sitting on a wooden bench in a park"
+WARMUP = 2
+
+
+def build_family(size: str, device: torch.device, dtype: torch.dtype) -> ZImageFamily:
+    """The tiny pipeline with a transformer of `size`, and the tiny Qwen3-VL teacher, as `load_family` builds them."""
+    dim, layers, refiners, heads, axes, _ = SIZES[size]
+    pipe = tiny.build_tiny_z_image_pipeline(seed=TINY_SEED)
+    if size != "tiny":
+        torch.manual_seed(TINY_SEED + 1)
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=tiny.TINY_LATENT_CHANNELS, dim=dim,
+            n_layers=layers, n_refiner_layers=refiners, n_heads=heads, n_kv_heads=heads, norm_eps=1e-5, qk_norm=True,
+            cap_feat_dim=tiny.TINY_TEXT_HIDDEN, rope_theta=256.0, t_scale=1000.0, axes_dims=axes, axes_lens=[256, 64, 64],
+        )  # fmt: skip
+        pipe = ZImagePipeline(
+            scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+            transformer=transformer,
+        )  # fmt: skip
+    torch.manual_seed(TINY_SEED + 10)
+    vlm = Qwen3VLForConditionalGeneration(tiny.tiny_vlm_config(pipe.text_encoder.config, pipe.tokenizer)).model
+    copy_text_encoder_into_vlm(pipe.text_encoder, vlm.language_model)
+    vlm.to(device=device, dtype=dtype)
+    pipe.to(device=device, dtype=dtype)
+    encoder = QwenVLTeacherEncoder(
+        vlm,
+        _image_processor(None, 32 * 32, 64 * 64),
+        pipe.tokenizer,
+        chat_template_kwargs=ZImageFamily.chat_template_kwargs,
+    )
+    return ZImageFamily(pipe, encoder, device=device, dtype=dtype)
+
+
+def target_image(resolution: int) -> Image.Image:
+    """A fixed, non-trivial RGB target image (seeded noise over a colour gradient)."""
+    gen = torch.Generator().manual_seed(123)
+    y, x = torch.meshgrid(torch.linspace(0, 1, resolution), torch.linspace(0, 1, resolution), indexing="ij")
+    rgb = 0.8 * torch.stack([x, y, 1 - x]) + 0.2 * torch.rand(3, resolution, resolution, generator=gen)
+    return Image.fromarray((rgb.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+@torch.no_grad()
+def encode_latents(family: ZImageFamily, image: Image.Image) -> torch.Tensor:
+    """The image as scaled VAE latents [1, C, H, W] in fp32: (sample - shift_factor) * scaling_factor."""
+    vae = family.pipeline.vae
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    latents = vae.encode(x.to(family.device, vae.dtype)).latent_dist.sample(torch.Generator().manual_seed(0))
+    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+
+def sft_step(
+    family: ZImageFamily, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, x0: torch.Tensor,
+    conds: list[Cond], gen: torch.Generator,
+) -> float:  # fmt: skip
+    """One DreamBooth-style flow-matching LoRA step: one student forward/backward at a random sigma, clip, AdamW.
+
+    x_t = (1 - sigma) x0 + sigma noise; Z-Image's raw output points toward the data, so the target is x0 - noise.
+    """
+    noise = torch.randn(x0.shape, generator=gen).to(family.device)
+    sigma = float(torch.rand((), generator=gen))
+    x_t = (1.0 - sigma) * x0 + sigma * noise
+    with family.autocast():
+        prediction = family.predict(x_t, sigma, conds)
+    loss = F.mse_loss(prediction.float(), x0 - noise)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def dopsd_step(
+    family: ZImageFamily, params: list[torch.nn.Parameter], teacher: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer, shape: tuple[int, ...], conds: tuple[list[Cond], list[Cond]], gen: torch.Generator,
+) -> float:  # fmt: skip
+    """One D-OPSD step exactly as `dopsd.trainer` runs it: 4-state roll-out, clip, AdamW, EMA of the teacher."""
+    noise = torch.randn(shape, generator=gen).to(family.device)
+    loss = distillation_rollout(
+        family, noise=noise, student_conds=conds[0], teacher_conds=conds[1], sigmas=list(DISTILL4_SIGMAS),
+        teacher_adapter="teacher", loss_space="x0", loss_scale=1.0,
+    )  # fmt: skip
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(teacher, params, 0.9999)
+    return loss
+
+
+def timed(step: Callable[[], float], device: torch.device) -> float:
+    """Wall seconds of one call of `step`, synchronising CUDA around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_size(size: str, repeats: int, threads: int) -> dict[str, object]:
+    """Builds `size`, warms both steps up, then times them interleaved; returns the JSON record (medians)."""
+    cuda = torch.cuda.is_available()
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    dim, layers, _, _, _, resolution = SIZES[size]
+    family = build_family(size, device, dtype)
+    image = target_image(resolution)
+    student_conds = family.encode_student([CAPTION], 512)
+    teacher_conds = [family.encode_teacher(image, CAPTION, 1024)]
+    x0 = encode_latents(family, image)
+    shape = (1, *family.latent_shape(resolution, resolution))
+    assert tuple(x0.shape) == shape, (x0.shape, shape)
+    family.release_encoders()
+
+    transformer = family.transformer
+    torch.manual_seed(0)
+    lora = make_lora_config(rank=64, alpha=128, dropout=0.0, target_modules=family.lora_target_modules)
+    add_adapters(transformer, lora, with_teacher=True)
+    if cuda:
+        transformer.enable_gradient_checkpointing()  # as the trainer does by default on CUDA
+    params, teacher = student_parameters(transformer), teacher_parameters(transformer)
+
+    def adamw() -> torch.optim.Optimizer:
+        """The trainer's AdamW on the student LoRA parameters."""
+        return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
+
+    opt_d, opt_s = adamw(), adamw()
+    gen_d, gen_s = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    steps: dict[str, Callable[[], float]] = {
+        "dopsd": lambda: dopsd_step(family, params, teacher, opt_d, shape, (student_conds, teacher_conds), gen_d),
+        "sft": lambda: sft_step(family, params, opt_s, x0, student_conds, gen_s),
+    }
+    for _ in range(WARMUP):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):  # interleaved, so slow drift of the machine hits both alike
+        for name, step in steps.items():
+            times[name].append(timed(step, device))
+    d, s = statistics.median(times["dopsd"]), statistics.median(times["sft"])
+    h, w = shape[-2:]
+    return {
+        "bench": "step_cost", "size": size, "dim": dim, "layers": layers, "resolution": resolution,
+        "image_tokens": (h // 2) * (w // 2), "dopsd_step_s": round(d, 6), "sft_step_s": round(s, 6),
+        "ratio": round(d / s, 4), "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__.split("+")[0], "threads": threads, "repeats": repeats,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line, sets the thread count, prints one JSON line per size."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="tiny,small", help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each kind (median reported)")
+    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2), help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help='only "tiny", 2 repeats (the test suite runs this)')
+    args = parser.parse_args(argv)
+    sizes = ["tiny"] if args.quick else [s.strip() for s in args.sizes.split(",") if s.strip()]
+    repeats = 2 if args.quick else args.repeats
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or repeats < 1:
+        parser.error(f"unknown sizes {unknown}" if unknown else "--repeats must be at least 1")
+    torch.set_num_threads(args.threads)
+    for size in sizes:
+        print(json.dumps(bench_size(size, repeats, args.threads)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
