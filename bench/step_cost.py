@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -42,6 +43,7 @@ SIZES: dict[str, tuple[int, int, int, int, list[int], int]] = {
     "tiny": (64, 2, 1, 2, [8, 12, 12], 64),
     "small": (256, 4, 2, 4, [16, 24, 24], 256),
 }
+warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # the second (teacher) adapter
 CAPTION = "a photo of sks dog sitting on a wooden bench in a park"
 WARMUP = 2
 
@@ -192,7 +194,7 @@ def bench_size(size: str, repeats: int, threads: int) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line, sets the thread count, prints one JSON line per size."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="D-OPSD step vs plain SFT step, one JSON line per size")
     parser.add_argument("--sizes", default="tiny,small", help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each kind (median reported)")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2), help="torch CPU threads")
