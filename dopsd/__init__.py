@@ -26,7 +26,17 @@ _LAZY = {
     "train": "dopsd.trainer",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    *_LAZY,
+    "__version__",
+    "StepState",
+    "TrainerCallback",
+    "TrainerControl",
+    "DOPSDConfig",
+    "TrainingCancelled",
+    "TrainingResult",
+    "train",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+
 __all__ = [
     "BASE_BUCKETS_1MP",
     "CAPTIONS_FILE_NAME",
@@ -215,7 +216,7 @@ def load_image(
 
             try:
                 oriented = ImageOps.exif_transpose(img)
-            except Exception:  # noqa: BLE001 - malformed EXIF should not reject an otherwise fine photo
+            except Exception:
                 oriented = img.copy()
             try:
                 rgb = _to_rgb(oriented)

@@ -65,7 +65,9 @@ def teacher_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]
 @torch.no_grad()
 def ema_update(teacher: list[torch.nn.Parameter], student: list[torch.nn.Parameter], decay: float) -> None:
     """teacher <- decay * teacher + (1 - decay) * student, after every optimizer step."""
-    torch._foreach_lerp_([t.data for t in teacher], [s.data.to(t.dtype) for s, t in zip(student, teacher)], 1 - decay)
+    torch._foreach_lerp_(
+        [t.data for t in teacher], [s.data.to(t.dtype) for s, t in zip(student, teacher, strict=False)], 1 - decay
+    )
 
 
 @contextlib.contextmanager
@@ -103,7 +105,7 @@ def add_file_metadata(path: Path, extra: dict[str, str]) -> None:
     """Rewrites a safetensors file with `extra` added to its header metadata (atomically)."""
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     metadata.update(extra)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)

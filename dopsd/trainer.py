@@ -27,17 +27,23 @@ from dopsd.checkpoint import (
     save_checkpoint,
 )
 from dopsd.config import DISTILL4_SIGMAS, DOPSDConfig
-from dopsd.data import ConceptDataset, buckets_for_resolution, load_concept_dataset, nearest_bucket, resize_to_cover
-from dopsd.data import resolve_caption
+from dopsd.data import (
+    ConceptDataset,
+    buckets_for_resolution,
+    load_concept_dataset,
+    nearest_bucket,
+    resize_to_cover,
+    resolve_caption,
+)
 from dopsd.errors import TrainingCancelled
 from dopsd.lora import (
     LORA_WEIGHT_NAME,
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
     active_adapter,
+    adapter_state,
     add_adapters,
     add_file_metadata,
-    adapter_state,
     ema_update,
     load_adapter_state,
     make_lora_config,
@@ -299,16 +305,19 @@ def _train_loop(
             batch = next_batch()
             shape = (len(batch), *family.latent_shape(*batch[0].bucket))
             noise = torch.randn(shape, generator=noise_rng).to(family.device)
-            step_loss += distillation_rollout(
-                family,
-                noise=noise,
-                student_conds=[p.student for p in batch],
-                teacher_conds=[p.teacher for p in batch],
-                sigmas=sigmas_for(batch[0].bucket),
-                teacher_adapter=teacher_adapter,
-                loss_space=cfg.loss_space,
-                loss_scale=1.0 / cfg.gradient_accumulation_steps,
-            ) / cfg.gradient_accumulation_steps
+            step_loss += (
+                distillation_rollout(
+                    family,
+                    noise=noise,
+                    student_conds=[p.student for p in batch],
+                    teacher_conds=[p.teacher for p in batch],
+                    sigmas=sigmas_for(batch[0].bucket),
+                    teacher_adapter=teacher_adapter,
+                    loss_space=cfg.loss_space,
+                    loss_scale=1.0 / cfg.gradient_accumulation_steps,
+                )
+                / cfg.gradient_accumulation_steps
+            )
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

@@ -32,9 +32,9 @@ class ModelFamily(ABC):
         self.dtype = dtype
 
     @property
-    def transformer(self) -> torch.nn.Module:
-        """The denoiser that carries the LoRA adapters."""
-        return self.pipeline.transformer  # type: ignore[no-any-return]
+    def transformer(self) -> Any:
+        """The denoiser (a diffusers model with peft's adapter mixin) that carries the LoRA adapters."""
+        return self.pipeline.transformer
 
     # Conditioning: computed once per (image, caption) before training, then the encoders leave the device.
     @abstractmethod

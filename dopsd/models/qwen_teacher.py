@@ -66,16 +66,19 @@ class QwenVLTeacherEncoder:
         self.tokenizer = tokenizer
         self.chat_template_kwargs = chat_template_kwargs
         self.image_token = image_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        assert isinstance(image_token_id, int)
+        self.image_token_id = image_token_id
 
     def render(self, caption: str, num_image_tokens: int) -> str:
         """The student's chat-template text with `<|vision_start|>`, image pads and `<|vision_end|>` before the caption."""
-        text: str = self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": _SENTINEL + caption}],
             tokenize=False,
             add_generation_prompt=True,
             **self.chat_template_kwargs,
         )
+        assert isinstance(text, str)
         span = "<|vision_start|>" + self.image_token * num_image_tokens + "<|vision_end|>" if num_image_tokens else ""
         return text.replace(_SENTINEL, span)
 
@@ -90,9 +93,9 @@ class QwenVLTeacherEncoder:
                     f"teacher context needs {ids.shape[1] - len(caption_ids)} tokens without the caption, "
                     f"over the limit of {max_length}; lower the teacher image size"
                 )
-            caption = self.tokenizer.decode(caption_ids[: len(caption_ids) - excess])
+            caption = str(self.tokenizer.decode(caption_ids[: len(caption_ids) - excess]))
             ids = self.tokenizer(self.render(caption, num_image_tokens), return_tensors="pt").input_ids[:, :max_length]
-        return ids  # type: ignore[no-any-return]
+        return ids
 
     @torch.no_grad()
     def encode(
@@ -120,7 +123,7 @@ class QwenVLTeacherEncoder:
         if image is not None:
             # transformers >= 5 needs the token types for M-RoPE; the processor would add them, but it cannot be
             # built without torchvision, so they are derived here (1 = image token).
-            kwargs["mm_token_type_ids"] = (ids == self.image_token_id).int()
+            kwargs["mm_token_type_ids"] = torch.eq(ids, self.image_token_id).int()
         out = self.vlm(input_ids=ids, output_hidden_states=True, **kwargs)
         feats = torch.cat([out.hidden_states[i][0] for i in hidden_layers], dim=-1)
         return feats

@@ -129,6 +129,12 @@ def build_tiny_z_image_pipeline(seed: int = 0) -> ZImagePipeline:
     return pipe
 
 
+def _token_id(tokenizer: Qwen2Tokenizer, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(token_id, int)
+    return token_id
+
+
 def tiny_vlm_config(text_config: Qwen3Config, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
     """A tiny Qwen3-VL whose language model has exactly the text encoder's shapes (so its weights can be copied)."""
     text = text_config.to_dict()
@@ -146,7 +152,9 @@ def tiny_vlm_config(text_config: Qwen3Config, tokenizer: Qwen2Tokenizer) -> Qwen
             "rms_norm_eps",
         )
     }
-    rope_theta = text_config.rope_parameters["rope_theta"]
+    rope = text_config.rope_parameters
+    assert isinstance(rope, dict)
+    rope_theta = rope["rope_theta"]
     text_cfg["rope_parameters"] = {
         "rope_type": "default",
         "rope_theta": rope_theta,
@@ -167,8 +175,8 @@ def tiny_vlm_config(text_config: Qwen3Config, tokenizer: Qwen2Tokenizer) -> Qwen
             "num_position_embeddings": 64,
             "deepstack_visual_indexes": [0],
         },
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        image_token_id=_token_id(tokenizer, "<|image_pad|>"),
+        video_token_id=_token_id(tokenizer, "<|video_pad|>"),
+        vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
     )

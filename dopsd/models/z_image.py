@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import ZImagePipeline
@@ -36,7 +36,7 @@ class ZImageFamily(ModelFamily):
         "feed_forward.w3",
     )
     # The Z-Image pipeline's own chat-template call (thinking "on" renders no think block).
-    chat_template_kwargs: dict[str, Any] = {"enable_thinking": True}
+    chat_template_kwargs: ClassVar[dict[str, Any]] = {"enable_thinking": True}
 
     def __init__(
         self,

@@ -12,8 +12,15 @@ from safetensors.torch import load_file
 from dopsd import DOPSDConfig, StepState, TrainerCallback, TrainerControl, TrainingCancelled, train
 from dopsd.checkpoint import list_checkpoints
 from dopsd.errors import CheckpointError
-from dopsd.lora import STUDENT_ADAPTER, TEACHER_ADAPTER, add_adapters, ema_update, make_lora_config
-from dopsd.lora import student_parameters, teacher_parameters
+from dopsd.lora import (
+    STUDENT_ADAPTER,
+    TEACHER_ADAPTER,
+    add_adapters,
+    ema_update,
+    make_lora_config,
+    student_parameters,
+    teacher_parameters,
+)
 from dopsd.models.loading import load_family
 from dopsd.presets import get_preset
 from dopsd.rollout import distillation_rollout
@@ -154,7 +161,11 @@ def test_adapters_start_as_the_base_model_and_only_the_student_learns(adapted_fa
     after = [p.detach() for n, p in transformer.named_parameters() if "lora_" not in n]
     assert all(torch.equal(a, b) for a, b in zip(base, after, strict=True))
     # EMA moves the teacher a (1 - decay) fraction of the way toward the student.
-    moved = [(i, s.detach().clone(), t.detach().clone()) for i, (s, t) in enumerate(zip(student, teacher)) if not torch.equal(s, t)]
+    moved = [
+        (i, s.detach().clone(), t.detach().clone())
+        for i, (s, t) in enumerate(zip(student, teacher, strict=False))
+        if not torch.equal(s, t)
+    ]
     assert moved
     ema_update(teacher, student, 0.9)
     for i, s, t in moved:

@@ -77,7 +77,9 @@ def test_diffusers_pipeline_with_adapter_reproduces_trainer_sample(cli_run: Path
 
 
 @pytest.mark.parametrize("flag", ["--steps=0", "--rank=-2", "--loss-space=l1", "--preset=nope"])
-def test_cli_rejects_bad_config_with_one_line(flag: str, example_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_rejects_bad_config_with_one_line(
+    flag: str, example_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from dopsd.cli import main
 
     try:

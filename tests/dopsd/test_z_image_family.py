@@ -3,6 +3,7 @@ teacher encoder is the student's encoder plus an image."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -48,7 +49,7 @@ def test_euler_rollout_matches_the_pipeline(family: ModelFamily) -> None:
     x = torch.randn((1, *family.latent_shape(64, 64)), generator=torch.Generator().manual_seed(3))
     sigmas = family.native_sigmas(8, 64, 64)
     with torch.no_grad():
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        for sigma, sigma_next in itertools.pairwise(sigmas):
             x = family.euler_step(x, sigma, sigma_next, family.predict(x, sigma, cond))
     torch.testing.assert_close(x, expected, atol=1e-4, rtol=1e-4)
 
@@ -78,8 +79,12 @@ def test_lora_wraps_all_seven_kinds_in_every_block() -> None:
         | {f"context_refiner.{i}" for i in range(len(transformer.context_refiner))}
     )
     assert blocks == expected_blocks
-    kinds = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0") + tuple(
-        f"feed_forward.w{i}" for i in (1, 2, 3)
+    kinds = (
+        "attention.to_q",
+        "attention.to_k",
+        "attention.to_v",
+        "attention.to_out.0",
+        *tuple(f"feed_forward.w{i}" for i in (1, 2, 3)),
     )
     for block in expected_blocks:
         assert {f"{block}.{k}" for k in kinds} <= wrapped, block
