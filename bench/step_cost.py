@@ -20,20 +20,19 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import ZImagePipeline, ZImageTransformer2DModel
+from diffusers import ZImagePipeline
 from PIL import Image
-from transformers import Qwen3VLForConditionalGeneration
 
 from dopsd.config import DISTILL4_SIGMAS
 from dopsd.lora import add_adapters, ema_update, make_lora_config, student_parameters, teacher_parameters
 from dopsd.models import tiny
 from dopsd.models.base import Cond
-from dopsd.models.loading import TINY_SEED, _image_processor
-from dopsd.models.qwen_teacher import QwenVLTeacherEncoder, copy_text_encoder_into_vlm
+from dopsd.models.loading import TINY_SEED, z_image_family
 from dopsd.models.z_image import ZImageFamily
 from dopsd.rollout import distillation_rollout
 
@@ -51,30 +50,17 @@ WARMUP = 2
 def build_family(size: str, device: torch.device, dtype: torch.dtype) -> ZImageFamily:
     """The tiny pipeline with a transformer of `size`, and the tiny Qwen3-VL teacher, as `load_family` builds them."""
     dim, layers, refiners, heads, axes, _ = SIZES[size]
-    pipe = tiny.build_tiny_z_image_pipeline(seed=TINY_SEED)
+    pipe: Any = tiny.build_tiny_z_image_pipeline(seed=TINY_SEED)  # diffusers pipelines are untyped
     if size != "tiny":
         torch.manual_seed(TINY_SEED + 1)
-        transformer = ZImageTransformer2DModel(
-            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=tiny.TINY_LATENT_CHANNELS, dim=dim,
-            n_layers=layers, n_refiner_layers=refiners, n_heads=heads, n_kv_heads=heads, norm_eps=1e-5, qk_norm=True,
-            cap_feat_dim=tiny.TINY_TEXT_HIDDEN, rope_theta=256.0, t_scale=1000.0, axes_dims=axes, axes_lens=[256, 64, 64],
-        )  # fmt: skip
+        transformer = tiny.build_tiny_z_image_transformer(dim, layers, refiners, heads, tuple(axes))
         pipe = ZImagePipeline(
             scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
             transformer=transformer,
         )  # fmt: skip
-    torch.manual_seed(TINY_SEED + 10)
-    vlm = Qwen3VLForConditionalGeneration(tiny.tiny_vlm_config(pipe.text_encoder.config, pipe.tokenizer)).model
-    copy_text_encoder_into_vlm(pipe.text_encoder, vlm.language_model)
-    vlm.to(device=device, dtype=dtype)
-    pipe.to(device=device, dtype=dtype)
-    encoder = QwenVLTeacherEncoder(
-        vlm,
-        _image_processor(None, 32 * 32, 64 * 64),
-        pipe.tokenizer,
-        chat_template_kwargs=ZImageFamily.chat_template_kwargs,
+    return z_image_family(
+        pipe, "tiny://qwen3-vl", device=device, dtype=dtype, teacher_min_pixels=32 * 32, teacher_max_pixels=64 * 64
     )
-    return ZImageFamily(pipe, encoder, device=device, dtype=dtype)
 
 
 def target_image(resolution: int) -> Image.Image:
@@ -88,7 +74,7 @@ def target_image(resolution: int) -> Image.Image:
 @torch.no_grad()
 def encode_latents(family: ZImageFamily, image: Image.Image) -> torch.Tensor:
     """The image as scaled VAE latents [1, C, H, W] in fp32: (sample - shift_factor) * scaling_factor."""
-    vae = family.pipeline.vae
+    vae: Any = family.pipeline.vae
     x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     latents = vae.encode(x.to(family.device, vae.dtype)).latent_dist.sample(torch.Generator().manual_seed(0))
     return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
@@ -161,8 +147,8 @@ def bench_size(size: str, repeats: int, threads: int) -> dict[str, object]:
     torch.manual_seed(0)
     lora = make_lora_config(rank=64, alpha=128, dropout=0.0, target_modules=family.lora_target_modules)
     add_adapters(transformer, lora, with_teacher=True)
-    if cuda:
-        transformer.enable_gradient_checkpointing()  # as the trainer does by default on CUDA
+    if cuda:  # as the trainer does by default on CUDA
+        transformer.enable_gradient_checkpointing()
     params, teacher = student_parameters(transformer), teacher_parameters(transformer)
 
     def adamw() -> torch.optim.Optimizer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ def add_adapters(transformer: torch.nn.Module, config: LoraConfig, *, with_teach
     """Adds the trainable student adapter and, for an EMA teacher, an identical frozen teacher adapter."""
     transformer.add_adapter(config, adapter_name=STUDENT_ADAPTER)  # type: ignore[operator]
     if with_teacher:
-        transformer.add_adapter(config, adapter_name=TEACHER_ADAPTER)  # type: ignore[operator]
+        with warnings.catch_warnings():  # peft warns on any second adapter; two are the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            transformer.add_adapter(config, adapter_name=TEACHER_ADAPTER)  # type: ignore[operator]
         load_adapter_state(transformer, TEACHER_ADAPTER, adapter_state(transformer, STUDENT_ADAPTER))
     transformer.set_adapter(STUDENT_ADAPTER)  # type: ignore[operator]
     for p in student_parameters(transformer):
@@ -50,6 +53,15 @@ def add_adapters(transformer: torch.nn.Module, config: LoraConfig, *, with_teach
 def _adapter_params(transformer: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
     marker = f".{adapter}."
     return [(n, p) for n, p in transformer.named_parameters() if "lora_" in n and marker in n]
+
+
+def remove_adapters(transformer: torch.nn.Module) -> None:
+    """Deletes the student and teacher adapters, leaving the base model as it was loaded (for model caching)."""
+    names = [a for a in (STUDENT_ADAPTER, TEACHER_ADAPTER) if a in getattr(transformer, "peft_config", {})]
+    with warnings.catch_warnings():  # peft warns that the active adapter goes away, which is the intent
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+        if names:
+            transformer.delete_adapters(names)  # type: ignore[operator]
 
 
 def student_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -47,6 +47,7 @@ from dopsd.lora import (
     ema_update,
     load_adapter_state,
     make_lora_config,
+    remove_adapters,
     student_parameters,
     teacher_parameters,
 )
@@ -178,7 +179,7 @@ def train(
     try:
         return _train_loop(cfg, family, dataset, pairs, renderer, lora_config.to_dict(), callbacks, out, load_s)
     finally:
-        transformer.delete_adapters([a for a in (STUDENT_ADAPTER, TEACHER_ADAPTER) if a in transformer.peft_config])
+        remove_adapters(transformer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -24,7 +24,7 @@ TINY_SEED = 0  # the tiny "weights" are a function of this seed only, never of t
 _VLM_PATCH = 16  # Qwen3-VL's patch size (the PIL processor's default of 14 is Qwen2-VL's)
 
 
-def _image_processor(source: str | None, min_pixels: int, max_pixels: int) -> Qwen2VLImageProcessorPil:
+def qwen_image_processor(source: str | None, min_pixels: int, max_pixels: int) -> Qwen2VLImageProcessorPil:
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     if source is None:
         return Qwen2VLImageProcessorPil(
@@ -58,13 +58,33 @@ def load_family(
     if preset.family != "z_image":
         raise ModelLoadError(f"unknown model family {preset.family!r}")
     pipe = load_z_image_pipeline(base, dtype=dtype)
+    return z_image_family(
+        pipe,
+        teacher,
+        device=device,
+        dtype=dtype,
+        teacher_min_pixels=teacher_min_pixels,
+        teacher_max_pixels=teacher_max_pixels,
+    )
+
+
+def z_image_family(
+    pipe: ZImagePipeline,
+    teacher: str | None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    teacher_min_pixels: int,
+    teacher_max_pixels: int,
+) -> ZImageFamily:
+    """Pairs a loaded Z-Image pipeline with its Qwen3-VL teacher encoder (`tiny://qwen3-vl`, a folder or hub id)."""
     if teacher is None:
         raise ModelLoadError("the Z-Image family needs a teacher encoder (a Qwen3-VL model)")
     if teacher == "tiny://qwen3-vl":
         torch.manual_seed(TINY_SEED + 10)
         vl_config = tiny.tiny_vlm_config(pipe.text_encoder.config, pipe.tokenizer)
         vlm = Qwen3VLForConditionalGeneration(vl_config).model
-        processor = _image_processor(None, teacher_min_pixels, teacher_max_pixels)
+        processor = qwen_image_processor(None, teacher_min_pixels, teacher_max_pixels)
     else:
         try:
             full = Qwen3VLForConditionalGeneration.from_pretrained(
@@ -73,7 +93,7 @@ def load_family(
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the teacher VLM from {teacher!r}: {exc}") from exc
         vlm = full.model  # the LM head is never used: features are hidden states
-        processor = _image_processor(teacher, teacher_min_pixels, teacher_max_pixels)
+        processor = qwen_image_processor(teacher, teacher_min_pixels, teacher_max_pixels)
     copied = copy_text_encoder_into_vlm(pipe.text_encoder, vlm.language_model)
     logger.info("teacher encoder: copied %d text-encoder tensors into the VLM language model", copied)
     # Tiny models are built in fp32; real ones arrive in `dtype` from from_pretrained.

@@ -82,30 +82,40 @@ def tiny_text_config(vocab_size: int) -> Qwen3Config:
     )
 
 
+def build_tiny_z_image_transformer(
+    dim: int = 64,
+    n_layers: int = 2,
+    n_refiner_layers: int = 1,
+    n_heads: int = 2,
+    axes_dims: tuple[int, ...] = (8, 12, 12),
+) -> ZImageTransformer2DModel:
+    """A Z-Image transformer reading the tiny text encoder's features; `dim / n_heads` must equal `sum(axes_dims)`."""
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=TINY_LATENT_CHANNELS,
+        dim=dim,
+        n_layers=n_layers,
+        n_refiner_layers=n_refiner_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=TINY_TEXT_HIDDEN,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=list(axes_dims),
+        axes_lens=[256, 64, 64],
+    )
+
+
 def build_tiny_z_image_pipeline(seed: int = 0) -> ZImagePipeline:
     """The Z-Image pipeline at toy size: real classes, random weights from `seed`, fp32, CPU."""
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = Qwen3Model(tiny_text_config(len(tokenizer)))
     torch.manual_seed(seed + 1)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=TINY_LATENT_CHANNELS,
-        dim=64,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=TINY_TEXT_HIDDEN,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=[8, 12, 12],
-        axes_lens=[256, 64, 64],
-    )
-    # Random init leaves the final layer at zero in some versions; give it weight so outputs depend on inputs.
+    transformer = build_tiny_z_image_transformer()
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(
         in_channels=3,

@@ -171,3 +171,19 @@ def test_adapters_start_as_the_base_model_and_only_the_student_learns(adapted_fa
     for i, s, t in moved:
         torch.testing.assert_close(teacher[i].detach(), 0.9 * t + 0.1 * s)
     assert transformer.active_adapters() == [STUDENT_ADAPTER]
+
+
+def test_a_loaded_model_can_be_reused_across_runs(example_dir: Path, tmp_path: Path) -> None:
+    """A worker keeps the base model between jobs: the second run must equal a run on a fresh model."""
+    preset = get_preset("tiny-z-image")
+    fam = load_family(
+        preset, base=preset.base_model, teacher=preset.teacher_encoder, device=torch.device("cpu"),
+        dtype=torch.float32, teacher_min_pixels=1024, teacher_max_pixels=4096,
+    )  # fmt: skip
+    train(quick_config(example_dir, tmp_path / "first", max_train_steps=2, seed=1), family=fam)
+    assert not getattr(fam.transformer, "peft_config", {}), "adapters must be removed after a run"
+    reused = train(quick_config(example_dir, tmp_path / "second", max_train_steps=2), family=fam)
+    fresh = train(quick_config(example_dir, tmp_path / "fresh", max_train_steps=2))
+    a, b = load_file(reused.adapter_path), load_file(fresh.adapter_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
