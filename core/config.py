@@ -1,0 +1,71 @@
+"""Service settings (pydantic-settings, `DOPSD_` environment prefix), made once per process by `get_settings()`.
+
+Two shapes: the production stack (PostgreSQL, Redis, S3-compatible storage) and the embedded mode of `make run`
+(SQLite, Celery's filesystem broker, a local artifact folder), which needs no server installed.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; each is also an environment variable `DOPSD_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="DOPSD_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    database_url: str = Field("sqlite:///var/dopsd.db", description="SQLAlchemy URL of the job database.")
+    broker_url: str = Field("filesystem://", description="Celery broker URL (redis://... in production).")
+    broker_dir: Path = Field(Path("var/broker"), description="Folder of the embedded filesystem broker.")
+
+    storage_backend: Literal["s3", "local"] = "local"
+    storage_dir: Path = Field(Path("var/artifacts"), description="Artifact folder of the local store.")
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "dopsd"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    presigned_url_ttl_s: int = Field(900, ge=10, le=7 * 24 * 3600)
+
+    public_url: str = Field("http://127.0.0.1:8000", description="Base URL clients use to reach the API.")
+    signing_key: SecretStr = Field(
+        SecretStr("development-only-signing-key"), description="HMAC key of the API's own download URLs."
+    )
+    dev_api_key: SecretStr | None = Field(None, description="Registered at start-up in development, for scripts.")
+
+    max_images: int = Field(64, ge=1, le=64)
+    max_file_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_total_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_spec_bytes: int = Field(64 * 1024, ge=256)
+
+    max_job_s: int = Field(6 * 3600, description="Hard time limit of one training job.")
+    progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
+    worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
+
+    @model_validator(mode="after")
+    def _production_needs_real_secrets(self) -> Settings:
+        if self.environment == "production":
+            if self.signing_key.get_secret_value() == "development-only-signing-key":
+                raise ValueError("DOPSD_SIGNING_KEY must be set in production")
+            if self.dev_api_key is not None:
+                raise ValueError("DOPSD_DEV_API_KEY is for development only")
+        if self.storage_backend == "s3" and not self.s3_endpoint_url:
+            raise ValueError("DOPSD_S3_ENDPOINT_URL is required with DOPSD_STORAGE_BACKEND=s3")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        """Whether the database is the embedded SQLite file."""
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""The training-job domain: states, ORM models, the spec clients send, and the service functions."""

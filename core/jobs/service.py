@@ -1,0 +1,276 @@
+"""Every state change of keys and jobs lives here, used by both the API and the worker.
+
+Functions take a session and keyword arguments, raise `DomainError`s (never HTTP errors), and leave committing to
+the caller, except where one conditional UPDATE must be its own transaction (`claim_job`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.errors import Conflict, NotFound, Unauthorized
+from core.jobs.models import ApiKey, Job, JobArtifact, JobEvent, utcnow
+from core.jobs.states import TERMINAL, JobStatus, can_transition
+from core.security import generate_api_key, hash_api_key
+
+
+# Keys -------------------------------------------------------------------------------------------------------------
+
+
+def create_api_key(*, session: Session, name: str, key: str | None = None) -> tuple[ApiKey, str]:
+    """Registers a key (a new random one unless `key` is given) and returns it; only its hash is stored."""
+    key = key or generate_api_key()
+    record = ApiKey(name=name, key_hash=hash_api_key(key), prefix=key[:10])
+    session.add(record)
+    session.flush()
+    return record, key
+
+
+def ensure_api_key(*, session: Session, name: str, key: str) -> ApiKey:
+    """Registers `key` if it is not known yet (the development key of embedded mode)."""
+    existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key)))
+    if existing is not None:
+        existing.revoked_at = None
+        return existing
+    return create_api_key(session=session, name=name, key=key)[0]
+
+
+def revoke_api_key(*, session: Session, prefix_or_name: str) -> int:
+    """Revokes every active key with this name or key prefix; returns how many."""
+    keys = session.scalars(
+        select(ApiKey).where(
+            or_(ApiKey.name == prefix_or_name, ApiKey.prefix == prefix_or_name[:10]), ApiKey.revoked_at.is_(None)
+        )
+    ).all()
+    for k in keys:
+        k.revoked_at = utcnow()
+    return len(keys)
+
+
+def authenticate(*, session: Session, key: str) -> ApiKey:
+    """The active key record for a presented key; `Unauthorized` otherwise (same answer for unknown and revoked).
+
+    The lookup is by SHA-256 of the presented key, so no stored secret is ever compared byte by byte.
+    """
+    record = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key)))
+    if record is None or record.revoked_at is not None:
+        raise Unauthorized("invalid or revoked API key")
+    return record
+
+
+# Jobs: the client's side ------------------------------------------------------------------------------------------
+
+
+def add_event(*, session: Session, job_id: uuid.UUID, type: str, data: dict[str, Any] | None = None) -> JobEvent:
+    """Appends to a job's event log."""
+    event = JobEvent(job_id=job_id, type=type, data=data or {})
+    session.add(event)
+    return event
+
+
+def create_job(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    owner_id: uuid.UUID,
+    preset: str,
+    queue: str,
+    spec: dict[str, Any],
+    config: dict[str, Any],
+    images: list[dict[str, Any]],
+) -> Job:
+    """Records a queued job (the caller commits, then enqueues)."""
+    job = Job(
+        id=job_id,
+        owner_id=owner_id,
+        preset=preset,
+        queue=queue,
+        spec=spec,
+        config=config,
+        images=images,
+        status=JobStatus.QUEUED.value,
+        total_steps=int(config.get("max_train_steps") or 0),
+    )
+    session.add(job)
+    session.flush()
+    add_event(session=session, job_id=job.id, type="queued", data={"images": len(images)})
+    return job
+
+
+def get_job(*, session: Session, owner_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """The caller's job; another key's job, a deleted one and an unknown id all answer `NotFound`."""
+    job = session.get(Job, job_id)
+    if job is None or job.owner_id != owner_id or job.deleted:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    return job
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), str(job.id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, job_id = json.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(created), uuid.UUID(job_id)
+    except (ValueError, TypeError) as exc:
+        raise NotFound("unknown cursor", code="invalid_cursor") from exc
+
+
+def list_jobs(
+    *, session: Session, owner_id: uuid.UUID, status: JobStatus | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """The caller's jobs, newest first, a page at a time (keyset pagination on (created_at, id))."""
+    query = select(Job).where(Job.owner_id == owner_id, Job.deleted.is_(False))
+    if status is not None:
+        query = query.where(Job.status == status.value)
+    if cursor:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def queue_position(*, session: Session, job: Job) -> int | None:
+    """1 for the next job a worker of its queue takes; `None` when not queued."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.queue == job.queue,
+            Job.status == JobStatus.QUEUED.value,
+            Job.deleted.is_(False),
+            Job.created_at < job.created_at,
+        )
+    )
+    return int(ahead or 0) + 1
+
+
+def _transition(session: Session, job: Job, target: JobStatus, **values: Any) -> None:
+    if not can_transition(job.job_status, target):
+        raise Conflict(f"job {job.id} is {job.status} and cannot become {target.value}", code="invalid_transition")
+    job.status = target.value
+    for name, value in values.items():
+        setattr(job, name, value)
+    if target in TERMINAL:
+        job.finished_at = utcnow()
+
+
+def request_cancel(*, session: Session, job: Job) -> Job:
+    """Cancels a queued job at once; asks the worker of a running one to stop (within one training step)."""
+    if job.job_status == JobStatus.QUEUED:
+        _transition(session, job, JobStatus.CANCELED)
+        add_event(session=session, job_id=job.id, type="canceled", data={"while": "queued"})
+    elif job.job_status == JobStatus.RUNNING:
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            add_event(session=session, job_id=job.id, type="cancel_requested")
+    elif job.job_status != JobStatus.CANCELED:
+        raise Conflict(f"job {job.id} already {job.status}", code="job_not_cancellable")
+    return job
+
+
+def mark_deleted(*, session: Session, job: Job) -> None:
+    """Hides a job from its owner and stops it; its stored objects are deleted by the caller."""
+    if not job.job_status.is_terminal:
+        request_cancel(session=session, job=job)
+    job.deleted = True
+
+
+def list_events(*, session: Session, job_id: uuid.UUID, after: int, limit: int) -> list[JobEvent]:
+    """A job's events with id > `after`, oldest first."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+    return list(session.scalars(query))
+
+
+# Jobs: the worker's side ------------------------------------------------------------------------------------------
+
+
+def claim_job(*, session: Session, job_id: uuid.UUID, worker_id: str) -> bool:
+    """Moves a queued job to running for this worker in one conditional UPDATE, and commits.
+
+    Returns False when the job is not queued (already taken, finished, canceled or deleted): a duplicate delivery
+    of the same message then does nothing.
+    """
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.deleted.is_(False))
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempt=Job.attempt + 1,
+            worker_id=worker_id,
+            started_at=utcnow(),
+            cancel_requested=False,
+        )
+    )
+    claimed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if claimed:
+        add_event(session=session, job_id=job_id, type="started", data={"worker": worker_id})
+    session.commit()
+    return claimed
+
+
+def record_progress(
+    *, session: Session, job_id: uuid.UUID, step: int, total_steps: int, loss: float, eta_s: float
+) -> bool:
+    """Writes progress and a `progress` event; returns whether a cancel was requested meanwhile."""
+    session.execute(
+        update(Job).where(Job.id == job_id).values(step=step, total_steps=total_steps, loss=loss, eta_s=eta_s)
+    )
+    add_event(
+        session=session,
+        job_id=job_id,
+        type="progress",
+        data={"step": step, "total_steps": total_steps, "loss": loss, "eta_s": round(eta_s, 1)},
+    )
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def cancel_requested(*, session: Session, job_id: uuid.UUID) -> bool:
+    """Whether the job's owner asked to stop it (or deleted it)."""
+    row = session.execute(select(Job.cancel_requested, Job.deleted).where(Job.id == job_id)).one_or_none()
+    return row is None or bool(row[0]) or bool(row[1])
+
+
+def finish_job(
+    *, session: Session, job_id: uuid.UUID, artifacts: list[dict[str, Any]], metrics: dict[str, Any]
+) -> Job:
+    """Records the artifacts and marks the job succeeded, in one transaction (the caller commits)."""
+    job = session.get_one(Job, job_id)
+    for artifact in job.artifacts:
+        session.delete(artifact)
+    session.flush()
+    job.artifacts = [JobArtifact(**a) for a in artifacts]
+    _transition(session, job, JobStatus.SUCCEEDED, eta_s=0.0)
+    add_event(session=session, job_id=job_id, type="succeeded", data=metrics)
+    return job
+
+
+def fail_job(*, session: Session, job_id: uuid.UUID, code: str, message: str) -> Job:
+    """Marks a running (or queued) job failed with a stable code and a readable message."""
+    job = session.get_one(Job, job_id)
+    if not job.job_status.is_terminal:
+        _transition(session, job, JobStatus.FAILED, error_code=code, error_message=message[:2000])
+        add_event(session=session, job_id=job_id, type="failed", data={"code": code, "message": message[:500]})
+    return job
+
+
+def mark_canceled(*, session: Session, job_id: uuid.UUID, step: int) -> Job:
+    """Marks a running job canceled after the worker stopped it."""
+    job = session.get_one(Job, job_id)
+    if not job.job_status.is_terminal:
+        _transition(session, job, JobStatus.CANCELED)
+        add_event(session=session, job_id=job_id, type="canceled", data={"step": step})
+    return job

@@ -1,0 +1,64 @@
+"""The producer side of Celery: task names, queue names per model family, and the send. No worker code here.
+
+Postgres is the source of truth; a message is only the doorbell that tells a worker to look at a job.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from celery import Celery
+
+from core.config import Settings
+
+
+TASK_TRAIN = "dopsd.train_job"
+
+
+def queue_for_family(family: str) -> str:
+    """One queue per model family, so GPU workers can be routed by the weights they hold."""
+    return f"train.{family}"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Settings shared by producer and worker."""
+    transport: dict[str, Any] = {"visibility_timeout": settings.max_job_s + 3600}
+    if settings.broker_url.startswith("filesystem"):
+        folder = settings.broker_dir.resolve()
+        for sub in ("out", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport.update(
+            data_folder_in=str(folder / "out"),
+            data_folder_out=str(folder / "out"),
+            processed_folder=str(folder / "processed"),
+            store_processed=False,
+        )
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": queue_for_family("z_image"),
+    }
+
+
+_producers: dict[str, Celery] = {}
+
+
+def producer(settings: Settings) -> Celery:
+    """A Celery app that only sends, one per broker URL and process."""
+    app = _producers.get(settings.broker_url)
+    if app is None:
+        app = Celery("dopsd-producer")
+        app.conf.update(celery_config(settings))
+        _producers[settings.broker_url] = app
+    return app
+
+
+def enqueue_training(settings: Settings, job_id: uuid.UUID, queue: str) -> None:
+    """Rings the doorbell for `job_id` on `queue`; call only after the job row is committed."""
+    producer(settings).send_task(TASK_TRAIN, args=[str(job_id)], queue=queue)
