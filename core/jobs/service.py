@@ -158,7 +158,7 @@ def queue_position(*, session: Session, job: Job) -> int | None:
     return int(ahead or 0) + 1
 
 
-def _transition(session: Session, job: Job, target: JobStatus, **values: Any) -> None:
+def _transition(job: Job, target: JobStatus, **values: Any) -> None:
     if not can_transition(job.job_status, target):
         raise Conflict(f"job {job.id} is {job.status} and cannot become {target.value}", code="invalid_transition")
     job.status = target.value
@@ -171,7 +171,7 @@ def _transition(session: Session, job: Job, target: JobStatus, **values: Any) ->
 def request_cancel(*, session: Session, job: Job) -> Job:
     """Cancels a queued job at once; asks the worker of a running one to stop (within one training step)."""
     if job.job_status == JobStatus.QUEUED:
-        _transition(session, job, JobStatus.CANCELED)
+        _transition(job, JobStatus.CANCELED)
         add_event(session=session, job_id=job.id, type="canceled", data={"while": "queued"})
     elif job.job_status == JobStatus.RUNNING:
         if not job.cancel_requested:
@@ -253,7 +253,7 @@ def finish_job(
         session.delete(artifact)
     session.flush()
     job.artifacts = [JobArtifact(**a) for a in artifacts]
-    _transition(session, job, JobStatus.SUCCEEDED, eta_s=0.0)
+    _transition(job, JobStatus.SUCCEEDED, eta_s=0.0)
     add_event(session=session, job_id=job_id, type="succeeded", data=metrics)
     return job
 
@@ -262,7 +262,7 @@ def fail_job(*, session: Session, job_id: uuid.UUID, code: str, message: str) ->
     """Marks a running (or queued) job failed with a stable code and a readable message."""
     job = session.get_one(Job, job_id)
     if not job.job_status.is_terminal:
-        _transition(session, job, JobStatus.FAILED, error_code=code, error_message=message[:2000])
+        _transition(job, JobStatus.FAILED, error_code=code, error_message=message[:2000])
         add_event(session=session, job_id=job_id, type="failed", data={"code": code, "message": message[:500]})
     return job
 
@@ -271,6 +271,6 @@ def mark_canceled(*, session: Session, job_id: uuid.UUID, step: int) -> Job:
     """Marks a running job canceled after the worker stopped it."""
     job = session.get_one(Job, job_id)
     if not job.job_status.is_terminal:
-        _transition(session, job, JobStatus.CANCELED)
+        _transition(job, JobStatus.CANCELED)
         add_event(session=session, job_id=job_id, type="canceled", data={"step": step})
     return job
