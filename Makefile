@@ -14,7 +14,7 @@ $(BIN)/python:
 # Reinstalled when pyproject.toml changes. torch==2.13.0 comes from this machine's local CPU wheel.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[train,service,dev]'
 	touch $@
 
 install: $(VENV)/.installed

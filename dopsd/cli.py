@@ -15,6 +15,7 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = models_sub.add_parser("export", help="write a tiny preset's base pipeline with save_pretrained")
     export.add_argument("preset", choices=sorted(PRESETS))
     export.add_argument("directory", type=Path)
+
+    # Other installed packages (the service: `keys`, `serve`) add their commands through this entry point
+    # group, so the library never imports them.
+    for entry in entry_points(group="dopsd.commands"):
+        entry.load()(sub)
     return parser
 
 
@@ -160,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "train":
             return _train(ns)
-        return _models(ns)
+        if ns.command == "models":
+            return _models(ns)
+        return int(ns.func(ns))
     except (ValueError, CheckpointError, ModelLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

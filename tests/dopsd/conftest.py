@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,27 +10,7 @@ import torch
 from dopsd.cli import main as cli_main
 
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples" / "concept"
-
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="session")
-def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the bundled example concept (4 images + captions.json)."""
-    target = tmp_path_factory.mktemp("concept")
-    for f in EXAMPLES.iterdir():
-        shutil.copy(f, target / f.name)
-    return target
-
-
-@pytest.fixture(scope="session")
-def exported_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base pipeline written by `dopsd models export tiny-z-image DIR`."""
-    target = tmp_path_factory.mktemp("tiny-z-image")
-    assert cli_main(["models", "export", "tiny-z-image", str(target)]) == 0
-    return target
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,140 @@
+"""Service commands added to the `dopsd` CLI: `keys create|revoke|list`, `migrate`, and `serve` (embedded mode:
+API + one real Celery worker process, on SQLite, the filesystem broker and a local artifact folder)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+
+MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+
+
+def migrate(database_url: str | None = None) -> None:
+    """Applies every Alembic migration (`alembic upgrade head`) to the configured database."""
+    from alembic import command
+    from alembic.config import Config
+
+    from core.config import get_settings
+
+    url = database_url or get_settings().database_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "head")
+
+
+def _sessions() -> Any:
+    from core.config import get_settings
+    from core.db import make_engine, make_sessionmaker
+
+    settings = get_settings()
+    if settings.is_sqlite:
+        migrate()
+    return make_sessionmaker(make_engine(settings.database_url))
+
+
+def _keys(ns: argparse.Namespace) -> int:
+    from core.db import session_scope
+    from core.jobs import service
+    from core.jobs.models import ApiKey
+
+    with session_scope(_sessions()) as session:
+        if ns.keys_command == "create":
+            record, key = service.create_api_key(session=session, name=ns.name)
+            print(key)
+            print(f"created key {record.prefix}... named {ns.name!r}; it is shown only this once", file=sys.stderr)
+        elif ns.keys_command == "revoke":
+            count = service.revoke_api_key(session=session, prefix_or_name=ns.key)
+            print(f"revoked {count} key(s)")
+            return 0 if count else 1
+        else:
+            for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+                state = "revoked" if k.revoked_at else "active"
+                print(f"{k.prefix}...  {k.name:20} {state:8} {k.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def _migrate(_: argparse.Namespace) -> int:
+    migrate()
+    print("database at head")
+    return 0
+
+
+def worker_command(queues: list[str], *, pool: str = "prefork") -> list[str]:
+    """The command line of one worker process (concurrency 1: one job per GPU)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO",
+        f"--pool={pool}", "--concurrency=1", "-Q", ",".join(queues), "-n", f"dopsd-{os.getpid()}@%h",
+    ]  # fmt: skip
+
+
+def all_queues() -> list[str]:
+    """Every model family's queue."""
+    from core.queue import queue_for_family
+    from dopsd.presets import PRESETS
+
+    return sorted({queue_for_family(p.family) for p in PRESETS.values()})
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.main import create_app
+    from core.config import get_settings
+
+    settings = get_settings()
+    if "DOPSD_PUBLIC_URL" not in os.environ:
+        settings = settings.model_copy(update={"public_url": f"http://{ns.host}:{ns.port}"})
+    migrate()
+    worker = None if ns.no_worker else subprocess.Popen(worker_command(all_queues()))
+    key = (
+        settings.dev_api_key.get_secret_value() if settings.dev_api_key else "<your key: dopsd keys create --name me>"
+    )
+    base = f"http://{ns.host}:{ns.port}"
+    print(
+        f"\nD-OPSD service on {base} (docs: {base}/docs); worker: {'off' if worker is None else 'running'}\n"
+        "Submit a job on the bundled example images:\n"
+        f"  curl -s -H 'Authorization: Bearer {key}' \\\n"
+        "    -F images=@examples/concept/robot-1.png -F images=@examples/concept/robot-2.png \\\n"
+        '    -F \'spec={"preset": "tiny-z-image", "trigger": "sks", "steps": 30}\' '
+        f"{base}/v1/jobs\n"
+        f"Then: curl -s -H 'Authorization: Bearer {key}' {base}/v1/jobs/<id>\n",
+        flush=True,
+    )
+    try:
+        uvicorn.run(create_app(settings), host=ns.host, port=ns.port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Adds the service commands to the `dopsd` parser (entry point `dopsd.commands`)."""
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", required=True)
+    revoke = keys_sub.add_parser("revoke", help="revoke keys by name or key prefix")
+    revoke.add_argument("key", help="a key's name, or the key (its first 10 characters are enough)")
+    keys_sub.add_parser("list", help="list keys (prefixes only)")
+    keys.set_defaults(func=_keys)
+
+    mig = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
+    mig.set_defaults(func=_migrate)
+
+    serve = sub.add_parser("serve", help="run the API and one worker process (embedded mode by default)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="run the API only")
+    serve.set_defaults(func=_serve)

@@ -1,0 +1,56 @@
+"""FastAPI dependencies: settings, a database session per request, the artifact store, the calling key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from core.config import Settings
+from core.errors import Unauthorized
+from core.jobs import service
+from core.jobs.models import ApiKey
+from core.storage import LocalStore, S3Store
+
+
+def get_app_settings(request: Request) -> Settings:
+    """The settings the app was created with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session for the request, committed by the handler, closed after it."""
+    session: Session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def get_store(request: Request) -> LocalStore | S3Store:
+    """The artifact store."""
+    store: LocalStore | S3Store = request.app.state.store
+    return store
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api key>")
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[LocalStore | S3Store, Depends(get_store)]
+
+
+def get_principal(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> ApiKey:
+    """The key of the caller; every /v1 route requires one."""
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise Unauthorized("send `Authorization: Bearer <api key>`")
+    return service.authenticate(session=session, key=credentials.credentials)
+
+
+PrincipalDep = Annotated[ApiKey, Depends(get_principal)]

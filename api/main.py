@@ -1,0 +1,51 @@
+"""`create_app()`: the FastAPI application. Engines and clients are made in the lifespan, never at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routes import api_router
+from core.config import Settings, get_settings
+from core.db import make_engine, make_sessionmaker, session_scope
+from core.jobs import service
+from core.storage import S3Store, make_store
+
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for `settings` (default: from the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        app.state.settings = settings
+        app.state.sessionmaker = make_sessionmaker(engine)
+        app.state.store = make_store(settings)
+        if isinstance(app.state.store, S3Store):
+            try:
+                app.state.store.ensure_bucket()
+            except Exception as exc:  # readiness reports it; the API still starts
+                logger.warning("object storage not reachable at start-up: %s", type(exc).__name__)
+        if settings.dev_api_key is not None:
+            with session_scope(app.state.sessionmaker) as session:
+                service.ensure_api_key(session=session, name="dev", key=settings.dev_api_key.get_secret_value())
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="D-OPSD fine-tuning service",
+        description="LoRA fine-tuning of step-distilled image models with on-policy self-distillation.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(api_router)
+    return app

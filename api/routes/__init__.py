@@ -1,0 +1,12 @@
+"""The route table."""
+
+from fastapi import APIRouter
+
+from api.routes import files, health, jobs, presets
+
+
+api_router = APIRouter()
+api_router.include_router(health.router)
+api_router.include_router(jobs.router)
+api_router.include_router(presets.router)
+api_router.include_router(files.router)

@@ -1,0 +1,298 @@
+"""Training jobs: submit, read, list, cancel, delete, events (JSON or server-sent), adapter and artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.schemas import (
+    ArtifactPublic,
+    ArtifactsPublic,
+    ErrorBody,
+    EventPublic,
+    EventsPublic,
+    ImagePublic,
+    JobError,
+    JobPublic,
+    JobsPublic,
+    Progress,
+)
+from api.submission import ValidatedJob, validate_submission
+from api.uploads import UploadLimits, parse_multipart
+from core.config import Settings
+from core.errors import Conflict, ServiceUnavailable
+from core.jobs import service
+from core.jobs.models import Job
+from core.jobs.states import JobStatus
+from core.queue import enqueue_training, queue_for_family
+from core.storage import LocalStore, S3Store, input_key, job_prefix
+
+
+logger = logging.getLogger(__name__)
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 503)}
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+
+MULTIPART_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images", "spec"],
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "spec": {"type": "string", "description": "JSON object of JobSpec fields"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def to_public(job: Job, session: Session) -> JobPublic:
+    """The job resource a client sees."""
+    base = f"/v1/jobs/{job.id}"
+    links = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"}
+    if job.status == JobStatus.SUCCEEDED.value:
+        links.update(adapter=f"{base}/adapter", artifacts=f"{base}/artifacts")
+    started = job.started_at is not None
+    return JobPublic(
+        id=job.id,
+        status=job.status,
+        preset=job.preset,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        queue_position=service.queue_position(session=session, job=job),
+        progress=Progress(step=job.step, total_steps=job.total_steps, loss=job.loss, eta_s=job.eta_s)
+        if started
+        else None,
+        attempt=job.attempt,
+        cancel_requested=job.cancel_requested,
+        images=[ImagePublic(name=i["name"], size=i["size"]) for i in job.images],
+        config=job.config,
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code is not None else None,
+        links=links,
+    )
+
+
+def _store_inputs(store: LocalStore | S3Store, job_id: uuid.UUID, validated: ValidatedJob) -> list[dict[str, Any]]:
+    images = []
+    for upload, ext, content_type in validated.images:
+        key = input_key(job_id, upload.index, ext)
+        size = store.put_file(key, upload.path, content_type)
+        images.append({"name": upload.safe_name, "key": key, "size": size, "content_type": content_type})
+    return images
+
+
+@router.post(
+    "", status_code=202, response_model=JobPublic, openapi_extra=MULTIPART_BODY, operation_id="jobs-create_job"
+)
+async def create_job(
+    request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> JobPublic:
+    """Submits a training job: `images` (1 to 64 files) and `spec` (JSON) as multipart/form-data."""
+    limits = UploadLimits(
+        max_files=settings.max_images,
+        max_file_bytes=settings.max_file_bytes,
+        max_total_bytes=settings.max_total_bytes,
+        max_field_bytes=settings.max_spec_bytes,
+    )
+    with tempfile.TemporaryDirectory(prefix="dopsd-upload-") as tmp:
+        upload = await parse_multipart(request, Path(tmp), limits)
+        validated = await run_in_threadpool(validate_submission, upload, settings.max_images)
+        job_id = uuid.uuid4()
+        try:
+            images = await run_in_threadpool(_store_inputs, store, job_id, validated)
+            job = service.create_job(
+                session=session,
+                job_id=job_id,
+                owner_id=principal.id,
+                preset=validated.preset.name,
+                queue=queue_for_family(validated.preset.family),
+                spec=validated.spec.model_dump(mode="json"),
+                config=validated.config,
+                images=images,
+            )
+            session.commit()
+        except BaseException:
+            session.rollback()
+            await run_in_threadpool(store.delete_prefix, job_prefix(job_id))
+            raise
+    try:
+        await run_in_threadpool(enqueue_training, settings, job.id, job.queue)
+    except Exception as exc:
+        logger.error("job %s: cannot reach the broker: %s", job.id, exc)
+        service.fail_job(session=session, job_id=job.id, code="queue_unavailable", message="the queue is unreachable")
+        session.commit()
+        await run_in_threadpool(store.delete_prefix, job_prefix(job.id))
+        raise ServiceUnavailable("the job queue is unavailable; retry shortly", code="queue_unavailable") from exc
+    return to_public(job, session)
+
+
+@router.get("", response_model=JobsPublic, operation_id="jobs-read_jobs")
+def read_jobs(
+    principal: PrincipalDep,
+    session: SessionDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobsPublic:
+    """The caller's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
+    jobs, next_cursor = service.list_jobs(
+        session=session, owner_id=principal.id, status=status, limit=limit, cursor=cursor
+    )
+    return JobsPublic(data=[to_public(j, session) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, operation_id="jobs-read_job")
+def read_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep) -> JobPublic:
+    """One job: status, queue position, progress, timestamps, resolved config, error, links."""
+    return to_public(service.get_job(session=session, owner_id=principal.id, job_id=job_id), session)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, operation_id="jobs-cancel_job")
+def cancel_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep) -> JobPublic:
+    """Cancels a queued job now, or stops a running one within one training step."""
+    job = service.get_job(session=session, owner_id=principal.id, job_id=job_id)
+    service.request_cancel(session=session, job=job)
+    session.commit()
+    return to_public(job, session)
+
+
+@router.delete("/{job_id}", status_code=204, operation_id="jobs-delete_job")
+def delete_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, store: StoreDep) -> Response:
+    """Cancels the job if needed and deletes everything stored for it."""
+    job = service.get_job(session=session, owner_id=principal.id, job_id=job_id)
+    service.mark_deleted(session=session, job=job)
+    session.commit()
+    store.delete_prefix(job_prefix(job.id))
+    return Response(status_code=204)
+
+
+def _event_public(e: Any) -> EventPublic:
+    return EventPublic(id=e.id, type=e.type, created_at=e.created_at, data=e.data)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=EventsPublic,
+    operation_id="jobs-read_events",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def read_events(
+    request: Request,
+    job_id: uuid.UUID,
+    principal: PrincipalDep,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    accept: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Any:
+    """The job's events after `after`; with `Accept: text/event-stream`, a live server-sent stream."""
+    service.get_job(session=session, owner_id=principal.id, job_id=job_id)
+    if accept and "text/event-stream" in accept:
+        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        return StreamingResponse(
+            _event_stream(request, job_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    events = service.list_events(session=session, job_id=job_id, after=after, limit=limit)
+    return EventsPublic(data=[_event_public(e) for e in events], next_after=events[-1].id if events else after)
+
+
+async def _event_stream(request: Request, job_id: uuid.UUID, after: int) -> AsyncIterator[str]:
+    """Server-sent events: polls the event log, ends once the job is finished and its events are sent."""
+    factory = request.app.state.sessionmaker
+    idle = 0.0
+    while not await request.is_disconnected():
+
+        def poll(cursor: int) -> tuple[list[EventPublic], bool]:
+            with factory() as s:
+                events = [
+                    _event_public(e) for e in service.list_events(session=s, job_id=job_id, after=cursor, limit=200)
+                ]
+                job = s.get(Job, job_id)
+                done = job is None or job.deleted or JobStatus(job.status).is_terminal
+                return events, done
+
+        events, done = await run_in_threadpool(poll, after)
+        for e in events:
+            after = e.id
+            yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(e.model_dump(mode='json'))}\n\n"
+        if done and not events:
+            return
+        if events:
+            idle = 0.0
+        else:
+            idle += 0.5
+            if idle >= 15:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+        await asyncio.sleep(0.5)
+
+
+def _succeeded_job(session: Session, owner_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = service.get_job(session=session, owner_id=owner_id, job_id=job_id)
+    if job.status != JobStatus.SUCCEEDED.value:
+        raise Conflict(f"job {job.id} is {job.status}; artifacts exist once it succeeded", code="job_not_finished")
+    return job
+
+
+@router.get(
+    "/{job_id}/adapter",
+    status_code=302,
+    response_class=RedirectResponse,
+    operation_id="jobs-read_adapter",
+    responses={302: {"description": "redirect to a short-lived download URL of the safetensors file"}},
+)
+def read_adapter(
+    job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, store: StoreDep, settings: SettingsDep
+) -> RedirectResponse:
+    """Redirects to a short-lived URL of `pytorch_lora_weights.safetensors` (diffusers format)."""
+    job = _succeeded_job(session, principal.id, job_id)
+    adapter = next(a for a in job.artifacts if a.kind == "adapter")
+    url = store.download_url(adapter.key, filename=adapter.name, ttl_s=settings.presigned_url_ttl_s)
+    return RedirectResponse(url, status_code=302)
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, operation_id="jobs-read_artifacts")
+def read_artifacts(
+    job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, store: StoreDep, settings: SettingsDep
+) -> ArtifactsPublic:
+    """Every output of a succeeded job (adapter, config.json, metrics.json, samples) with short-lived URLs."""
+    job = _succeeded_job(session, principal.id, job_id)
+    ttl = settings.presigned_url_ttl_s
+    return ArtifactsPublic(
+        data=[
+            ArtifactPublic(
+                name=a.name,
+                kind=a.kind,
+                size=a.size,
+                content_type=a.content_type,
+                url=store.download_url(a.key, filename=a.name.rsplit("/", 1)[-1], ttl_s=ttl),
+                expires_in_s=ttl,
+            )
+            for a in job.artifacts
+        ]
+    )
+
+
+__all__ = ["Settings", "router"]

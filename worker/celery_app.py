@@ -1,0 +1,41 @@
+"""The worker's Celery app: late acks, reject on worker loss, prefetch 1, one queue per model family, and a
+visibility timeout longer than the longest job, so a job is neither lost nor handed to two GPUs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from core.config import get_settings
+from core.queue import celery_config
+
+
+def make_celery() -> Celery:
+    """The worker app for the environment's settings."""
+    settings = get_settings()
+    app = Celery("dopsd-worker", include=["worker.tasks"])
+    app.conf.update(celery_config(settings))
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,  # one job per GPU; run one worker process per GPU
+        task_time_limit=settings.max_job_s + 600,
+        task_soft_time_limit=settings.max_job_s,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = make_celery()
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _fresh_connections(**_: Any) -> None:
+    """Database engines must not cross a fork: each pool process builds its own on first use."""
+    from worker import runner
+
+    runner.reset_process_state()

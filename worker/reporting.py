@@ -1,0 +1,70 @@
+"""The trainer callback of a job: progress and events into the database (throttled), cancellation polled every
+step, checkpoints and samples announced (checkpoints copied to object storage)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import session_scope
+from core.jobs import service
+from core.storage import checkpoint_prefix
+from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
+from worker.uploads import upload_tree
+
+
+logger = logging.getLogger(__name__)
+
+
+class JobReporter(TrainerCallback):
+    """Connects one training run to its job row."""
+
+    def __init__(self, job_id: uuid.UUID, sessions: sessionmaker[Session], store: object, interval_s: float) -> None:
+        self.job_id = job_id
+        self.sessions = sessions
+        self.store = store
+        self.interval_s = interval_s
+        self._last_write = 0.0
+
+    def on_train_begin(self, total_steps: int, start_step: int) -> None:
+        with session_scope(self.sessions) as session:
+            service.add_event(
+                session=session,
+                job_id=self.job_id,
+                type="training",
+                data={"total_steps": total_steps, "start_step": start_step},
+            )
+
+    def on_step_end(self, state: StepState) -> TrainerControl:
+        now = time.monotonic()
+        with session_scope(self.sessions) as session:
+            if now - self._last_write >= self.interval_s or state.step == state.total_steps:
+                self._last_write = now
+                stop = service.record_progress(
+                    session=session,
+                    job_id=self.job_id,
+                    step=state.step,
+                    total_steps=state.total_steps,
+                    loss=state.loss,
+                    eta_s=state.eta_s,
+                )
+            else:
+                # Between progress writes, still look for a cancel every step (one indexed read).
+                stop = service.cancel_requested(session=session, job_id=self.job_id)
+        return TrainerControl(should_stop=stop)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        prefix = f"{checkpoint_prefix(self.job_id)}{path.name}/"
+        upload_tree(self.store, path, prefix)
+        with session_scope(self.sessions) as session:
+            service.add_event(session=session, job_id=self.job_id, type="checkpoint", data={"step": step})
+
+    def on_samples(self, step: int, paths: list[Path]) -> None:
+        with session_scope(self.sessions) as session:
+            service.add_event(
+                session=session, job_id=self.job_id, type="sample", data={"step": step, "images": len(paths)}
+            )

@@ -1,0 +1,182 @@
+"""`run_job()`: claim -> fetch inputs (and the newest checkpoint) -> train -> upload -> finish, with every failure
+recorded on the job as a stable code and a readable message."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import get_settings
+from core.db import make_engine, make_sessionmaker, session_scope
+from core.errors import NotFound, ServiceUnavailable
+from core.jobs import service
+from core.jobs.models import Job
+from core.storage import LocalStore, S3Store, checkpoint_prefix, job_prefix, make_store, output_key
+from dopsd.checkpoint import list_checkpoints
+from dopsd.config import DOPSDConfig
+from dopsd.data import DataError
+from dopsd.errors import CheckpointError, ModelLoadError, TrainingCancelled
+from worker.model_cache import ModelCache
+from worker.reporting import JobReporter
+from worker.uploads import download_prefix, upload_tree, with_retries
+
+
+logger = logging.getLogger(__name__)
+
+_process: dict[str, Any] = {}
+
+
+def reset_process_state() -> None:
+    """Forgets engines and clients made before a fork (called in each new pool process)."""
+    _process.clear()
+
+
+def _sessions() -> sessionmaker[Session]:
+    if "sessions" not in _process:
+        _process["sessions"] = make_sessionmaker(make_engine(get_settings().database_url))
+    factory: sessionmaker[Session] = _process["sessions"]
+    return factory
+
+
+def _store() -> LocalStore | S3Store:
+    if "store" not in _process:
+        _process["store"] = make_store(get_settings())
+    store: LocalStore | S3Store = _process["store"]
+    return store
+
+
+def model_cache() -> ModelCache:
+    """This process's cache of loaded base models."""
+    if "models" not in _process:
+        _process["models"] = ModelCache(get_settings().worker_model_cache)
+    cache: ModelCache = _process["models"]
+    return cache
+
+
+def _artifact_kind(name: str) -> str:
+    if name == "pytorch_lora_weights.safetensors":
+        return "adapter"
+    if name.startswith("samples/"):
+        return "sample"
+    return name.rsplit(".", 1)[0]  # config, metrics
+
+
+def _fetch_inputs(store: LocalStore | S3Store, job: Job, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for image in job.images:
+        key, target = str(image["key"]), folder / str(image["name"])
+        with_retries(functools.partial(store.get_file, key, target), what=f"download of {key}")
+
+
+def _fetch_latest_checkpoint(store: LocalStore | S3Store, job_id: uuid.UUID, out: Path) -> Path | None:
+    """Downloads the job's checkpoints from storage (a redelivered job resumes instead of starting over)."""
+    prefix = checkpoint_prefix(job_id)
+    download_prefix(store, prefix, out / "checkpoints")
+    found = list_checkpoints(out / "checkpoints")
+    return found[-1] if found else None
+
+
+def _fail(sessions: sessionmaker[Session], job_id: uuid.UUID, code: str, message: str) -> None:
+    logger.warning("job %s failed: %s: %s", job_id, code, message)
+    with session_scope(sessions) as session:
+        service.fail_job(session=session, job_id=job_id, code=code, message=message)
+
+
+def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
+    """Runs one job to a terminal state; a job that is not queued (a duplicate delivery) is left alone."""
+    settings = get_settings()
+    sessions, store = _sessions(), _store()
+    with sessions() as session:
+        if not service.claim_job(session=session, job_id=job_id, worker_id=worker_id):
+            logger.info("job %s: not claimable (already taken or finished); message dropped", job_id)
+            return
+    logger.info("job %s: claimed by %s", job_id, worker_id)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"dopsd-job-{job_id}-") as tmp:
+            _run_claimed(job_id, Path(tmp), sessions, store, settings.progress_interval_s)
+    except TrainingCancelled as exc:
+        with session_scope(sessions) as session:
+            job = service.mark_canceled(session=session, job_id=job_id, step=exc.step)
+            deleted = job.deleted
+        if deleted:
+            store.delete_prefix(job_prefix(job_id))
+        logger.info("job %s: canceled at step %d", job_id, exc.step)
+    except DataError as exc:
+        _fail(sessions, job_id, "bad_input", str(exc))
+    except (ModelLoadError, CheckpointError) as exc:
+        _fail(sessions, job_id, "model_unavailable", str(exc))
+    except (ServiceUnavailable, NotFound) as exc:
+        _fail(sessions, job_id, "storage_unavailable", exc.message)
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+            _fail(sessions, job_id, "out_of_memory", "the GPU ran out of memory; lower resolution or batch size")
+        elif type(exc).__name__ == "SoftTimeLimitExceeded":
+            _fail(sessions, job_id, "timeout", f"the job exceeded its time limit of {settings.max_job_s} s")
+        else:
+            logger.exception("job %s: unexpected error", job_id)
+            _fail(sessions, job_id, "internal", f"internal error ({type(exc).__name__})")
+
+
+def _run_claimed(
+    job_id: uuid.UUID, tmp: Path, sessions: sessionmaker[Session], store: LocalStore | S3Store, interval_s: float
+) -> None:
+    from dopsd.trainer import train
+
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        config_values, images = dict(job.config), list(job.images)
+        session.expunge(job)
+    inputs, out = tmp / "inputs", tmp / "out"
+    _fetch_inputs(store, job, inputs)
+    resume = _fetch_latest_checkpoint(store, job_id, out)
+    config = DOPSDConfig.from_dict(
+        {
+            **config_values,
+            "instance_data_dir": str(inputs),
+            "output_dir": str(out),
+            "resume_from": str(resume) if resume else None,
+        }
+    )
+    family, load_s, cached = model_cache().get(config)
+    with session_scope(sessions) as session:
+        service.add_event(
+            session=session,
+            job_id=job_id,
+            type="model_loaded",
+            data={"load_s": round(load_s, 3), "cached": cached, "resumed_from_step": _step_of(resume)},
+        )
+    reporter = JobReporter(job_id, sessions, store, interval_s)
+    started = time.perf_counter()
+    result = train(config, [reporter], family=family)
+    records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints",))
+    artifacts = [{**r, "kind": _artifact_kind(r["name"])} for r in records]
+    gap = result.metrics["teacher_student_gap"]
+    with session_scope(sessions) as session:
+        job_now = session.get_one(Job, job_id)
+        if job_now.deleted:
+            raise TrainingCancelled(result.metrics["steps"])
+        service.finish_job(
+            session=session,
+            job_id=job_id,
+            artifacts=artifacts,
+            metrics={
+                "steps": result.metrics["steps"],
+                "final_loss": result.metrics["final_loss"],
+                "gap_before": gap["before"],
+                "gap_after": gap["after"],
+                "train_s": round(time.perf_counter() - started, 3),
+                "images": len(images),
+            },
+        )
+    logger.info("job %s: succeeded", job_id)
+
+
+def _step_of(checkpoint: Path | None) -> int | None:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else None

@@ -1,0 +1,17 @@
+"""The Celery task: thin. It decodes the id and hands the job to the runner, which owns the logic."""
+
+from __future__ import annotations
+
+import uuid
+
+from core.queue import TASK_TRAIN
+from worker.celery_app import app
+
+
+@app.task(name=TASK_TRAIN, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
+def train_job(self: object, job_id: str) -> None:
+    """Runs training job `job_id` (a duplicate delivery of a claimed job does nothing)."""
+    from worker.runner import run_job
+
+    hostname = getattr(getattr(self, "request", None), "hostname", None) or "worker"
+    run_job(uuid.UUID(job_id), worker_id=str(hostname))

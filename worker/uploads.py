@@ -1,0 +1,63 @@
+"""Copies between a local folder and object storage, with retries for a storage server that blinks."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import mimetypes
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from core.errors import ServiceUnavailable
+
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def with_retries(action: Callable[[], T], *, what: str, attempts: int = 5, first_delay_s: float = 0.5) -> T:
+    """Runs `action`, retrying `ServiceUnavailable` with exponential backoff."""
+    delay = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except ServiceUnavailable as exc:
+            if attempt == attempts:
+                raise
+            logger.warning("%s failed (%s); retry %d in %.1fs", what, exc.message, attempt, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def content_type_of(path: Path) -> str:
+    """The MIME type of an output file."""
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def upload_tree(store: Any, folder: Path, prefix: str, *, skip: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Uploads every file under `folder` (but the top-level folders in `skip`) to `prefix`; returns records of
+    (relative name, key, size, content type)."""
+    records = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative.split("/", 1)[0] in skip:
+            continue
+        key = prefix + relative
+        content_type = content_type_of(path)
+        size = with_retries(functools.partial(store.put_file, key, path, content_type), what=f"upload of {key}")
+        records.append({"name": relative, "key": key, "size": size, "content_type": content_type})
+    return records
+
+
+def download_prefix(store: Any, prefix: str, folder: Path) -> list[Path]:
+    """Downloads every object under `prefix` into `folder`, keeping relative paths."""
+    paths = []
+    for obj in with_retries(functools.partial(store.list, prefix), what=f"listing {prefix}"):
+        target = folder / obj.key[len(prefix) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with_retries(functools.partial(store.get_file, obj.key, target), what=f"download of {obj.key}")
+        paths.append(target)
+    return paths
