@@ -43,6 +43,18 @@ class Stack:
         )  # fmt: skip
         return out.stdout.strip().splitlines()[-1]
 
+    def s3_keys(self, prefix: str = "jobs/") -> list[str]:
+        """Every object key under `prefix` in the stack's bucket, read straight from the S3 server."""
+        import boto3
+
+        client = boto3.client(
+            "s3", endpoint_url=self.env["DOPSD_S3_ENDPOINT_URL"], region_name="us-east-1",
+            aws_access_key_id=self.env["DOPSD_S3_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["DOPSD_S3_SECRET_ACCESS_KEY"],
+        )  # fmt: skip
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.env["DOPSD_S3_BUCKET"], Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
     def client(self, key: str | None) -> httpx.Client:
         """An HTTP client for the API, authenticated with `key`."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -95,6 +107,7 @@ def prod_stack(database: str, s3: dict[str, str], tmp_path_factory: pytest.TempP
         bucket=f"dopsd-test-{os.getpid()}",
     )  # fmt: skip
     env["DOPSD_PROGRESS_INTERVAL_S"] = "0.2"
+    env["DOPSD_MAX_FILE_BYTES"] = str(2 * 1024 * 1024)
     api = stack.start_api(env, port, logs / "api.log")
     worker = stack.start_worker(env, logs / "worker.log")
     yield Stack(f"http://127.0.0.1:{port}", env, database, logs)
