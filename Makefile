@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test quality style bench clean
+.PHONY: install run example stack stack-down migrate test quality style bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,10 +19,26 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# The main job: train the tiny preset on the bundled example images and print where the adapter is.
+# The main job: the service on 127.0.0.1:8000 in embedded mode (SQLite, filesystem broker, local artifacts, one
+# real Celery worker process). The development key below is for this local mode only.
+DOPSD_DEV_API_KEY ?= dopsd_dev_local_only
 run: install
+	DOPSD_DEV_API_KEY=$(DOPSD_DEV_API_KEY) $(BIN)/dopsd serve
+
+# The trainer alone: the tiny preset on the bundled example images; prints where the adapter is.
+example: install
 	$(BIN)/dopsd train --preset tiny-z-image --images examples/concept --captions examples/concept/captions.json \
 		--trigger sks --steps 30 --out outputs/example
+
+# The production-shaped stack on loopback: PostgreSQL, Redis, SeaweedFS S3, the API on :8000 and one worker.
+stack: install
+	$(BIN)/python scripts/stack.py up
+
+stack-down:
+	$(BIN)/python scripts/stack.py down
+
+migrate: install
+	$(BIN)/dopsd migrate
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -41,4 +57,4 @@ bench: install
 	$(BIN)/python bench/step_cost.py
 
 clean:
-	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf outputs var .pytest_cache .mypy_cache .ruff_cache

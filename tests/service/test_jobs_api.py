@@ -95,7 +95,10 @@ def _files(kind: str) -> list[tuple[str, tuple[str, bytes, str]]]:
     return {
         "none": [],
         "one": [("images", ("a.png", good, "image/png"))],
-        "text": [("images", ("a.png", good, "image/png")), ("images", ("notes.png", b"hello, not a png", "image/png"))],
+        "text": [
+            ("images", ("a.png", good, "image/png")),
+            ("images", ("notes.png", b"hello, not a png", "image/png")),
+        ],
         "truncated": [("images", ("cut.png", good[: len(good) // 2], "image/png"))],
         "small": [("images", ("tiny.png", png_bytes((16, 16)), "image/png"))],
         "many": [("images", (f"{i}.png", good, "image/png")) for i in range(65)],
