@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,8 +37,10 @@ class JobSpec(BaseModel):
     rollout_schedule: Literal["distill4", "native"] = "distill4"
     checkpointing_steps: int | None = Field(None, ge=0, le=10_000)
     sample_every: int | None = Field(None, ge=0, le=10_000)
-    validation_prompts: list[str] | None = Field(None, max_length=16)
-    sample_seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, max_length=8)
+    validation_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(None, max_length=16)
+    sample_seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(
+        default_factory=lambda: [0, 1], min_length=1, max_length=8
+    )
     sample_steps: int | None = Field(None, ge=1, le=100)
 
 

@@ -43,17 +43,22 @@ class ParsedUpload:
     files: list[UploadedFile] = field(default_factory=list)
 
 
+RESERVED_NAMES = frozenset({"captions.json"})  # the trainer reads this name from an image folder
+
+
 def safe_display_name(filename: str, index: int, taken: set[str]) -> str:
-    """A file name without any directory part or unusual characters, unique in the request.
+    """A file name without any directory part or unusual characters, unique (case-insensitively) in the request.
 
     Used only as a display name and for caption matching; storage keys never contain it.
     """
     base = PureWindowsPath(PurePosixPath(filename).name).name
     base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[:100]
-    if not base or base in taken:
-        base = f"image-{index:02d}"
-    taken.add(base)
-    return base
+    candidate, n = base, 0
+    while not candidate or candidate.lower() in taken or candidate.lower() in RESERVED_NAMES:
+        n += 1
+        candidate = f"image-{index:02d}" + (f"-{n}" if n > 1 else "")
+    taken.add(candidate.lower())
+    return candidate
 
 
 class _Collector:
@@ -61,7 +66,7 @@ class _Collector:
         self.tmpdir = tmpdir
         self.limits = limits
         self.result = ParsedUpload()
-        self.total = 0
+        self.ended = False
         self._header_field = b""
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
@@ -80,7 +85,11 @@ class _Collector:
             "on_headers_finished": self.headers_finished,
             "on_part_data": self.part_data,
             "on_part_end": self.part_end,
+            "on_end": self.end,
         }
+
+    def end(self) -> None:
+        self.ended = True
 
     def part_begin(self) -> None:
         self._headers = {}
@@ -102,6 +111,10 @@ class _Collector:
         if name is None:
             raise InvalidRequest("a multipart part has no name", code="invalid_multipart")
         self._field_name = name.decode("utf-8", "replace")
+        if self._field_name not in ("images", "spec"):
+            raise InvalidRequest(f"unexpected form field {self._field_name!r}; send `images` and `spec`")
+        if self._field_name == "spec" and "spec" in self.result.fields:
+            raise InvalidRequest("send `spec` once", code="invalid_multipart")
         if b"filename" in options:
             if self._field_name != "images":
                 raise InvalidRequest(f"unexpected file field {self._field_name!r}; send images as `images`")
@@ -119,16 +132,8 @@ class _Collector:
             self._handle = self._file.path.open("wb")
             self.result.files.append(self._file)
 
-    def _count(self, n: int) -> None:
-        self.total += n
-        if self.total > self.limits.max_total_bytes:
-            raise PayloadTooLarge(
-                f"the request is larger than {self.limits.max_total_bytes} bytes", code="request_too_large"
-            )
-
     def part_data(self, data: bytes, start: int, end: int) -> None:
         n = end - start
-        self._count(n)
         if self._file is not None and self._handle is not None:
             self._file.size += n
             if self._file.size > self.limits.max_file_bytes:
@@ -170,9 +175,16 @@ async def parse_multipart(request: Request, tmpdir: Path, limits: UploadLimits) 
     if declared is not None and declared.isdigit() and int(declared) > limits.max_total_bytes + 64 * 1024:
         raise PayloadTooLarge(f"the request is larger than {limits.max_total_bytes} bytes", code="request_too_large")
     collector = _Collector(tmpdir, limits)
-    parser = MultipartParser(params[b"boundary"], collector.callbacks())
+    total = 0
     try:
+        parser = MultipartParser(params[b"boundary"], collector.callbacks())
         async for chunk in request.stream():
+            # Every byte counts, headers and empty parts included, whatever Content-Length claimed.
+            total += len(chunk)
+            if total > limits.max_total_bytes + 64 * 1024:
+                raise PayloadTooLarge(
+                    f"the request is larger than {limits.max_total_bytes} bytes", code="request_too_large"
+                )
             parser.write(chunk)
         parser.finalize()
     except (InvalidRequest, PayloadTooLarge):
@@ -181,4 +193,6 @@ async def parse_multipart(request: Request, tmpdir: Path, limits: UploadLimits) 
         raise InvalidRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from exc
     finally:
         collector.close()
+    if not collector.ended:
+        raise InvalidRequest("the multipart body ends before its closing boundary", code="invalid_multipart")
     return collector.result

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     max_spec_bytes: int = Field(64 * 1024, ge=256)
 
     max_job_s: int = Field(6 * 3600, description="Hard time limit of one training job.")
+    lease_s: int = Field(600, ge=5, description="How long a running job stays its worker's without a heartbeat.")
+    max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good.")
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
 

@@ -10,6 +10,8 @@ import hmac
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -166,8 +168,21 @@ class S3Store:
             ),
         )
 
-    def _error(self, exc: Exception) -> ServiceUnavailable:
-        return ServiceUnavailable(f"object storage is unavailable: {type(exc).__name__}")
+    @contextmanager
+    def _unavailable_on_error(self) -> Iterator[None]:
+        """botocore's errors and boto3's transfer errors (S3UploadFailedError, RetriesExceededError) become
+        `ServiceUnavailable`, which callers retry; a missing key becomes `NotFound`."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise NotFound("no such object") from exc
+            raise ServiceUnavailable(f"object storage is unavailable: {type(exc).__name__}") from exc
+        except (BotoCoreError, Boto3Error) as exc:
+            raise ServiceUnavailable(f"object storage is unavailable: {type(exc).__name__}") from exc
 
     def ensure_bucket(self) -> None:
         """Creates the bucket if it does not exist (used by start-up and tests)."""
@@ -179,55 +194,33 @@ class S3Store:
             self.client.create_bucket(Bucket=self.bucket)
 
     def check(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with self._unavailable_on_error():
             self.client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc) from exc
 
     def put_file(self, key: str, path: Path, content_type: str) -> int:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with self._unavailable_on_error():
             self.client.upload_file(str(path), self.bucket, key, ExtraArgs={"ContentType": content_type})
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc) from exc
         return path.stat().st_size
 
     def get_file(self, key: str, path: Path) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
+        with self._unavailable_on_error():
             self.client.download_file(self.bucket, key, str(path))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                raise NotFound(f"no object {key}") from exc
-            raise self._error(exc) from exc
-        except BotoCoreError as exc:
-            raise self._error(exc) from exc
 
     def list(self, prefix: str) -> list[StoredObject]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         out: list[StoredObject] = []
-        try:
+        with self._unavailable_on_error():
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 out.extend(StoredObject(o["Key"], int(o["Size"])) for o in page.get("Contents", []))
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc) from exc
         return sorted(out, key=lambda o: o.key)
 
     def delete_prefix(self, prefix: str) -> int:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         keys = [o.key for o in self.list(prefix)]
-        try:
+        with self._unavailable_on_error():
             for start in range(0, len(keys), 1000):
                 batch = [{"Key": k} for k in keys[start : start + 1000]]
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc) from exc
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                if answer.get("Errors"):
+                    raise ServiceUnavailable(f"object storage refused to delete {len(answer['Errors'])} objects")
         return len(keys)
 
     def download_url(self, key: str, *, filename: str, ttl_s: int) -> str:

@@ -48,6 +48,7 @@ class Checkpoint:
     teacher: dict[str, torch.Tensor] | None
     optimizer: dict[str, Any]
     noise_rng: torch.Tensor
+    torch_rng: torch.Tensor | None
     config: dict[str, Any]
 
 
@@ -88,7 +89,10 @@ def save_checkpoint(
         if teacher is not None:
             save_file(teacher, str(tmp / "teacher.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({"noise_rng": noise_rng.get_state()}, str(tmp / "rng.safetensors"))
+        # The global torch RNG drives LoRA dropout; the noise generator drives the roll-outs.
+        save_file(
+            {"noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors")
+        )
         (tmp / STATE_FILE).write_text(
             json.dumps(
                 {
@@ -133,7 +137,8 @@ def load_checkpoint(path: str | Path, config: DOPSDConfig) -> Checkpoint:
         teacher_file = folder / "teacher.safetensors"
         teacher = load_file(str(teacher_file)) if teacher_file.exists() else None
         optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        noise_rng = load_file(str(folder / "rng.safetensors"))["noise_rng"]
+        rng = load_file(str(folder / "rng.safetensors"))
+        noise_rng, torch_rng = rng["noise_rng"], rng.get("torch_rng")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"unreadable checkpoint {folder}: {exc}") from exc
     mismatched = [
@@ -149,7 +154,7 @@ def load_checkpoint(path: str | Path, config: DOPSDConfig) -> Checkpoint:
         loss_history=list(raw.get("loss_history", [])),
         metrics=dict(raw.get("metrics", {})),
     )
-    return Checkpoint(folder, state, student, teacher, optimizer, noise_rng, saved_config)
+    return Checkpoint(folder, state, student, teacher, optimizer, noise_rng, torch_rng, saved_config)
 
 
 def random_state_to_json(rng: random.Random) -> Any:

@@ -191,6 +191,8 @@ class DOPSDConfig:
             errors.append("`teacher_min_pixels` must not exceed `teacher_max_pixels`")
         if not self.sample_seeds:
             errors.append("`sample_seeds` must list at least one seed")
+        elif not all(isinstance(s, int) and 0 <= s < 2**63 for s in self.sample_seeds):
+            errors.append(f"`sample_seeds` must be integers in [0, 2**63), got {self.sample_seeds!r}")
         if self.validation_prompts is not None and not all(p.strip() for p in self.validation_prompts):
             errors.append("`validation_prompts` must not contain empty prompts")
         return errors

@@ -7,6 +7,7 @@ goes through `active_adapter`, which always returns to the student and re-freeze
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import warnings
@@ -41,13 +42,18 @@ def add_adapters(transformer: torch.nn.Module, config: LoraConfig, *, with_teach
     """Adds the trainable student adapter and, for an EMA teacher, an identical frozen teacher adapter."""
     transformer.add_adapter(config, adapter_name=STUDENT_ADAPTER)  # type: ignore[operator]
     if with_teacher:
+        # The teacher never drops out: its targets must not depend on the student's regulariser.
+        teacher_config = copy.deepcopy(config)
+        teacher_config.lora_dropout = 0.0
         with warnings.catch_warnings():  # peft warns on any second adapter; two are the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.add_adapter(config, adapter_name=TEACHER_ADAPTER)  # type: ignore[operator]
+            transformer.add_adapter(teacher_config, adapter_name=TEACHER_ADAPTER)  # type: ignore[operator]
         load_adapter_state(transformer, TEACHER_ADAPTER, adapter_state(transformer, STUDENT_ADAPTER))
     transformer.set_adapter(STUDENT_ADAPTER)  # type: ignore[operator]
-    for p in student_parameters(transformer):
-        p.data = p.data.float()  # LoRA weights and AdamW state stay fp32 under bf16 base weights
+    # Both adapters stay fp32 under bf16 base weights: the student for AdamW, and the teacher because an EMA step
+    # of (1 - 0.9999) is far below bf16's resolution and would round away.
+    for p in student_parameters(transformer) + teacher_parameters(transformer):
+        p.data = p.data.float()
 
 
 def _adapter_params(transformer: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:

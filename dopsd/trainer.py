@@ -231,6 +231,7 @@ def _train_loop(
     def measure_gap() -> float | None:
         if not gap_cases:
             return None
+        transformer.eval()  # no LoRA dropout in measurements
         by_bucket: dict[tuple[int, int], list[tuple[_Pair, torch.Tensor]]] = {}
         for p, noise in gap_cases:
             by_bucket.setdefault(p.bucket, []).append((p, noise))
@@ -257,6 +258,8 @@ def _train_loop(
             load_adapter_state(transformer, TEACHER_ADAPTER, ckpt.teacher)
         optimizer.load_state_dict(ckpt.optimizer)
         noise_rng.set_state(ckpt.noise_rng)
+        if ckpt.torch_rng is not None:
+            torch.set_rng_state(ckpt.torch_rng)
         data_rng.setstate(random_state_from_json(ckpt.state.data_rng))
         state = ckpt.state
         logger.info("resumed from %s at step %d", ckpt.path, state.step)
@@ -289,6 +292,7 @@ def _train_loop(
         return path
 
     def render_samples(step: int) -> list[Path]:
+        transformer.eval()
         paths = renderer.render(out / "samples" / f"step-{step:08d}", step)
         for cb in callbacks:
             cb.on_samples(step, paths)
@@ -300,6 +304,7 @@ def _train_loop(
     t_loop = time.perf_counter()
     start_step = state.step
     while state.step < total:
+        transformer.train()  # LoRA dropout (if any) acts on the student only; the teacher adapter has none
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.gradient_accumulation_steps):
@@ -351,6 +356,7 @@ def _train_loop(
         if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
             render_samples(state.step)
 
+    transformer.eval()
     # 3. Outputs: adapter (diffusers format + our header metadata), config, samples, metrics.
     train_s = time.perf_counter() - t_loop
     state.metrics["gap_after"] = measure_gap()

@@ -6,11 +6,18 @@ from alembic import context
 
 import core.jobs.models  # noqa: F401  (registers the tables on the metadata)
 from core.config import get_settings
-from core.db import Base, make_engine
+from core.db import Base, UTCDateTime, make_engine
 
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().database_url
+
+
+def render_item(type_: str, obj: object, _autogen_context: object) -> str | bool:
+    """Migrations spell our UTC timestamp type as the plain column type it stores."""
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
 
 
 def run_migrations_offline() -> None:
@@ -29,6 +36,7 @@ def run_migrations_online() -> None:
             target_metadata=Base.metadata,
             compare_type=True,
             render_as_batch=url.startswith("sqlite"),
+            render_item=render_item,
         )
         with context.begin_transaction():
             context.run_migrations()

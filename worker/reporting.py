@@ -23,12 +23,35 @@ logger = logging.getLogger(__name__)
 class JobReporter(TrainerCallback):
     """Connects one training run to its job row."""
 
-    def __init__(self, job_id: uuid.UUID, sessions: sessionmaker[Session], store: object, interval_s: float) -> None:
+    def __init__(
+        self,
+        job_id: uuid.UUID,
+        *,
+        worker_id: str,
+        sessions: sessionmaker[Session],
+        store: object,
+        interval_s: float,
+        lease_s: int,
+    ) -> None:
         self.job_id = job_id
+        self.worker_id = worker_id
         self.sessions = sessions
         self.store = store
         self.interval_s = interval_s
+        self.lease_s = lease_s
+        self.lease_lost = False
         self._last_write = 0.0
+
+    def renew_lease(self) -> bool:
+        """Heartbeat: keeps the job this worker's; False (and `lease_lost`) once another worker took it over."""
+        with session_scope(self.sessions) as session:
+            ok = service.renew_lease(
+                session=session, job_id=self.job_id, worker_id=self.worker_id, lease_s=self.lease_s
+            )
+        if not ok:
+            self.lease_lost = True
+            logger.warning("job %s: lease lost; stopping without touching the job", self.job_id)
+        return ok
 
     def on_train_begin(self, total_steps: int, start_step: int) -> None:
         with session_scope(self.sessions) as session:
@@ -41,8 +64,11 @@ class JobReporter(TrainerCallback):
 
     def on_step_end(self, state: StepState) -> TrainerControl:
         now = time.monotonic()
+        write = now - self._last_write >= self.interval_s or state.step == state.total_steps
+        if write and not self.renew_lease():
+            return TrainerControl(should_stop=True)
         with session_scope(self.sessions) as session:
-            if now - self._last_write >= self.interval_s or state.step == state.total_steps:
+            if write:
                 self._last_write = now
                 stop = service.record_progress(
                     session=session,

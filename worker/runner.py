@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -90,18 +91,33 @@ def _fail(sessions: sessionmaker[Session], job_id: uuid.UUID, code: str, message
 
 
 def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
-    """Runs one job to a terminal state; a job that is not queued (a duplicate delivery) is left alone."""
+    """Runs one job to a terminal state; a job that is not claimable (a duplicate delivery) is left alone."""
     settings = get_settings()
     sessions, store = _sessions(), _store()
+    worker_id = f"{worker_id}:{os.getpid()}"
     with sessions() as session:
-        if not service.claim_job(session=session, job_id=job_id, worker_id=worker_id):
-            logger.info("job %s: not claimable (already taken or finished); message dropped", job_id)
-            return
-    logger.info("job %s: claimed by %s", job_id, worker_id)
+        attempt = service.claim_job(session=session, job_id=job_id, worker_id=worker_id, lease_s=settings.lease_s)
+    if attempt is None:
+        logger.info("job %s: not claimable (running elsewhere or finished); message dropped", job_id)
+        return
+    if attempt > settings.max_attempts:
+        _fail(sessions, job_id, "too_many_attempts", f"the job was started {attempt - 1} times without finishing")
+        return
+    logger.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, attempt)
+    reporter = JobReporter(
+        job_id,
+        worker_id=worker_id,
+        sessions=sessions,
+        store=store,
+        interval_s=settings.progress_interval_s,
+        lease_s=settings.lease_s,
+    )
     try:
         with tempfile.TemporaryDirectory(prefix=f"dopsd-job-{job_id}-") as tmp:
-            _run_claimed(job_id, Path(tmp), sessions, store, settings.progress_interval_s)
+            _run_claimed(job_id, Path(tmp), sessions, store, reporter)
     except TrainingCancelled as exc:
+        if reporter.lease_lost:
+            return  # another worker owns the job now
         with session_scope(sessions) as session:
             job = service.mark_canceled(session=session, job_id=job_id, step=exc.step)
             deleted = job.deleted
@@ -125,7 +141,7 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
 
 
 def _run_claimed(
-    job_id: uuid.UUID, tmp: Path, sessions: sessionmaker[Session], store: LocalStore | S3Store, interval_s: float
+    job_id: uuid.UUID, tmp: Path, sessions: sessionmaker[Session], store: LocalStore | S3Store, reporter: JobReporter
 ) -> None:
     from dopsd.trainer import train
 
@@ -145,6 +161,8 @@ def _run_claimed(
         }
     )
     family, load_s, cached = model_cache().get(config)
+    if not reporter.renew_lease():  # loading real weights takes a while
+        raise TrainingCancelled(0)
     with session_scope(sessions) as session:
         service.add_event(
             session=session,
@@ -152,9 +170,10 @@ def _run_claimed(
             type="model_loaded",
             data={"load_s": round(load_s, 3), "cached": cached, "resumed_from_step": _step_of(resume)},
         )
-    reporter = JobReporter(job_id, sessions, store, interval_s)
     started = time.perf_counter()
     result = train(config, [reporter], family=family)
+    if not reporter.renew_lease():
+        raise TrainingCancelled(result.metrics["steps"])
     records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints",))
     artifacts = [{**r, "kind": _artifact_kind(r["name"])} for r in records]
     gap = result.metrics["teacher_student_gap"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -179,9 +180,13 @@ def cancel_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep) 
 def delete_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, store: StoreDep) -> Response:
     """Cancels the job if needed and deletes everything stored for it."""
     job = service.get_job(session=session, owner_id=principal.id, job_id=job_id)
+    if not job.job_status.is_terminal:
+        service.request_cancel(session=session, job=job)
+        session.commit()
+    # Objects first: if storage is down the client gets 503 and can retry the delete; the job stays visible.
+    store.delete_prefix(job_prefix(job.id))
     service.mark_deleted(session=session, job=job)
     session.commit()
-    store.delete_prefix(job_prefix(job.id))
     return Response(status_code=204)
 
 
@@ -200,7 +205,7 @@ def read_events(
     job_id: uuid.UUID,
     principal: PrincipalDep,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     accept: Annotated[str | None, Header()] = None,
     last_event_id: Annotated[str | None, Header()] = None,
@@ -208,7 +213,7 @@ def read_events(
     """The job's events after `after`; with `Accept: text/event-stream`, a live server-sent stream."""
     service.get_job(session=session, owner_id=principal.id, job_id=job_id)
     if accept and "text/event-stream" in accept:
-        start = int(last_event_id) if last_event_id and last_event_id.isdigit() else after
+        start = int(last_event_id) if last_event_id and re.fullmatch(r"[0-9]{1,18}", last_event_id) else after
         return StreamingResponse(
             _event_stream(request, job_id, start),
             media_type="text/event-stream",
@@ -268,7 +273,9 @@ def read_adapter(
 ) -> RedirectResponse:
     """Redirects to a short-lived URL of `pytorch_lora_weights.safetensors` (diffusers format)."""
     job = _succeeded_job(session, principal.id, job_id)
-    adapter = next(a for a in job.artifacts if a.kind == "adapter")
+    adapter = next((a for a in job.artifacts if a.kind == "adapter"), None)
+    if adapter is None:
+        raise Conflict(f"job {job.id} has no adapter", code="job_not_finished")
     url = store.download_url(adapter.key, filename=adapter.name, ttl_s=settings.presigned_url_ttl_s)
     return RedirectResponse(url, status_code=302)
 

@@ -53,6 +53,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    # A running job belongs to its worker until this time; the worker renews it while it makes progress, and a
+    # redelivered message may take over a job whose lease ran out (its worker died).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float, default=None)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.errors import Conflict, NotFound, Unauthorized
+from core.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from core.jobs.models import ApiKey, Job, JobArtifact, JobEvent, utcnow
 from core.jobs.states import TERMINAL, JobStatus, can_transition
 from core.security import generate_api_key, hash_api_key
@@ -122,8 +122,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, job_id = json.loads(base64.urlsafe_b64decode(padded))
         return datetime.fromisoformat(created), uuid.UUID(job_id)
-    except (ValueError, TypeError) as exc:
-        raise NotFound("unknown cursor", code="invalid_cursor") from exc
+    except Exception as exc:  # anything a client can put in a cursor is its mistake, not ours
+        raise InvalidRequest("`cursor` is not a cursor this API returned", code="invalid_cursor") from exc
 
 
 def list_jobs(
@@ -152,7 +152,7 @@ def queue_position(*, session: Session, job: Job) -> int | None:
             Job.queue == job.queue,
             Job.status == JobStatus.QUEUED.value,
             Job.deleted.is_(False),
-            Job.created_at < job.created_at,
+            or_(Job.created_at < job.created_at, and_(Job.created_at == job.created_at, Job.id < job.id)),
         )
     )
     return int(ahead or 0) + 1
@@ -169,11 +169,22 @@ def _transition(job: Job, target: JobStatus, **values: Any) -> None:
 
 
 def request_cancel(*, session: Session, job: Job) -> Job:
-    """Cancels a queued job at once; asks the worker of a running one to stop (within one training step)."""
+    """Cancels a queued job at once; asks the worker of a running one to stop (within one training step).
+
+    The queued case is one conditional UPDATE, so a worker claiming the job at the same moment wins or loses
+    cleanly: if it won, the job is running and gets a stop request instead.
+    """
     if job.job_status == JobStatus.QUEUED:
-        _transition(job, JobStatus.CANCELED)
-        add_event(session=session, job_id=job.id, type="canceled", data={"while": "queued"})
-    elif job.job_status == JobStatus.RUNNING:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELED.value, finished_at=utcnow())
+        )
+        session.refresh(job)
+        if result.rowcount:  # type: ignore[attr-defined]
+            add_event(session=session, job_id=job.id, type="canceled", data={"while": "queued"})
+            return job
+    if job.job_status == JobStatus.RUNNING:
         if not job.cancel_requested:
             job.cancel_requested = True
             add_event(session=session, job_id=job.id, type="cancel_requested")
@@ -198,28 +209,44 @@ def list_events(*, session: Session, job_id: uuid.UUID, after: int, limit: int) 
 # Jobs: the worker's side ------------------------------------------------------------------------------------------
 
 
-def claim_job(*, session: Session, job_id: uuid.UUID, worker_id: str) -> bool:
-    """Moves a queued job to running for this worker in one conditional UPDATE, and commits.
+def claim_job(*, session: Session, job_id: uuid.UUID, worker_id: str, lease_s: int) -> int | None:
+    """Takes a job for this worker in one conditional UPDATE, and commits; returns the attempt number.
 
-    Returns False when the job is not queued (already taken, finished, canceled or deleted): a duplicate delivery
-    of the same message then does nothing.
+    A queued job is taken; so is a running one whose lease ran out (its worker died and the broker delivered the
+    message again). Anything else returns None: a duplicate delivery of a live or finished job does nothing.
     """
+    now = utcnow()
+    claimable = or_(
+        Job.status == JobStatus.QUEUED.value,
+        and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
+    )
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.deleted.is_(False))
+        .where(Job.id == job_id, Job.deleted.is_(False), claimable)
         .values(
             status=JobStatus.RUNNING.value,
             attempt=Job.attempt + 1,
             worker_id=worker_id,
-            started_at=utcnow(),
-            cancel_requested=False,
+            started_at=func.coalesce(Job.started_at, now),
+            lease_expires_at=now + timedelta(seconds=lease_s),
         )
+        .returning(Job.attempt)
     )
-    claimed = bool(result.rowcount)  # type: ignore[attr-defined]
-    if claimed:
-        add_event(session=session, job_id=job_id, type="started", data={"worker": worker_id})
+    attempt = result.scalar_one_or_none()
+    if attempt is not None:
+        add_event(session=session, job_id=job_id, type="started", data={"worker": worker_id, "attempt": attempt})
     session.commit()
-    return claimed
+    return attempt
+
+
+def renew_lease(*, session: Session, job_id: uuid.UUID, worker_id: str, lease_s: int) -> bool:
+    """Extends this worker's lease on a running job; False when the job is no longer this worker's."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING.value)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def record_progress(
@@ -235,7 +262,7 @@ def record_progress(
         type="progress",
         data={"step": step, "total_steps": total_steps, "loss": loss, "eta_s": round(eta_s, 1)},
     )
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    return cancel_requested(session=session, job_id=job_id)
 
 
 def cancel_requested(*, session: Session, job_id: uuid.UUID) -> bool:

@@ -187,3 +187,21 @@ def test_a_loaded_model_can_be_reused_across_runs(example_dir: Path, tmp_path: P
     a, b = load_file(reused.adapter_path), load_file(fresh.adapter_path)
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_both_adapters_stay_fp32_on_bf16_weights() -> None:
+    """An EMA step of 1e-4 would round away in bf16: teacher (and student) LoRA weights are kept in fp32."""
+    from dopsd.models.tiny import build_tiny_z_image_transformer
+
+    transformer = build_tiny_z_image_transformer().to(torch.bfloat16)
+    add_adapters(transformer, make_lora_config(4, 8.0, 0.1, ("attention.to_q",)), with_teacher=True)
+    student, teacher = student_parameters(transformer), teacher_parameters(transformer)
+    assert {p.dtype for p in student + teacher} == {torch.float32}
+    before = [t.detach().clone() for t in teacher]
+    with torch.no_grad():
+        for p in student:
+            p.add_(1.0)
+    ema_update(teacher, student, 0.9999)
+    assert all(not torch.equal(a, b) for a, b in zip(before, teacher, strict=True))
+    assert transformer.peft_config[TEACHER_ADAPTER].lora_dropout == 0.0
+    assert transformer.peft_config[STUDENT_ADAPTER].lora_dropout == 0.1

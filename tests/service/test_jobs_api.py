@@ -232,3 +232,35 @@ def test_openapi_documents_the_routes(prod_stack: Stack) -> None:
         spec["paths"]
     )
     assert "multipart/form-data" in spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
+
+
+def test_odd_uploads_keep_every_image_under_a_safe_name(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("names")
+    good = png_bytes()
+    files = [
+        ("images", ("../../etc/passwd.png", good, "image/png")),
+        ("images", ("image-01", good, "image/png")),
+        ("images", ("image-01", good, "image/png")),
+        ("images", ("captions.json", good, "image/png")),
+        ("images", ("caf\xe9 photo.png", good, "image/png")),
+    ]
+    with prod_stack.client(key) as client:
+        job = client.post("/v1/jobs", files=files, data={"spec": json.dumps(quick_spec())}).json()
+        names = [i["name"] for i in job["images"]]
+        assert len({n.lower() for n in names}) == 5 and "captions.json" not in names
+        assert all("/" not in n and ".." not in n for n in names)
+        assert all(k.startswith(f"jobs/{job['id']}/inputs/") for k in prod_stack.s3_keys(f"jobs/{job['id']}/"))
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_malformed_requests_are_client_errors(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("malformed")
+    with prod_stack.client(key) as client:
+        body = b'--XyZ\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{}\r\n--XyZ\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\nabc'
+        cut = client.post("/v1/jobs", content=body, headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+        assert cut.status_code == 422 and cut.json()["error"]["code"] == "invalid_multipart"
+        assert client.get("/v1/jobs", params={"cursor": "e30"}).json()["error"]["code"] == "invalid_cursor"
+        job_id = "00000000-0000-0000-0000-000000000000"
+        assert client.get(f"/v1/jobs/{job_id}/events", params={"after": 2**70}).status_code == 422
+        spec = json.dumps(quick_spec(sample_seeds=[2**70]))
+        assert client.post("/v1/jobs", files=example_files(1), data={"spec": spec}).status_code == 422

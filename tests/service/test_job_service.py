@@ -1,0 +1,80 @@
+"""Service functions on a real PostgreSQL database: claims, leases, the cancel race, pagination cursors."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import make_engine, make_sessionmaker
+from core.errors import InvalidRequest
+from core.jobs import service
+from core.jobs.models import Job
+
+
+@pytest.fixture
+def sessions(database: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(database)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def new_job(sessions: sessionmaker[Session]) -> uuid.UUID:
+    with sessions() as session:
+        owner, _ = service.create_api_key(session=session, name="svc")
+        job = service.create_job(
+            session=session, job_id=uuid.uuid4(), owner_id=owner.id, preset="tiny-z-image", queue="train.z_image",
+            spec={}, config={"max_train_steps": 5}, images=[],
+        )  # fmt: skip
+        session.commit()
+        return job.id
+
+
+def test_a_duplicate_delivery_does_nothing(sessions: sessionmaker[Session]) -> None:
+    job_id = new_job(sessions)
+    with sessions() as s:
+        assert service.claim_job(session=s, job_id=job_id, worker_id="a", lease_s=600) == 1
+    with sessions() as s:
+        assert service.claim_job(session=s, job_id=job_id, worker_id="b", lease_s=600) is None
+
+
+def test_a_job_whose_lease_ran_out_is_taken_over(sessions: sessionmaker[Session]) -> None:
+    job_id = new_job(sessions)
+    with sessions() as s:
+        assert service.claim_job(session=s, job_id=job_id, worker_id="dead", lease_s=1) == 1
+    time.sleep(1.2)
+    with sessions() as s:
+        assert service.claim_job(session=s, job_id=job_id, worker_id="alive", lease_s=600) == 2
+    with sessions() as s:
+        # The first worker, if it was only slow, learns it lost the job and leaves it alone.
+        assert not service.renew_lease(session=s, job_id=job_id, worker_id="dead", lease_s=600)
+        assert service.renew_lease(session=s, job_id=job_id, worker_id="alive", lease_s=600)
+        s.commit()
+        job = s.get_one(Job, job_id)
+        assert (job.status, job.worker_id, job.attempt) == ("running", "alive", 2)
+
+
+def test_cancel_racing_a_claim_asks_the_worker_to_stop(sessions: sessionmaker[Session]) -> None:
+    job_id = new_job(sessions)
+    with sessions() as api_session:
+        job = api_session.get_one(Job, job_id)
+        assert job.status == "queued"  # the API read it as queued...
+        with sessions() as worker_session:  # ...then a worker claimed it
+            service.claim_job(session=worker_session, job_id=job_id, worker_id="w", lease_s=600)
+        service.request_cancel(session=api_session, job=job)
+        api_session.commit()
+    with sessions() as s:
+        job = s.get_one(Job, job_id)
+        assert job.status == "running" and job.cancel_requested
+        assert service.cancel_requested(session=s, job_id=job_id)
+
+
+def test_a_forged_cursor_is_a_client_error(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        owner, _ = service.create_api_key(session=s, name="cursor")
+        for cursor in ("not-base64!", "WyIyMDI0LTAxLTAxIiwgMTIzXQ", "e30"):
+            with pytest.raises(InvalidRequest):
+                service.list_jobs(session=s, owner_id=owner.id, status=None, limit=10, cursor=cursor)
