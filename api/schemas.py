@@ -34,7 +34,8 @@ class JobSpec(BaseModel):
     loss_space: Literal["x0", "velocity"] = "x0"
     teacher_mode: Literal["ema", "frozen", "live"] = "ema"
     ema_decay: float = Field(0.9999, ge=0, lt=1)
-    rollout_schedule: Literal["distill4", "native"] = "distill4"
+    rollout_schedule: Literal["distill4", "native"] | None = None
+    teacher_context: Literal["vlm", "edit"] | None = None
     checkpointing_steps: int | None = Field(None, ge=0, le=10_000)
     sample_every: int | None = Field(None, ge=0, le=10_000)
     validation_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(None, max_length=16)

@@ -86,6 +86,7 @@ def build_config(spec: JobSpec, files: list[UploadedFile]) -> tuple[Preset, dict
         "teacher_mode": spec.teacher_mode,
         "ema_decay": spec.ema_decay,
         "rollout_schedule": spec.rollout_schedule,
+        "teacher_context": spec.teacher_context,
         "checkpointing_steps": spec.checkpointing_steps,
         "sample_every": spec.sample_every,
         "validation_prompts": spec.validation_prompts,

@@ -137,7 +137,7 @@ def bench_size(size: str, repeats: int, threads: int) -> dict[str, object]:
     family = build_family(size, device, dtype)
     image = target_image(resolution)
     student_conds = family.encode_student([CAPTION], 512)
-    teacher_conds = [family.encode_teacher(image, CAPTION, 1024)]
+    teacher_conds = [family.encode_teacher(image, CAPTION, text_max_length=512, context_max_length=1024)]
     x0 = encode_latents(family, image)
     shape = (1, *family.latent_shape(resolution, resolution))
     assert tuple(x0.shape) == shape, (x0.shape, shape)

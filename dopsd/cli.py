@@ -153,7 +153,7 @@ def _models(ns: argparse.Namespace) -> int:
     from dopsd.models.loading import export_base_pipeline
 
     path = export_base_pipeline(get_preset(ns.preset), ns.directory)
-    print(f"exported {ns.preset} to {path} (load it with ZImagePipeline.from_pretrained)")
+    print(f"exported {ns.preset} to {path} (load it with its diffusers pipeline's from_pretrained)")
     return 0
 
 

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dopsd.presets import get_preset
+from dopsd.presets import TEACHER_CONTEXTS, get_preset
 
 
 LossSpace = Literal["x0", "velocity"]
 TeacherMode = Literal["ema", "frozen", "live"]
 RolloutSchedule = Literal["distill4", "native"]
+TeacherContext = Literal["vlm", "edit"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -103,10 +104,17 @@ class DOPSDConfig:
         default="ema", metadata=_help("`ema` adapter (default), `frozen` base model, or `live` copy of the student.")
     )
     ema_decay: float = field(default=0.9999, metadata=_help("Decay of the EMA teacher adapter."))
-    rollout_schedule: RolloutSchedule = field(
-        default="distill4", metadata=_help("`distill4`: sigmas 1, .9, .75, .5 -> 0; `native`: the model's schedule.")
+    rollout_schedule: RolloutSchedule | None = field(
+        default=None,
+        metadata=_help("`distill4`: sigmas 1, .9, .75, .5 -> 0 (Z-Image); `native`: the model's own (FLUX.2)."),
     )
-    student_max_sequence_length: int = field(default=512, metadata=_help("Token limit of the student caption."))
+    teacher_context: TeacherContext | None = field(
+        default=None,
+        metadata=_help("`vlm`: Qwen3-VL features of (image + caption); `edit`: FLUX.2's reference-image branch."),
+    )
+    student_max_sequence_length: int | None = field(
+        default=None, metadata=_help("Token length of the caption features (the pipeline's own, 512).")
+    )
     teacher_max_sequence_length: int = field(
         default=1024, metadata=_help("Token limit of the teacher context (image tokens included).")
     )
@@ -144,7 +152,13 @@ class DOPSDConfig:
                 errors.append(f"`{name}` must be {'> 0' if strict else '>= 0'}, got {value!r}")
 
         try:
-            get_preset(self.preset)
+            preset = get_preset(self.preset)
+            allowed_contexts = TEACHER_CONTEXTS[preset.family]
+            if self.teacher_context is not None and self.teacher_context not in allowed_contexts:
+                errors.append(
+                    f"`teacher_context` {self.teacher_context!r} is not available for {preset.name}; "
+                    f"use one of {', '.join(allowed_contexts)}"
+                )
         except ValueError as exc:
             errors.append(str(exc))
         for name in ("max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps"):
@@ -167,11 +181,12 @@ class DOPSDConfig:
             ("loss_space", LossSpace),
             ("teacher_mode", TeacherMode),
             ("rollout_schedule", RolloutSchedule),
+            ("teacher_context", TeacherContext),
             ("mixed_precision", MixedPrecision),
             ("device", Device),
         ):
             options = allowed.__args__  # type: ignore[attr-defined]
-            if getattr(self, name) not in options:
+            if getattr(self, name) is not None and getattr(self, name) not in options:
                 errors.append(f"`{name}` must be one of {', '.join(options)}, got {getattr(self, name)!r}")
         if not self.trigger.strip() or any(c.isspace() for c in self.trigger.strip()):
             errors.append(f"`trigger` must be one word, got {self.trigger!r}")
@@ -181,7 +196,7 @@ class DOPSDConfig:
             for name, caps in self.captions.items():
                 if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
                     errors.append(f"`captions[{name!r}]` must be a non-empty list of non-empty strings")
-        if self.student_max_sequence_length < 16 or self.teacher_max_sequence_length < 16:
+        if (self.student_max_sequence_length or 16) < 16 or self.teacher_max_sequence_length < 16:
             errors.append("`student_max_sequence_length` and `teacher_max_sequence_length` must be >= 16")
         if (
             self.teacher_min_pixels is not None

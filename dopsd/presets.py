@@ -24,6 +24,8 @@ class Preset:
         dtype: the weight dtype on that device.
         min_image_side: the smallest accepted short side of a training image, in pixels.
         native_sample_steps: the number of denoising steps the distilled model was made for.
+        text_encoder_layers: hidden-state layers whose concatenation is the text feature (FLUX.2); empty when
+            the family uses its pipeline's fixed choice (Z-Image: the second to last).
         defaults: values for `DOPSDConfig` fields the user left unset.
     """
 
@@ -36,6 +38,7 @@ class Preset:
     dtype: Literal["bfloat16", "float32"]
     min_image_side: int
     native_sample_steps: int
+    text_encoder_layers: tuple[int, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,6 +69,9 @@ _Z_IMAGE_TURBO = Preset(
         "sample_every": 100,
         "teacher_min_pixels": 512 * 512,
         "teacher_max_pixels": 768 * 768,
+        "rollout_schedule": "distill4",
+        "teacher_context": "vlm",
+        "student_max_sequence_length": 512,
     },
 )
 
@@ -91,10 +97,88 @@ _TINY_Z_IMAGE = Preset(
         "sample_every": 0,
         "teacher_min_pixels": 32 * 32,
         "teacher_max_pixels": 64 * 64,
+        "rollout_schedule": "distill4",
+        "teacher_context": "vlm",
+        "student_max_sequence_length": 512,
     },
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (_Z_IMAGE_TURBO, _TINY_Z_IMAGE)}
+# FLUX.2-klein (the method page): 4 native steps, guidance 1.0, the native schedule with the empirical mu as the
+# roll-out, the editing branch as the teacher context, lr 2e-5 for ~3,000 steps, text features from Qwen3 layers
+# 9, 18 and 27. The `vlm` teacher context uses Qwen3-VL of the matching size.
+_KLEIN_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-5,
+    "rank": 64,
+    "lora_alpha": 128.0,
+    "resolution": 1024,
+    "max_train_steps": 3000,
+    "checkpointing_steps": 500,
+    "sample_every": 100,
+    "teacher_min_pixels": 512 * 512,
+    "teacher_max_pixels": 768 * 768,
+    "rollout_schedule": "native",
+    "teacher_context": "edit",
+    "student_max_sequence_length": 512,
+}
+_FLUX2_KLEIN_4B = Preset(
+    name="flux2-klein-4b",
+    family="flux2_klein",
+    description="FLUX.2-klein 4B (4 steps, Qwen3-4B text encoder), edit-branch teacher; bf16 on CUDA",
+    base_model="black-forest-labs/FLUX.2-klein-4B",
+    teacher_encoder="Qwen/Qwen3-VL-4B-Instruct",
+    device="cuda",
+    dtype="bfloat16",
+    min_image_side=256,
+    native_sample_steps=4,
+    text_encoder_layers=(9, 18, 27),
+    defaults=dict(_KLEIN_DEFAULTS),
+)
+_FLUX2_KLEIN_9B = Preset(
+    name="flux2-klein-9b",
+    family="flux2_klein",
+    description="FLUX.2-klein 9B (4 steps, Qwen3-8B text encoder), edit-branch teacher; bf16 on CUDA",
+    base_model="black-forest-labs/FLUX.2-klein-9B",
+    teacher_encoder="Qwen/Qwen3-VL-8B-Instruct",
+    device="cuda",
+    dtype="bfloat16",
+    min_image_side=256,
+    native_sample_steps=4,
+    text_encoder_layers=(9, 18, 27),
+    defaults=dict(_KLEIN_DEFAULTS),
+)
+_TINY_FLUX2_KLEIN = Preset(
+    name="tiny-flux2-klein",
+    family="flux2_klein",
+    description="FLUX.2-klein architecture at toy size, random weights built in code; fp32 on CPU",
+    base_model="tiny://flux2-klein",
+    teacher_encoder="tiny://qwen3-vl",
+    device="cpu",
+    dtype="float32",
+    min_image_side=32,
+    native_sample_steps=4,
+    text_encoder_layers=(1, 2, 3),
+    defaults={
+        **_KLEIN_DEFAULTS,
+        "learning_rate": 2e-3,
+        "rank": 8,
+        "lora_alpha": 16.0,
+        "resolution": 64,
+        "max_train_steps": 50,
+        "checkpointing_steps": 0,
+        "sample_every": 0,
+        "teacher_min_pixels": 32 * 32,
+        "teacher_max_pixels": 64 * 64,
+        # The pipeline pads prompts to this many tokens and feeds every row to the transformer: 64 instead of
+        # 512 keeps the toy model fast on a CPU without changing any code path.
+        "student_max_sequence_length": 64,
+    },
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p for p in (_Z_IMAGE_TURBO, _TINY_Z_IMAGE, _FLUX2_KLEIN_4B, _FLUX2_KLEIN_9B, _TINY_FLUX2_KLEIN)
+}
+# Which teacher contexts each family can build.
+TEACHER_CONTEXTS: dict[str, tuple[str, ...]] = {"z_image": ("vlm",), "flux2_klein": ("edit", "vlm")}
 
 
 def get_preset(name: str) -> Preset:

@@ -112,6 +112,7 @@ def train(
     cfg = config.resolved()
     assert cfg.max_train_steps is not None and cfg.learning_rate is not None and cfg.resolution is not None
     assert cfg.rank is not None and cfg.lora_alpha is not None and cfg.sample_steps is not None
+    assert cfg.student_max_sequence_length is not None
     preset = get_preset(cfg.preset)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +137,7 @@ def train(
             dtype=dtype,
             teacher_min_pixels=cfg.teacher_min_pixels or 0,
             teacher_max_pixels=cfg.teacher_max_pixels or 0,
+            teacher_context=cfg.teacher_context or "vlm",
         )
     load_s = time.perf_counter() - t_start
 
@@ -150,7 +152,10 @@ def train(
             bucket=item_buckets[i],
             student=student_feats[caption],
             teacher=family.encode_teacher(
-                resize_to_cover(dataset.items[i].image, item_buckets[i]), caption, cfg.teacher_max_sequence_length
+                resize_to_cover(dataset.items[i].image, item_buckets[i]),
+                caption,
+                text_max_length=cfg.student_max_sequence_length,
+                context_max_length=cfg.teacher_max_sequence_length,
             ),
         )
         for i, caption in dataset.pairs

@@ -33,6 +33,7 @@ class ModelCache:
             str(dtype),
             config.teacher_min_pixels,
             config.teacher_max_pixels,
+            config.teacher_context,
         )
         family = self._entries.get(key)
         cached = family is not None
@@ -46,6 +47,7 @@ class ModelCache:
                 dtype=dtype,
                 teacher_min_pixels=config.teacher_min_pixels or 0,
                 teacher_max_pixels=config.teacher_max_pixels or 0,
+                teacher_context=config.teacher_context or "vlm",
             )
             if self.capacity > 0:
                 self._entries[key] = family

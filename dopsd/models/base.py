@@ -42,8 +42,14 @@ class ModelFamily(ABC):
         """Text-only features of each caption, exactly as the family's pipeline encodes a prompt."""
 
     @abstractmethod
-    def encode_teacher(self, image: Image.Image, caption: str, max_sequence_length: int) -> Cond:
-        """The teacher context: features of (target image + caption), differing from the student's by the image."""
+    def encode_teacher(
+        self, image: Image.Image, caption: str, *, text_max_length: int, context_max_length: int
+    ) -> Cond:
+        """The teacher context of (target image + caption), differing from the student's only by the image.
+
+        `text_max_length` is the student's caption limit (a text-only teacher prompt is padded alike);
+        `context_max_length` caps a multimodal sequence, image tokens included.
+        """
 
     @abstractmethod
     def release_encoders(self) -> None:

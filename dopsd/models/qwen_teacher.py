@@ -105,8 +105,13 @@ class QwenVLTeacherEncoder:
         *,
         max_length: int,
         hidden_layers: Sequence[int] = (-2,),
+        pad_to: int | None = None,
     ) -> torch.Tensor:
-        """Features [L, D * len(hidden_layers)] of (image + caption); without an image, of the caption alone."""
+        """Features [L, D * len(hidden_layers)] of (image + caption); without an image, of the caption alone.
+
+        With `pad_to`, the sequence is right-padded to at least that many tokens and every row is returned, as
+        pipelines that feed padded text features to their transformer (FLUX.2) encode their prompts.
+        """
         device = next(self.vlm.parameters()).device
         kwargs: dict[str, Any] = {}
         num_image_tokens = 0
@@ -120,6 +125,12 @@ class QwenVLTeacherEncoder:
                 "image_grid_thw": grid.to(device),
             }
         ids = self._token_ids(caption, num_image_tokens, max_length).to(device)
+        if pad_to is not None and ids.shape[1] < pad_to:
+            mask = torch.zeros((1, pad_to), dtype=torch.long, device=device)
+            mask[:, : ids.shape[1]] = 1
+            pad_id = self.tokenizer.pad_token_id or 0
+            ids = torch.cat([ids, torch.full((1, pad_to - ids.shape[1]), pad_id, device=device)], dim=1)
+            kwargs["attention_mask"] = mask
         if image is not None:
             # transformers >= 5 needs the token types for M-RoPE; the processor would add them, but it cannot be
             # built without torchvision, so they are derived here (1 = image token).

@@ -7,9 +7,17 @@ sizes, plus a byte-level Qwen2 tokenizer with a Qwen3-style chat template. Nothi
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model, Qwen3VLConfig
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM, Qwen3Model, Qwen3VLConfig
 
 
 # Qwen3's own special tokens, in its order, so that the chat markup matches the real model's structure.
@@ -52,6 +60,9 @@ QWEN3_CHAT_TEMPLATE = (
 TINY_TEXT_HIDDEN = 32
 TINY_TEXT_LAYERS = 4
 TINY_LATENT_CHANNELS = 16
+# The tiny text encoder has 4 layers, so FLUX.2-klein's layers (9, 18, 27) become (1, 2, 3): three hidden states
+# concatenated, as the real model concatenates three of Qwen3's.
+TINY_KLEIN_TEXT_LAYERS = (1, 2, 3)
 
 
 def build_tiny_tokenizer() -> Qwen2Tokenizer:
@@ -143,6 +154,48 @@ def _token_id(tokenizer: Qwen2Tokenizer, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     assert isinstance(token_id, int)
     return token_id
+
+
+def build_tiny_flux2_klein_pipeline(seed: int = 0) -> Flux2KleinPipeline:
+    """The FLUX.2-klein pipeline at toy size (distilled: no guidance embedding): real classes, random weights."""
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = Qwen3ForCausalLM(tiny_text_config(len(tokenizer)))
+    torch.manual_seed(seed + 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * 4,  # VAE channels x the 2x2 patchify
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=len(TINY_KLEIN_TEXT_LAYERS) * TINY_TEXT_HIDDEN,
+        timestep_guidance_channels=32,
+        mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        rope_theta=2000,
+        guidance_embeds=False,
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
+    )
 
 
 def tiny_vlm_config(text_config: Qwen3Config, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:

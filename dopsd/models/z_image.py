@@ -69,9 +69,11 @@ class ZImageFamily(ModelFamily):
         return [e.detach() for e in embeds]
 
     @torch.no_grad()
-    def encode_teacher(self, image: Image.Image, caption: str, max_sequence_length: int) -> Cond:
+    def encode_teacher(
+        self, image: Image.Image, caption: str, *, text_max_length: int, context_max_length: int
+    ) -> Cond:
         self._encoders_to(self.device)
-        return self.teacher_encoder.encode(image, caption, max_length=max_sequence_length, hidden_layers=(-2,))
+        return self.teacher_encoder.encode(image, caption, max_length=context_max_length, hidden_layers=(-2,))
 
     def release_encoders(self) -> None:
         self._encoders_to(torch.device("cpu"))

@@ -40,7 +40,7 @@ def test_user_values_win_over_preset_defaults() -> None:
         ({"teacher_mode": "copy"}, "`teacher_mode` must be one of ema, frozen, live"),
         ({"loss_space": "l1"}, "`loss_space` must be one of x0, velocity"),
         ({"resolution": 100}, "`resolution` must be a multiple of 16"),
-        ({"preset": "sdxl"}, "unknown preset `sdxl`; known presets: tiny-z-image, z-image-turbo"),
+        ({"preset": "sdxl"}, "unknown preset `sdxl`; known presets: flux2-klein-4b, flux2-klein-9b, tiny-flux2"),
         ({"trigger": "two words"}, "`trigger` must be one word"),
         ({"captions": {"a.png": []}}, "`captions['a.png']` must be a non-empty list"),
         ({"teacher_min_pixels": 10, "teacher_max_pixels": 5}, "must not exceed `teacher_max_pixels`"),
@@ -71,7 +71,12 @@ def test_every_field_has_help() -> None:
 
 
 def test_presets_are_complete() -> None:
-    assert set(PRESETS) >= {"z-image-turbo", "tiny-z-image"}
+    assert set(PRESETS) == {"z-image-turbo", "tiny-z-image", "flux2-klein-4b", "flux2-klein-9b", "tiny-flux2-klein"}
+    for name in ("flux2-klein-4b", "flux2-klein-9b"):
+        klein = get_preset(name)
+        assert klein.native_sample_steps == 4 and klein.text_encoder_layers == (9, 18, 27)
+        assert klein.defaults["learning_rate"] == 2e-5 and klein.defaults["max_train_steps"] == 3000
+        assert klein.defaults["teacher_context"] == "edit" and klein.defaults["rollout_schedule"] == "native"
     tiny = get_preset("tiny-z-image")
     assert tiny.is_tiny and tiny.device == "cpu" and tiny.dtype == "float32"
     real = get_preset("z-image-turbo")

@@ -144,7 +144,11 @@ def test_adapters_start_as_the_base_model_and_only_the_student_learns(adapted_fa
     cond = fam.encode_student(["a photo of sks"], 512)
     from PIL import Image
 
-    t_cond = [fam.encode_teacher(Image.new("RGB", (64, 64), "red"), "a photo of sks", 1024)]
+    t_cond = [
+        fam.encode_teacher(
+            Image.new("RGB", (64, 64), "red"), "a photo of sks", text_max_length=512, context_max_length=1024
+        )
+    ]
     noise = torch.randn(1, *fam.latent_shape(64, 64), generator=torch.Generator().manual_seed(0))
     loss = distillation_rollout(
         fam, noise=noise, student_conds=cond, teacher_conds=t_cond, sigmas=[1.0, 0.9, 0.75, 0.5, 0.0],

@@ -102,7 +102,7 @@ def test_teacher_context_adds_exactly_the_image_span(family: ModelFamily) -> Non
     caption = "a photo of sks"
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     student = family.encode_student([caption], 512)[0]
-    teacher = family.encode_teacher(image, caption, 1024)
+    teacher = family.encode_teacher(image, caption, text_max_length=512, context_max_length=1024)
     encoder = family.teacher_encoder  # type: ignore[attr-defined]
     # 64x64 px at patch 16, merge 2: a 4x4 patch grid -> 4 image tokens, plus vision start/end markers.
     assert teacher.shape == (student.shape[0] + 4 + 2, student.shape[1])
@@ -121,7 +121,7 @@ def test_teacher_context_adds_exactly_the_image_span(family: ModelFamily) -> Non
 def test_teacher_context_respects_the_token_limit(family: ModelFamily) -> None:
     image = Image.new("RGB", (64, 64), "blue")
     long_caption = "sks " * 200
-    feats = family.encode_teacher(image, long_caption, 64)
+    feats = family.encode_teacher(image, long_caption, text_max_length=512, context_max_length=64)
     assert feats.shape[0] == 64
 
 

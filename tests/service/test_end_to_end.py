@@ -90,3 +90,22 @@ def test_event_stream_replays_a_finished_job(any_stack: tuple[Stack, str]) -> No
             names = [line.removeprefix("event: ") for line in r.iter_lines() if line.startswith("event: ")]
     # The stream follows the job live and closes after its last event.
     assert names[0] == "queued" and names[-1] == "succeeded"
+
+
+def test_a_klein_job_runs_on_its_own_queue(prod_stack: Stack) -> None:
+    from sqlalchemy import create_engine, text
+
+    key = prod_stack.create_key("klein")
+    with prod_stack.client(key) as client:
+        spec = quick_spec(preset="tiny-flux2-klein", steps=3)
+        job = client.post("/v1/jobs", files=example_files(2), data={"spec": json.dumps(spec)}).json()
+        assert job["config"]["teacher_context"] == "edit" and job["config"]["sample_steps"] == 4
+        done = wait_for_status(client, job["id"], {"succeeded", "failed", "canceled"})
+        assert done["status"] == "succeeded", done["error"]
+        names = {a["name"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+        assert "pytorch_lora_weights.safetensors" in names
+    engine = create_engine(prod_stack.database_url)
+    with engine.connect() as conn:
+        queue = conn.execute(text("SELECT queue FROM job WHERE id = :id"), {"id": job["id"]}).scalar_one()
+    engine.dispose()
+    assert queue == "train.flux2_klein"
