@@ -45,12 +45,16 @@ StoreDep = Annotated[LocalStore | S3Store, Depends(get_store)]
 
 
 def get_principal(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
-    """The key of the caller; every /v1 route requires one."""
+    """The key of the caller (every /v1 route requires one), within its request rate."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized("send `Authorization: Bearer <api key>`")
-    return service.authenticate(session=session, key=credentials.credentials)
+    key = service.authenticate(session=session, key=credentials.credentials)
+    request.app.state.rate_limiter.check(key.id)
+    return key
 
 
 PrincipalDep = Annotated[ApiKey, Depends(get_principal)]

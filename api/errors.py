@@ -17,6 +17,7 @@ from core.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
+    TooManyRequests,
     Unauthorized,
 )
 
@@ -29,15 +30,20 @@ STATUS_BY_ERROR: list[tuple[type[DomainError], int]] = [
     (Unauthorized, 401),
     (Conflict, 409),
     (ServiceUnavailable, 503),
+    (TooManyRequests, 429),
     (InvalidRequest, 422),
 ]
 STATUS_BY_CODE = {"unsupported_media_type": 415, "job_not_finished": 409}
 CODE_BY_HTTP_STATUS = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
 
 
-def error_response(status: int, code: str, message: str, details: object = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: object = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The JSON error body every failure uses."""
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
         {"error": {"code": code, "message": message, "details": details}}, status_code=status, headers=headers
     )
@@ -58,7 +64,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        return error_response(status_for(exc), exc.code, exc.message, exc.details)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyRequests) else None
+        return error_response(status_for(exc), exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

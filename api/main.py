@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,6 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.ratelimit import RateLimiter
+from api.reaper import reaper_loop
 from api.routes import api_router
 from core.config import Settings, get_settings
 from core.db import make_engine, make_sessionmaker, session_scope
@@ -34,10 +37,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.store.ensure_bucket()
             except Exception as exc:  # readiness reports it; the API still starts
                 logger.warning("object storage not reachable at start-up: %s", type(exc).__name__)
+        app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         if settings.dev_api_key is not None:
             with session_scope(app.state.sessionmaker) as session:
                 service.ensure_api_key(session=session, name="dev", key=settings.dev_api_key.get_secret_value())
+        reaper = asyncio.create_task(reaper_loop(app))
         yield
+        reaper.cancel()
         engine.dispose()
 
     app = FastAPI(

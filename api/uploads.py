@@ -3,6 +3,7 @@ per-file, total, file-count and spec-size limits enforced while reading, never a
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -33,6 +34,7 @@ class UploadedFile:
     safe_name: str
     path: Path
     size: int = 0
+    digest: Any = field(default_factory=hashlib.sha256, repr=False)
 
 
 @dataclass
@@ -143,6 +145,7 @@ class _Collector:
                     details={"file": self._file.safe_name},
                 )
             self._handle.write(data[start:end])
+            self._file.digest.update(data[start:end])
         else:
             self._field_buffer += data[start:end]
             if len(self._field_buffer) > self.limits.max_field_bytes:

@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     max_job_s: int = Field(6 * 3600, description="Hard time limit of one training job.")
     lease_s: int = Field(600, ge=5, description="How long a running job stays its worker's without a heartbeat.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good.")
+    reaper_interval_s: float = Field(15.0, gt=0, description="How often the API re-queues and re-dispatches jobs.")
+    dispatch_grace_s: float = Field(
+        60.0, gt=0, description="A queued job not taken within this time is dispatched again (lost messages)."
+    )
+    max_running_per_key: int = Field(2, ge=1, description="Jobs of one key that run at once; more wait queued.")
+    max_queued_per_key: int = Field(20, ge=1, description="Queued jobs one key may have; more are refused (429).")
+    rate_limit_per_minute: int = Field(600, ge=1, description="Requests per key and minute (429 beyond).")
+    idempotency_ttl_s: int = Field(24 * 3600, description="How long an Idempotency-Key maps to its job.")
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
 

@@ -48,3 +48,13 @@ class Conflict(DomainError):
 
 class ServiceUnavailable(DomainError):
     code = "service_unavailable"
+
+
+class TooManyRequests(DomainError):
+    """A per-key limit was hit; `retry_after_s` tells the client when to try again."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None) -> None:
+        super().__init__(message, code=code, details={"retry_after_s": retry_after_s})
+        self.retry_after_s = retry_after_s

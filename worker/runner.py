@@ -96,7 +96,13 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
     sessions, store = _sessions(), _store()
     worker_id = f"{worker_id}:{os.getpid()}"
     with sessions() as session:
-        attempt = service.claim_job(session=session, job_id=job_id, worker_id=worker_id, lease_s=settings.lease_s)
+        attempt = service.claim_job(
+            session=session,
+            job_id=job_id,
+            worker_id=worker_id,
+            lease_s=settings.lease_s,
+            max_running_per_key=settings.max_running_per_key,
+        )
     if attempt is None:
         logger.info("job %s: not claimable (running elsewhere or finished); message dropped", job_id)
         return

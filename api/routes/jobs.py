@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
@@ -33,7 +35,7 @@ from api.schemas import (
 from api.submission import ValidatedJob, validate_submission
 from api.uploads import UploadLimits, parse_multipart
 from core.config import Settings
-from core.errors import Conflict, ServiceUnavailable
+from core.errors import Conflict, ServiceUnavailable, TooManyRequests
 from core.jobs import service
 from core.jobs.models import Job
 from core.jobs.states import JobStatus
@@ -92,6 +94,27 @@ def to_public(job: Job, session: Session) -> JobPublic:
     )
 
 
+def _request_hash(validated: ValidatedJob) -> str:
+    """What makes two submissions the same request: the spec and every file's name and bytes."""
+    digest = hashlib.sha256(json.dumps(validated.spec.model_dump(mode="json"), sort_keys=True).encode())
+    for upload, _, _ in validated.images:
+        digest.update(f"\n{upload.safe_name}:{upload.digest.hexdigest()}".encode())
+    return digest.hexdigest()
+
+
+def _idempotent_replay(
+    session: Session, owner_id: uuid.UUID, key: str, request_hash: str, settings: Settings, response: Response
+) -> JobPublic | None:
+    job = service.find_idempotent_job(
+        session=session, owner_id=owner_id, key=key, request_hash=request_hash, ttl_s=settings.idempotency_ttl_s
+    )
+    if job is None:
+        return None
+    response.status_code = 200
+    response.headers["Idempotent-Replayed"] = "true"
+    return to_public(job, session)
+
+
 def _store_inputs(store: LocalStore | S3Store, job_id: uuid.UUID, validated: ValidatedJob) -> list[dict[str, Any]]:
     images = []
     for upload, ext, content_type in validated.images:
@@ -105,9 +128,25 @@ def _store_inputs(store: LocalStore | S3Store, job_id: uuid.UUID, validated: Val
     "", status_code=202, response_model=JobPublic, openapi_extra=MULTIPART_BODY, operation_id="jobs-create_job"
 )
 async def create_job(
-    request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep, store: StoreDep
+    request: Request,
+    response: Response,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200, pattern=r"^[\x21-\x7e]+$")] = None,
 ) -> JobPublic:
-    """Submits a training job: `images` (1 to 64 files) and `spec` (JSON) as multipart/form-data."""
+    """Submits a training job: `images` (1 to 64 files) and `spec` (JSON) as multipart/form-data.
+
+    With an `Idempotency-Key` header, repeating the same request within 24 hours returns the same job (200);
+    the same key with a different request answers 409.
+    """
+    if service.count_queued(session=session, owner_id=principal.id) >= settings.max_queued_per_key:
+        raise TooManyRequests(
+            f"this key already has {settings.max_queued_per_key} queued jobs", retry_after_s=60,
+            code="too_many_queued_jobs",
+        )  # fmt: skip
+    session.rollback()  # end the read transaction before the (long) upload
     limits = UploadLimits(
         max_files=settings.max_images,
         max_file_bytes=settings.max_file_bytes,
@@ -117,6 +156,11 @@ async def create_job(
     with tempfile.TemporaryDirectory(prefix="dopsd-upload-") as tmp:
         upload = await parse_multipart(request, Path(tmp), limits)
         validated = await run_in_threadpool(validate_submission, upload, settings.max_images)
+        request_hash = _request_hash(validated)
+        if idempotency_key:
+            replay = _idempotent_replay(session, principal.id, idempotency_key, request_hash, settings, response)
+            if replay is not None:
+                return replay
         job_id = uuid.uuid4()
         try:
             images = await run_in_threadpool(_store_inputs, store, job_id, validated)
@@ -130,7 +174,21 @@ async def create_job(
                 config=validated.config,
                 images=images,
             )
+            if idempotency_key:
+                service.record_idempotency(
+                    session=session, owner_id=principal.id, key=idempotency_key, request_hash=request_hash,
+                    job_id=job_id,
+                )  # fmt: skip
             session.commit()
+        except IntegrityError:
+            # A concurrent request with the same Idempotency-Key won the race: answer with its job.
+            session.rollback()
+            await run_in_threadpool(store.delete_prefix, job_prefix(job_id))
+            assert idempotency_key is not None
+            replay = _idempotent_replay(session, principal.id, idempotency_key, request_hash, settings, response)
+            if replay is None:
+                raise
+            return replay
         except BaseException:
             session.rollback()
             await run_in_threadpool(store.delete_prefix, job_prefix(job_id))

@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, Uuid
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, Uuid
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from core.db import Base, UTCDateTime
@@ -56,6 +56,8 @@ class Job(Base):
     # A running job belongs to its worker until this time; the worker renews it while it makes progress, and a
     # redelivered message may take over a job whose lease ran out (its worker died).
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # When a message for this job was last sent; the reaper sends again when a queued job waits too long.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float, default=None)
@@ -101,3 +103,17 @@ class JobArtifact(Base):
     content_type: Mapped[str] = mapped_column(String(100))
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class IdempotencyRecord(Base):
+    """An `Idempotency-Key` a client sent with a job submission, and the job it created."""
+
+    __tablename__ = "idempotency_record"
+    __table_args__ = (UniqueConstraint("owner_id", "key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_key.id"))
+    key: Mapped[str] = mapped_column(String(200))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

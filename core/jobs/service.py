@@ -12,11 +12,11 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from core.errors import Conflict, InvalidRequest, NotFound, Unauthorized
-from core.jobs.models import ApiKey, Job, JobArtifact, JobEvent, utcnow
+from core.jobs.models import ApiKey, IdempotencyRecord, Job, JobArtifact, JobEvent, utcnow
 from core.jobs.states import TERMINAL, JobStatus, can_transition
 from core.security import generate_api_key, hash_api_key
 
@@ -97,6 +97,7 @@ def create_job(
         images=images,
         status=JobStatus.QUEUED.value,
         total_steps=int(config.get("max_train_steps") or 0),
+        dispatched_at=utcnow(),  # the caller sends the message right after committing
     )
     session.add(job)
     session.flush()
@@ -209,20 +210,30 @@ def list_events(*, session: Session, job_id: uuid.UUID, after: int, limit: int) 
 # Jobs: the worker's side ------------------------------------------------------------------------------------------
 
 
-def claim_job(*, session: Session, job_id: uuid.UUID, worker_id: str, lease_s: int) -> int | None:
+def claim_job(
+    *, session: Session, job_id: uuid.UUID, worker_id: str, lease_s: int, max_running_per_key: int = 1_000_000
+) -> int | None:
     """Takes a job for this worker in one conditional UPDATE, and commits; returns the attempt number.
 
     A queued job is taken; so is a running one whose lease ran out (its worker died and the broker delivered the
-    message again). Anything else returns None: a duplicate delivery of a live or finished job does nothing.
+    message again). Anything else returns None: a duplicate delivery of a live or finished job does nothing, and a
+    job whose key already runs `max_running_per_key` jobs stays queued (the reaper offers it again later).
     """
     now = utcnow()
     claimable = or_(
         Job.status == JobStatus.QUEUED.value,
         and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now),
     )
+    other = aliased(Job)
+    running_of_owner = (
+        select(func.count())
+        .select_from(other)
+        .where(other.owner_id == Job.owner_id, other.status == JobStatus.RUNNING.value, other.id != Job.id)
+        .scalar_subquery()
+    )
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.deleted.is_(False), claimable)
+        .where(Job.id == job_id, Job.deleted.is_(False), claimable, running_of_owner < max_running_per_key)
         .values(
             status=JobStatus.RUNNING.value,
             attempt=Job.attempt + 1,
@@ -301,3 +312,102 @@ def mark_canceled(*, session: Session, job_id: uuid.UUID, step: int) -> Job:
         _transition(job, JobStatus.CANCELED)
         add_event(session=session, job_id=job_id, type="canceled", data={"step": step})
     return job
+
+
+# Recovery: what the periodic reaper does -------------------------------------------------------------------------
+
+
+def reap(
+    *, session: Session, max_attempts: int, dispatch_grace_s: float, idempotency_ttl_s: int
+) -> list[tuple[uuid.UUID, str]]:
+    """Recovers jobs from dead workers and lost messages; returns (job id, queue) pairs to dispatch again.
+
+    - A running job whose lease ran out (its worker died) goes back to `queued`, or fails with
+      `too_many_attempts` once it has been started `max_attempts` times.
+    - A queued job whose last message is older than `dispatch_grace_s` (the broker lost it, or its key was at its
+      running limit) is offered again; duplicates are harmless because claims are conditional.
+    Every change is a conditional UPDATE, so several reapers may run at once. The caller commits, then sends.
+    """
+    now = utcnow()
+    expired = and_(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+    failed = session.execute(
+        update(Job)
+        .where(expired, Job.attempt >= max_attempts)
+        .values(
+            status=JobStatus.FAILED.value,
+            finished_at=now,
+            error_code="too_many_attempts",
+            error_message=f"the job was started {max_attempts} times without finishing",
+        )
+        .returning(Job.id)
+    ).scalars()
+    for job_id in list(failed):
+        add_event(session=session, job_id=job_id, type="failed", data={"code": "too_many_attempts"})
+    requeued = session.execute(
+        update(Job)
+        .where(expired)
+        .values(status=JobStatus.QUEUED.value, worker_id=None, lease_expires_at=None, dispatched_at=now)
+        .returning(Job.id, Job.queue, Job.attempt)
+    ).all()
+    for job_id, _, attempt in requeued:
+        add_event(session=session, job_id=job_id, type="requeued", data={"after_attempt": attempt})
+    stale = session.execute(
+        update(Job)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.deleted.is_(False),
+            or_(Job.dispatched_at.is_(None), Job.dispatched_at < now - timedelta(seconds=dispatch_grace_s)),
+        )
+        .values(dispatched_at=now)
+        .returning(Job.id, Job.queue)
+    ).all()
+    session.execute(
+        delete(IdempotencyRecord).where(IdempotencyRecord.created_at < now - timedelta(seconds=idempotency_ttl_s))
+    )
+    return [(job_id, queue) for job_id, queue, _ in requeued] + [(job_id, queue) for job_id, queue in stale]
+
+
+# Limits and idempotency --------------------------------------------------------------------------------------------
+
+
+def count_queued(*, session: Session, owner_id: uuid.UUID) -> int:
+    """How many of a key's jobs wait in the queue."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.owner_id == owner_id, Job.status == JobStatus.QUEUED.value, Job.deleted.is_(False))
+        )
+        or 0
+    )
+
+
+def find_idempotent_job(
+    *, session: Session, owner_id: uuid.UUID, key: str, request_hash: str, ttl_s: int
+) -> Job | None:
+    """The job an earlier request with this `Idempotency-Key` created (within `ttl_s`), if any.
+
+    The same key with a different request is a `Conflict` (`idempotency_key_reused`).
+    """
+    record = session.scalar(
+        select(IdempotencyRecord).where(
+            IdempotencyRecord.owner_id == owner_id,
+            IdempotencyRecord.key == key,
+            IdempotencyRecord.created_at >= utcnow() - timedelta(seconds=ttl_s),
+        )
+    )
+    if record is None:
+        return None
+    if record.request_hash != request_hash:
+        raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_key_reused")
+    return session.get(Job, record.job_id)
+
+
+def record_idempotency(
+    *, session: Session, owner_id: uuid.UUID, key: str, request_hash: str, job_id: uuid.UUID
+) -> None:
+    """Remembers which job an `Idempotency-Key` created; an expired record of the same key is replaced."""
+    session.execute(
+        delete(IdempotencyRecord).where(IdempotencyRecord.owner_id == owner_id, IdempotencyRecord.key == key)
+    )
+    session.add(IdempotencyRecord(owner_id=owner_id, key=key, request_hash=request_hash, job_id=job_id))
