@@ -177,7 +177,7 @@ async def create_job(
             if idempotency_key:
                 service.record_idempotency(
                     session=session, owner_id=principal.id, key=idempotency_key, request_hash=request_hash,
-                    job_id=job_id,
+                    job_id=job_id, ttl_s=settings.idempotency_ttl_s,
                 )  # fmt: skip
             session.commit()
         except IntegrityError:

@@ -404,10 +404,18 @@ def find_idempotent_job(
 
 
 def record_idempotency(
-    *, session: Session, owner_id: uuid.UUID, key: str, request_hash: str, job_id: uuid.UUID
+    *, session: Session, owner_id: uuid.UUID, key: str, request_hash: str, job_id: uuid.UUID, ttl_s: int
 ) -> None:
-    """Remembers which job an `Idempotency-Key` created; an expired record of the same key is replaced."""
+    """Remembers which job an `Idempotency-Key` created; an expired record of the same key is replaced.
+
+    A live record is never touched: a concurrent request with the same key then fails on the unique constraint
+    at commit, and answers with the winner's job.
+    """
     session.execute(
-        delete(IdempotencyRecord).where(IdempotencyRecord.owner_id == owner_id, IdempotencyRecord.key == key)
+        delete(IdempotencyRecord).where(
+            IdempotencyRecord.owner_id == owner_id,
+            IdempotencyRecord.key == key,
+            IdempotencyRecord.created_at < utcnow() - timedelta(seconds=ttl_s),
+        )
     )
     session.add(IdempotencyRecord(owner_id=owner_id, key=key, request_hash=request_hash, job_id=job_id))

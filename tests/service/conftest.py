@@ -34,6 +34,13 @@ class Stack:
     env: dict[str, str]
     database_url: str
     logs: Path
+    worker: subprocess.Popen[bytes] | None = None
+
+    def restart_worker(self) -> None:
+        """Starts a fresh worker process (after a test killed the old one)."""
+        if self.worker is not None:
+            stack.stop(self.worker, timeout_s=5)
+        self.worker = stack.start_worker(self.env, self.logs / f"worker-{time.monotonic_ns()}.log")
 
     def create_key(self, name: str) -> str:
         """`dopsd keys create --name NAME`, as an operator runs it; returns the printed key."""
@@ -108,10 +115,20 @@ def prod_stack(database: str, s3: dict[str, str], tmp_path_factory: pytest.TempP
     )  # fmt: skip
     env["DOPSD_PROGRESS_INTERVAL_S"] = "0.2"
     env["DOPSD_MAX_FILE_BYTES"] = str(2 * 1024 * 1024)
+    # Short recovery clocks, so the fault tests see a dead worker's job come back within seconds.
+    env.update(
+        DOPSD_LEASE_S="5",
+        DOPSD_REAPER_INTERVAL_S="1",
+        DOPSD_DISPATCH_GRACE_S="8",
+        DOPSD_MAX_QUEUED_PER_KEY="6",
+        DOPSD_RATE_LIMIT_PER_MINUTE="1000",
+    )
     api = stack.start_api(env, port, logs / "api.log")
-    worker = stack.start_worker(env, logs / "worker.log")
-    yield Stack(f"http://127.0.0.1:{port}", env, database, logs)
-    stack.stop(worker)
+    running = Stack(f"http://127.0.0.1:{port}", env, database, logs)
+    running.restart_worker()
+    yield running
+    if running.worker is not None:
+        stack.stop(running.worker)
     stack.stop(api)
 
 

@@ -1,0 +1,141 @@
+"""Faults survived, on the real stack: a worker killed mid-training, a broker that lost its messages, repeated and
+concurrent submissions, and per-key limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import psutil
+import pytest
+import redis
+
+from tests.service.conftest import REDIS_DB, Stack, example_files, quick_spec, wait_for_status
+
+
+def wait_for_step(client: Any, job_id: str, step: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        progress = client.get(f"/v1/jobs/{job_id}").json()["progress"]
+        if progress and progress["step"] >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} never reached step {step}")
+
+
+def events_of(client: Any, job_id: str) -> list[dict[str, Any]]:
+    return list(client.get(f"/v1/jobs/{job_id}/events", params={"limit": 500}).json()["data"])
+
+
+@pytest.mark.parametrize("victim", ["pool child", "whole worker"])
+def test_a_killed_worker_resumes_from_its_checkpoint_and_finishes_once(prod_stack: Stack, victim: str) -> None:
+    key = prod_stack.create_key(f"kill-{victim}")
+    with prod_stack.client(key) as client:
+        spec = quick_spec(steps=100, checkpointing_steps=20)
+        job = client.post("/v1/jobs", files=example_files(2), data={"spec": json.dumps(spec)}).json()
+        wait_for_step(client, job["id"], 45)  # two checkpoints are in object storage by now
+        assert prod_stack.worker is not None
+        if victim == "pool child":
+            children = psutil.Process(prod_stack.worker.pid).children(recursive=True)
+            assert children, "prefork worker without a pool child"
+            for child in children:
+                os.kill(child.pid, signal.SIGKILL)
+        else:
+            os.killpg(prod_stack.worker.pid, signal.SIGKILL)
+            prod_stack.worker.wait()
+            prod_stack.restart_worker()
+        done = wait_for_status(client, job["id"], {"succeeded", "failed", "canceled"}, timeout_s=180)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempt"] == 2 and done["progress"]["step"] == 100
+        events = events_of(client, job["id"])
+        assert "requeued" in [e["type"] for e in events]
+        loads = [e["data"] for e in events if e["type"] == "model_loaded"]
+        assert loads[0]["resumed_from_step"] is None and loads[-1]["resumed_from_step"] >= 40
+        assert [e["type"] for e in events].count("succeeded") == 1
+    outputs = prod_stack.s3_keys(f"jobs/{job['id']}/outputs/")
+    assert [k for k in outputs if k.endswith(".safetensors")] == [
+        f"jobs/{job['id']}/outputs/pytorch_lora_weights.safetensors"
+    ]
+
+
+def test_jobs_queued_when_the_broker_lost_its_messages_still_run(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("flush")
+    with prod_stack.client(key) as client:
+        busy = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=5000))})
+        busy_id = busy.json()["id"]
+        wait_for_status(client, busy_id, {"running"})
+        waiting = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=2))})
+        waiting_id = waiting.json()["id"]
+        redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()  # the broker forgets every message
+        client.post(f"/v1/jobs/{busy_id}/cancel")
+        wait_for_status(client, busy_id, {"canceled"}, timeout_s=60)
+        done = wait_for_status(client, waiting_id, {"succeeded", "failed"}, timeout_s=90)
+        assert done["status"] == "succeeded"
+
+
+def test_idempotency_key_returns_the_same_job(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("idem")
+    files = example_files(1)
+    spec = json.dumps(quick_spec(steps=1))
+    with prod_stack.client(key) as client:
+        first = client.post("/v1/jobs", files=files, data={"spec": spec}, headers={"Idempotency-Key": "order-1"})
+        again = client.post("/v1/jobs", files=files, data={"spec": spec}, headers={"Idempotency-Key": "order-1"})
+        assert first.status_code == 202 and again.status_code == 200
+        assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == first.json()["id"]
+        other = json.dumps(quick_spec(steps=2))
+        conflict = client.post("/v1/jobs", files=files, data={"spec": other}, headers={"Idempotency-Key": "order-1"})
+        assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_key_reused"
+
+        results: list[str] = []
+
+        def submit() -> None:
+            with prod_stack.client(key) as c:
+                r = c.post("/v1/jobs", files=files, data={"spec": spec}, headers={"Idempotency-Key": "order-2"})
+                results.append(r.json()["id"])
+
+        threads = [threading.Thread(target=submit) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 4 and len(set(results)) == 1
+        ids = {j["id"] for j in client.get("/v1/jobs", params={"limit": 100}).json()["data"]}
+        assert len(ids) == 2  # order-1 and order-2, nothing else
+
+
+def test_a_key_may_queue_only_so_many_jobs(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("queue-limit")
+    with prod_stack.client(key) as client:
+        busy = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=5000))})
+        wait_for_status(client, busy.json()["id"], {"running"})
+        spec = json.dumps(quick_spec(steps=1))
+        queued = [client.post("/v1/jobs", files=example_files(1), data={"spec": spec}) for _ in range(6)]
+        assert all(r.status_code == 202 for r in queued)
+        refused = client.post("/v1/jobs", files=example_files(1), data={"spec": spec})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_queued_jobs"
+        assert int(refused.headers["retry-after"]) > 0
+        for r in [busy, *queued]:
+            client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+        wait_for_status(client, busy.json()["id"], {"canceled"}, timeout_s=60)
+
+
+def test_requests_over_the_rate_limit_get_429_with_retry_after(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("rate")
+    with prod_stack.client(key) as client:
+        # 1000 a minute with bursts of 1000: the bucket empties after about 1000 quick requests (a bounded loop).
+        limited = None
+        for sent in range(1, 3001):
+            response = client.get("/v1/presets")
+            if response.status_code == 429:
+                limited = response
+                break
+        assert limited is not None, "no request was limited"
+        assert sent >= 1000
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert int(limited.headers["retry-after"]) >= 1
+    with prod_stack.client(prod_stack.create_key("other")) as other:
+        assert other.get("/v1/presets").status_code == 200  # limits are per key
