@@ -1,0 +1,116 @@
+"""Bounded load test of the API on loopback: concurrent clients poll job status and list jobs while jobs are
+submitted and trained. Prints one JSON line: requests per second, p50/p99 latency, error count.
+
+`python bench/load.py --url http://127.0.0.1:8000 --key KEY [--clients 50] [--seconds 60] [--jobs 3]` against a
+running stack (`make stack`); the test suite runs the short mode (8 clients, 5 s) against its own stack.
+Traffic goes to loopback only, is bounded in time, and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "concept" / "robot-1.png"
+
+
+def run_load(
+    url: str, keys: list[str], *, clients: int, seconds: float, jobs: int, interval_s: float = 0.0
+) -> dict[str, Any]:
+    """Runs the load and returns the measured figures.
+
+    Client `n` uses `keys[n % len(keys)]` (per-key rate limits apply, as for real users) and waits `interval_s`
+    between its requests (0: as fast as the API answers).
+    """
+    image = EXAMPLE.read_bytes()
+    submitted: dict[str, list[str]] = {}
+    for key in keys:  # each key submits its own jobs: a key sees only its own
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+            for _ in range(jobs):
+                spec = {"preset": "tiny-z-image", "steps": 5, "validation_prompts": ["[V]"], "sample_seeds": [0]}
+                files = [("images", ("a.png", image, "image/png"))]
+                r = client.post("/v1/jobs", files=files, data={"spec": json.dumps(spec)})
+                r.raise_for_status()
+                submitted.setdefault(key, []).append(r.json()["id"])
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client_loop(index: int) -> None:
+        own: list[float] = []
+        own_errors: list[str] = []
+        key = keys[index % len(keys)]
+        own_jobs = submitted[key]
+        own_headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=url, headers=own_headers, timeout=30) as c:
+            i = 0
+            while time.monotonic() < deadline:
+                path = f"/v1/jobs/{own_jobs[i % len(own_jobs)]}" if i % 2 else "/v1/jobs?limit=20"
+                start = time.perf_counter()
+                try:
+                    r = c.get(path)
+                    if r.status_code != 200:
+                        own_errors.append(str(r.status_code))
+                except httpx.HTTPError as exc:
+                    own_errors.append(type(exc).__name__)
+                own.append(time.perf_counter() - start)
+                i += 1
+                if interval_s:
+                    time.sleep(interval_s)
+        with lock:
+            latencies.extend(own)
+            errors.extend(own_errors)
+
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "bench": "load",
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "requests": len(latencies),
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(1000 * statistics.median(latencies), 2),
+        "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors)),
+        "jobs_submitted": sum(len(v) for v in submitted.values()),
+        "keys": len(keys),
+        "interval_s": interval_s,
+    }
+
+
+def main() -> None:
+    """Command line: against a running API, or a stack it starts itself."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--key", action="append", help="API key; repeat to spread clients over several keys")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds each client waits between requests")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--jobs", type=int, default=1, help="jobs each key submits before the polling starts")
+    args = parser.parse_args()
+    if not args.key:
+        parser.error("--key is required (dopsd keys create --name load)")
+    result = run_load(
+        args.url, args.key, clients=args.clients, seconds=args.seconds, jobs=args.jobs, interval_s=args.interval
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
