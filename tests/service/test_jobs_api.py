@@ -264,3 +264,88 @@ def test_malformed_requests_are_client_errors(prod_stack: Stack) -> None:
         assert client.get(f"/v1/jobs/{job_id}/events", params={"after": 2**70}).status_code == 422
         spec = json.dumps(quick_spec(sample_seeds=[2**70]))
         assert client.post("/v1/jobs", files=example_files(1), data={"spec": spec}).status_code == 422
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+HOSTILE: list[tuple[str, bytes, int, str]] = [
+    (
+        "drawing.svg",
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect/></svg>',
+        422,
+        "not_an_image",
+    ),
+    ("bomb.png", _encoded(Image.new("1", (12000, 12000)), "PNG"), 422, "decompression_bomb"),
+    ("anim.gif", _encoded(Image.new("RGB", (64, 64), "red"), "GIF"), 422, "unsupported_format"),
+    ("garbage.jpg", b"\xff\xd8\xff\xe0" + b"\x00" * 500, 422, "not_an_image"),
+]
+
+
+@pytest.mark.parametrize(("name", "payload", "status", "code"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_images_are_refused_and_leave_nothing(
+    prod_stack: Stack, name: str, payload: bytes, status: int, code: str
+) -> None:
+    key = prod_stack.create_key(f"hostile-{code}")
+    before = prod_stack.s3_keys()
+    with prod_stack.client(key) as client:
+        r = client.post("/v1/jobs", files=[("images", (name, payload, "image/png"))], data={"spec": "{}"})
+        assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+        assert client.get("/v1/jobs").json()["data"] == []
+        assert client.get("/healthz").status_code == 200
+    assert prod_stack.s3_keys() == before
+
+
+def test_sixteen_bit_and_cmyk_images_are_accepted(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("modes")
+    sixteen = _encoded(Image.new("I;16", (64, 64), 30000), "PNG")
+    cmyk = _encoded(Image.new("CMYK", (64, 64), (0, 128, 255, 0)), "JPEG")
+    files = [("images", ("deep.png", sixteen, "image/png")), ("images", ("print.jpg", cmyk, "image/jpeg"))]
+    with prod_stack.client(key) as client:
+        r = client.post("/v1/jobs", files=files, data={"spec": json.dumps(quick_spec())})
+        assert r.status_code == 202, r.text
+        assert [i["name"] for i in r.json()["images"]] == ["deep.png", "print.jpg"]
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+
+
+def test_oversized_bodies_and_specs_are_refused_while_streaming(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("oversized")
+    with prod_stack.client(key) as client:
+        spec = json.dumps({"validation_prompts": ["x" * 70_000]})
+        r = client.post("/v1/jobs", files=[("images", ("a.png", png_bytes(), "image/png"))], data={"spec": spec})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "field_too_large"
+
+        def endless() -> Any:  # a chunked body with no Content-Length, larger than the total limit
+            yield b'--B\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n'
+            for _ in range(64):
+                yield b"\0" * (1024 * 1024)
+
+        r = client.post(
+            "/v1/jobs", content=endless(), headers={"Content-Type": "multipart/form-data; boundary=B"}, timeout=60
+        )
+        assert r.status_code == 413 and r.json()["error"]["code"] in ("file_too_large", "request_too_large")
+        raw = (
+            b'--B\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{}\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="images"; filename="\xff\xfe\xe9t\xe9.png"\r\n\r\n'
+            + png_bytes() + b"\r\n--B--\r\n"
+        )  # fmt: skip
+        r = client.post("/v1/jobs", content=raw, headers={"Content-Type": "multipart/form-data; boundary=B"})
+        assert r.status_code == 202, r.text  # a name that is not UTF-8 is replaced, never used as a path
+        name = r.json()["images"][0]["name"]
+        assert name.endswith(".png") and "/" not in name
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel")
+
+
+def test_no_secret_reaches_the_logs(prod_stack: Stack) -> None:
+    key = prod_stack.create_key("secret-check")
+    with prod_stack.client(key) as client:
+        client.get("/v1/jobs")
+        client.get("/v1/jobs", headers={"Authorization": "Bearer dopsd_wrong-key-value"})
+    secrets_ = [key, "dopsd_wrong-key-value", prod_stack.env["DOPSD_S3_SECRET_ACCESS_KEY"]]
+    for log in prod_stack.logs.glob("*.log"):
+        text = log.read_text(errors="replace")
+        for secret in secrets_:
+            assert secret not in text, f"{secret[:8]}... found in {log.name}"
