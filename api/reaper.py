@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from core.db import session_scope
 from core.jobs import service
 from core.queue import enqueue_training
+from core.storage import job_prefix
 
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,22 @@ def reap_once(app: FastAPI) -> int:
             logger.warning("reaper: cannot dispatch job %s: %s", job_id, type(exc).__name__)
     if to_send:
         logger.info("reaper: dispatched %d job(s)", len(to_send))
+    if settings.retention_days > 0:
+        purge_expired(app)
     return len(to_send)
+
+
+def purge_expired(app: FastAPI) -> int:
+    """Deletes the stored objects of jobs finished longer ago than the retention period, then hides the jobs."""
+    with session_scope(app.state.sessionmaker) as session:
+        expired = service.jobs_past_retention(session=session, older_than_days=app.state.settings.retention_days)
+    for job_id in expired:
+        app.state.store.delete_prefix(job_prefix(job_id))  # objects first: a failure is retried next pass
+        with session_scope(app.state.sessionmaker) as session:
+            service.purge_job(session=session, job_id=job_id)
+    if expired:
+        logger.info("retention: purged %d job(s)", len(expired))
+    return len(expired)
 
 
 async def reaper_loop(app: FastAPI) -> None:

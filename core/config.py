@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     max_queued_per_key: int = Field(20, ge=1, description="Queued jobs one key may have; more are refused (429).")
     rate_limit_per_minute: int = Field(600, ge=1, description="Requests per key and minute (429 beyond).")
     idempotency_ttl_s: int = Field(24 * 3600, description="How long an Idempotency-Key maps to its job.")
+    retention_days: float = Field(
+        30, ge=0, description="Finished jobs' images, checkpoints and artifacts are deleted after this (0: keep)."
+    )
+    storage_retry_attempts: int = Field(8, ge=1, description="Tries of a storage transfer (exponential backoff).")
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
 

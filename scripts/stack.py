@@ -102,9 +102,12 @@ def drop_database(name: str) -> None:
 
 
 def start_seaweedfs(
-    data_dir: Path, *, access_key: str, secret_key: str, log: Path
+    data_dir: Path, *, access_key: str, secret_key: str, log: Path, ports: dict[str, int] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """A real S3 server (SeaweedFS from PyPI) on loopback with one identity; returns it and its endpoint URL."""
+    """A real S3 server (SeaweedFS from PyPI) on loopback with one identity; returns it and its endpoint URL.
+
+    Pass the `ports` of an earlier start (see `seaweedfs_ports`) to bring the same server back on its data.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
     config.write_text(
@@ -120,7 +123,8 @@ def start_seaweedfs(
             }
         )
     )
-    ports = {name: free_port(span=10000) for name in ("master", "volume", "filer", "s3")}
+    ports = ports or {name: free_port(span=10000) for name in ("master", "volume", "filer", "s3")}
+    (data_dir / "ports.json").write_text(json.dumps(ports))
     weed = Path(sys.executable).parent / "weed"
     command = [
         str(weed) if weed.exists() else "weed", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -131,6 +135,12 @@ def start_seaweedfs(
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     wait_until(lambda: _s3_ready(endpoint, access_key, secret_key), "SeaweedFS S3", timeout_s=90)
     return process, endpoint
+
+
+def seaweedfs_ports(data_dir: Path) -> dict[str, int]:
+    """The ports a SeaweedFS server on `data_dir` was started with."""
+    ports: dict[str, int] = json.loads((data_dir / "ports.json").read_text())
+    return ports
 
 
 def _s3_ready(endpoint: str, access_key: str, secret_key: str) -> bool:

@@ -4,8 +4,11 @@ step, checkpoints and samples announced (checkpoints copied to object storage)."
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +17,7 @@ from core.db import session_scope
 from core.jobs import service
 from core.storage import checkpoint_prefix
 from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
+from worker.dbretry import retry_db
 from worker.uploads import upload_tree
 
 
@@ -44,53 +48,82 @@ class JobReporter(TrainerCallback):
 
     def renew_lease(self) -> bool:
         """Heartbeat: keeps the job this worker's; False (and `lease_lost`) once another worker took it over."""
-        with session_scope(self.sessions) as session:
-            ok = service.renew_lease(
-                session=session, job_id=self.job_id, worker_id=self.worker_id, lease_s=self.lease_s
-            )
+
+        def renew() -> bool:
+            with session_scope(self.sessions) as session:
+                return service.renew_lease(
+                    session=session, job_id=self.job_id, worker_id=self.worker_id, lease_s=self.lease_s
+                )
+
+        ok = retry_db(renew, what=f"job {self.job_id} heartbeat")
         if not ok:
             self.lease_lost = True
             logger.warning("job %s: lease lost; stopping without touching the job", self.job_id)
         return ok
 
+    def _event(self, type_: str, data: dict[str, object]) -> None:
+        def write() -> None:
+            with session_scope(self.sessions) as session:
+                service.add_event(session=session, job_id=self.job_id, type=type_, data=data)
+
+        retry_db(write, what=f"job {self.job_id} {type_} event")
+
+    @contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Renews the lease every third of its length while the block runs (loading, caching features, sampling,
+        uploading with retries all take time between training steps)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.lease_s / 3):
+                try:
+                    if not self.renew_lease():
+                        return
+                except Exception:  # a failed beat is retried at the next one; the lease covers two misses
+                    logger.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{self.job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
     def on_train_begin(self, total_steps: int, start_step: int) -> None:
-        with session_scope(self.sessions) as session:
-            service.add_event(
-                session=session,
-                job_id=self.job_id,
-                type="training",
-                data={"total_steps": total_steps, "start_step": start_step},
-            )
+        self._event("training", {"total_steps": total_steps, "start_step": start_step})
 
     def on_step_end(self, state: StepState) -> TrainerControl:
         now = time.monotonic()
         write = now - self._last_write >= self.interval_s or state.step == state.total_steps
         if write and not self.renew_lease():
             return TrainerControl(should_stop=True)
-        with session_scope(self.sessions) as session:
-            if write:
-                self._last_write = now
-                stop = service.record_progress(
-                    session=session,
-                    job_id=self.job_id,
-                    step=state.step,
-                    total_steps=state.total_steps,
-                    loss=state.loss,
-                    eta_s=state.eta_s,
-                )
-            else:
+
+        def report() -> bool:
+            with session_scope(self.sessions) as session:
+                if write:
+                    return service.record_progress(
+                        session=session,
+                        job_id=self.job_id,
+                        step=state.step,
+                        total_steps=state.total_steps,
+                        loss=state.loss,
+                        eta_s=state.eta_s,
+                    )
                 # Between progress writes, still look for a cancel every step (one indexed read).
-                stop = service.cancel_requested(session=session, job_id=self.job_id)
+                return service.cancel_requested(session=session, job_id=self.job_id)
+
+        stop = retry_db(report, what=f"job {self.job_id} progress")
+        if write:
+            self._last_write = now
         return TrainerControl(should_stop=stop)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         prefix = f"{checkpoint_prefix(self.job_id)}{path.name}/"
         upload_tree(self.store, path, prefix)
-        with session_scope(self.sessions) as session:
-            service.add_event(session=session, job_id=self.job_id, type="checkpoint", data={"step": step})
+        self._event("checkpoint", {"step": step})
+        self.renew_lease()
 
     def on_samples(self, step: int, paths: list[Path]) -> None:
-        with session_scope(self.sessions) as session:
-            service.add_event(
-                session=session, job_id=self.job_id, type="sample", data={"step": step, "images": len(paths)}
-            )
+        self._event("sample", {"step": step, "images": len(paths)})
+        self.renew_lease()

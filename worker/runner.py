@@ -119,7 +119,7 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
         lease_s=settings.lease_s,
     )
     try:
-        with tempfile.TemporaryDirectory(prefix=f"dopsd-job-{job_id}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"dopsd-job-{job_id}-") as tmp, reporter.heartbeat():
             _run_claimed(job_id, Path(tmp), sessions, store, reporter)
     except TrainingCancelled as exc:
         if reporter.lease_lost:
@@ -184,8 +184,11 @@ def _run_claimed(
     artifacts = [{**r, "kind": _artifact_kind(r["name"])} for r in records]
     gap = result.metrics["teacher_student_gap"]
     with session_scope(sessions) as session:
-        job_now = session.get_one(Job, job_id)
+        job_now = session.get_one(Job, job_id, with_for_update=True)
         if job_now.deleted:
+            raise TrainingCancelled(result.metrics["steps"])
+        if job_now.worker_id != reporter.worker_id or job_now.status != "running":
+            reporter.lease_lost = True  # the job was handed to another worker meanwhile: it finishes it
             raise TrainingCancelled(result.metrics["steps"])
         service.finish_job(
             session=session,

@@ -17,8 +17,12 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def with_retries(action: Callable[[], T], *, what: str, attempts: int = 5, first_delay_s: float = 0.5) -> T:
+def with_retries(action: Callable[[], T], *, what: str, attempts: int | None = None, first_delay_s: float = 0.5) -> T:
     """Runs `action`, retrying `ServiceUnavailable` with exponential backoff."""
+    if attempts is None:
+        from core.config import get_settings
+
+        attempts = get_settings().storage_retry_attempts
     delay = first_delay_s
     for attempt in range(1, attempts + 1):
         try:

@@ -367,6 +367,24 @@ def reap(
     return [(job_id, queue) for job_id, queue, _ in requeued] + [(job_id, queue) for job_id, queue in stale]
 
 
+def jobs_past_retention(*, session: Session, older_than_days: float, limit: int = 100) -> list[uuid.UUID]:
+    """Finished, not yet deleted jobs whose data is older than the retention period."""
+    cutoff = utcnow() - timedelta(days=older_than_days)
+    query = (
+        select(Job.id)
+        .where(Job.deleted.is_(False), Job.status.in_([s.value for s in TERMINAL]), Job.finished_at < cutoff)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def purge_job(*, session: Session, job_id: uuid.UUID) -> None:
+    """Marks a job whose stored objects were deleted by retention (it then answers 404)."""
+    job = session.get_one(Job, job_id)
+    job.deleted = True
+    add_event(session=session, job_id=job_id, type="purged", data={"reason": "retention"})
+
+
 # Limits and idempotency --------------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from api.commands import migrate
 from scripts import stack
+from tests.service.tcpproxy import TcpProxy
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,15 +76,25 @@ def services() -> None:
 
 
 @pytest.fixture(scope="session")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A SeaweedFS S3 server with one identity."""
+def s3_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TcpProxy]:
+    """A SeaweedFS S3 server behind a proxy that a test can switch off (an outage) and on again."""
     folder = tmp_path_factory.mktemp("seaweedfs")
     access, secret = "dopsd-test", secrets.token_urlsafe(16)
     process, endpoint = stack.start_seaweedfs(
         folder / "data", access_key=access, secret_key=secret, log=folder / "log"
     )
-    yield {"endpoint": endpoint, "access_key": access, "secret_key": secret}
+    proxy = TcpProxy(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+    proxy.credentials = (access, secret)  # type: ignore[attr-defined]
+    yield proxy
+    proxy.down()
     stack.stop(process)
+
+
+@pytest.fixture(scope="session")
+def s3(s3_proxy: TcpProxy) -> dict[str, str]:
+    """Where the S3 server is (through the proxy) and how to sign in."""
+    access, secret = s3_proxy.credentials  # type: ignore[attr-defined]
+    return {"endpoint": f"http://127.0.0.1:{s3_proxy.port}", "access_key": access, "secret_key": secret}
 
 
 @pytest.fixture(scope="session")

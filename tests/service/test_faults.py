@@ -139,3 +139,45 @@ def test_requests_over_the_rate_limit_get_429_with_retry_after(prod_stack: Stack
         assert int(limited.headers["retry-after"]) >= 1
     with prod_stack.client(prod_stack.create_key("other")) as other:
         assert other.get("/v1/presets").status_code == 200  # limits are per key
+
+
+def test_retention_deletes_old_jobs_data(prod_stack: Stack) -> None:
+    from sqlalchemy import create_engine, text
+
+    key = prod_stack.create_key("retention")
+    with prod_stack.client(key) as client:
+        job = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=1))}).json()
+        wait_for_status(client, job["id"], {"succeeded"})
+        assert prod_stack.s3_keys(f"jobs/{job['id']}/")
+        engine = create_engine(prod_stack.database_url)
+        with engine.begin() as conn:  # as if it had finished 40 days ago (the default retention is 30 days)
+            conn.execute(
+                text("UPDATE job SET finished_at = now() - interval '40 days' WHERE id = :id"), {"id": job["id"]}
+            )
+        engine.dispose()
+        deadline = time.monotonic() + 20
+        while client.get(f"/v1/jobs/{job['id']}").status_code != 404 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert prod_stack.s3_keys(f"jobs/{job['id']}/") == []
+
+
+def test_a_storage_outage_during_upload_is_retried(prod_stack: Stack, s3_proxy: Any) -> None:
+    key = prod_stack.create_key("outage")
+    with prod_stack.client(key) as client:
+        job = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=60))}).json()
+        wait_for_step(client, job["id"], 55)
+        s3_proxy.down()  # storage vanishes while the worker finishes and uploads its artifacts
+        try:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["storage"] != "ok"
+            time.sleep(6)
+        finally:
+            s3_proxy.up()
+        done = wait_for_status(client, job["id"], {"succeeded", "failed"}, timeout_s=150)
+        assert done["status"] == "succeeded", done["error"]
+        assert client.get("/readyz").status_code == 200
+        redirect = client.get(f"/v1/jobs/{job['id']}/adapter", follow_redirects=False)
+        import httpx
+
+        assert httpx.get(redirect.headers["location"]).status_code == 200
