@@ -181,3 +181,44 @@ def test_a_storage_outage_during_upload_is_retried(prod_stack: Stack, s3_proxy: 
         import httpx
 
         assert httpx.get(redirect.headers["location"]).status_code == 200
+
+
+def test_a_presigned_url_grants_one_object_for_a_short_time(prod_stack: Stack) -> None:
+    import httpx
+
+    key = prod_stack.create_key("presigned")
+    with prod_stack.client(key) as client:
+        job = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=1))}).json()
+        wait_for_status(client, job["id"], {"succeeded"})
+        url = client.get(f"/v1/jobs/{job['id']}/adapter", follow_redirects=False).headers["location"]
+    assert httpx.get(url).status_code == 200
+    # The signature covers the key: pointing the same URL at another object of the job is refused.
+    other = url.replace("pytorch_lora_weights.safetensors", "config.json")
+    assert httpx.get(other).status_code == 403
+    # And the expiry: a URL signed to live 1 second is refused after it.
+    import boto3
+    from botocore.config import Config
+
+    s3 = boto3.client(
+        "s3", endpoint_url=prod_stack.env["DOPSD_S3_ENDPOINT_URL"], region_name="us-east-1",
+        aws_access_key_id=prod_stack.env["DOPSD_S3_ACCESS_KEY_ID"],
+        aws_secret_access_key=prod_stack.env["DOPSD_S3_SECRET_ACCESS_KEY"],
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"),
+    )  # fmt: skip
+    short = s3.generate_presigned_url(
+        "get_object",
+        Params={"Bucket": prod_stack.env["DOPSD_S3_BUCKET"], "Key": f"jobs/{job['id']}/outputs/config.json"},
+        ExpiresIn=1,
+    )
+    time.sleep(2.5)
+    assert httpx.get(short).status_code == 403
+
+
+def test_a_worker_runs_one_job_at_a_time() -> None:
+    """The delivery settings that keep one GPU to one job, and a job to one GPU."""
+    from worker.celery_app import app
+
+    conf = app.conf
+    assert conf.worker_concurrency == 1 and conf.worker_prefetch_multiplier == 1
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
