@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,11 +130,17 @@ def start_seaweedfs(
     command = [
         str(weed) if weed.exists() else "weed", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.config={config}", "-master.volumeSizeLimitMB=256",
+        "-s3", f"-s3.port={ports['s3']}", f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+        # Its Iceberg and Lance listeners default to fixed ports (8181, 9101): off, so several servers can coexist.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    wait_until(lambda: _s3_ready(endpoint, access_key, secret_key), "SeaweedFS S3", timeout_s=90)
+    try:
+        wait_until(lambda: _s3_ready(endpoint, access_key, secret_key), "SeaweedFS S3", timeout_s=90)
+    except BaseException:
+        stop(process)  # never leave a half-started server holding the ports
+        raise
     return process, endpoint
 
 
@@ -237,17 +244,26 @@ def up() -> None:
         sys.exit("the stack is already up (make stack-down first)")
     ensure_postgres_and_redis()
     access_key, secret_key = "dopsd", secrets.token_urlsafe(24)
+    # Each `up` is a fresh stack: SeaweedFS does not come back reliably on an old data folder here, and the
+    # database must not point at objects that are gone, so both start empty.
+    shutil.rmtree(STATE / "s3", ignore_errors=True)
     weed, endpoint = start_seaweedfs(STATE / "s3", access_key=access_key, secret_key=secret_key, log=STATE / "s3.log")
-    database_url = create_database("dopsd")
+    database_url = create_database("dopsd", recreate=True)
     env = stack_env(
         database_url=database_url, broker_url="redis://127.0.0.1:6379/0", s3_endpoint=endpoint,
         access_key=access_key, secret_key=secret_key, public_url="http://127.0.0.1:8000",
     )  # fmt: skip
     env["DOPSD_SIGNING_KEY"] = secrets.token_urlsafe(32)
-    migrate(database_url)
-    api = start_api(env, 8000, STATE / "api.log")
-    worker = start_worker(env, STATE / "worker.log")
-    (STATE / "pids.json").write_text(json.dumps({"s3": weed.pid, "api": api.pid, "worker": worker.pid}))
+    started: dict[str, int] = {"s3": weed.pid}
+    try:
+        migrate(database_url)
+        started["api"] = start_api(env, 8000, STATE / "api.log").pid
+        started["worker"] = start_worker(env, STATE / "worker.log").pid
+    except BaseException:
+        for pid in started.values():
+            stop(pid)
+        raise
+    (STATE / "pids.json").write_text(json.dumps(started))
     exported = {k: v for k, v in env.items() if k.startswith("DOPSD_")}
     (STATE / "env").write_text("".join(f"export {k}={v}\n" for k, v in exported.items()))
     print("stack up: API http://127.0.0.1:8000 (docs at /docs), worker, PostgreSQL db `dopsd`, Redis db 0,")
