@@ -222,3 +222,25 @@ def test_a_worker_runs_one_job_at_a_time() -> None:
     assert conf.worker_concurrency == 1 and conf.worker_prefetch_multiplier == 1
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
+
+
+def test_a_permanent_error_fails_at_once_without_retries(prod_stack: Stack) -> None:
+    """An input that went bad in storage is the user's data problem: `bad_input` on the first attempt."""
+    import boto3
+
+    key = prod_stack.create_key("permanent")
+    with prod_stack.client(key) as client:
+        busy = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=5000))})
+        wait_for_status(client, busy.json()["id"], {"running"})
+        job = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=2))}).json()
+        s3 = boto3.client(
+            "s3", endpoint_url=prod_stack.env["DOPSD_S3_ENDPOINT_URL"], region_name="us-east-1",
+            aws_access_key_id=prod_stack.env["DOPSD_S3_ACCESS_KEY_ID"],
+            aws_secret_access_key=prod_stack.env["DOPSD_S3_SECRET_ACCESS_KEY"],
+        )  # fmt: skip
+        (input_key,) = prod_stack.s3_keys(f"jobs/{job['id']}/inputs/")
+        s3.put_object(Bucket=prod_stack.env["DOPSD_S3_BUCKET"], Key=input_key, Body=b"\x89PNG\r\n\x1a\ncorrupt")
+        client.post(f"/v1/jobs/{busy.json()['id']}/cancel")
+        done = wait_for_status(client, job["id"], {"succeeded", "failed"}, timeout_s=90)
+        assert done["status"] == "failed" and done["error"]["code"] == "bad_input"
+        assert done["attempt"] == 1 and "robot-1.png" in done["error"]["message"]
