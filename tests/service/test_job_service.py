@@ -78,3 +78,43 @@ def test_a_forged_cursor_is_a_client_error(sessions: sessionmaker[Session]) -> N
         for cursor in ("not-base64!", "WyIyMDI0LTAxLTAxIiwgMTIzXQ", "e30"):
             with pytest.raises(InvalidRequest):
                 service.list_jobs(session=s, owner_id=owner.id, status=None, limit=10, cursor=cursor)
+
+
+def test_a_key_at_its_running_limit_waits_in_the_queue(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        owner, _ = service.create_api_key(session=s, name="limits")
+        ids = []
+        for _ in range(3):
+            job = service.create_job(
+                session=s, job_id=uuid.uuid4(), owner_id=owner.id, preset="tiny-z-image", queue="train.z_image",
+                spec={}, config={}, images=[],
+            )  # fmt: skip
+            ids.append(job.id)
+        s.commit()
+    with sessions() as s:
+        claims = [
+            service.claim_job(session=s, job_id=i, worker_id=f"gpu-{n}", lease_s=600, max_running_per_key=2)
+            for n, i in enumerate(ids)
+        ]
+    assert claims == [1, 1, None]
+    with sessions() as s:
+        assert s.get_one(Job, ids[2]).status == "queued"  # not rejected: it runs when a slot frees
+
+
+def test_the_reaper_requeues_dead_workers_jobs_and_fails_them_after_max_attempts(
+    sessions: sessionmaker[Session],
+) -> None:
+    job_id = new_job(sessions)
+    for attempt in (1, 2):
+        with sessions() as s:
+            assert service.claim_job(session=s, job_id=job_id, worker_id=f"w{attempt}", lease_s=1) == attempt
+        time.sleep(1.2)
+        with sessions() as s:
+            sent = service.reap(session=s, max_attempts=2, dispatch_grace_s=3600, idempotency_ttl_s=3600)
+            s.commit()
+            job = s.get_one(Job, job_id)
+        if attempt == 1:
+            assert (job_id, "train.z_image") in sent and job.status == "queued" and job.worker_id is None
+        else:
+            assert job_id not in [j for j, _ in sent]
+            assert job.status == "failed" and job.error_code == "too_many_attempts"
