@@ -24,6 +24,7 @@ from dopsd.checkpoint import list_checkpoints
 from dopsd.config import DOPSDConfig
 from dopsd.data import DataError
 from dopsd.errors import CheckpointError, ModelLoadError, TrainingCancelled
+from worker.dbretry import retry_db
 from worker.model_cache import ModelCache
 from worker.reporting import JobReporter
 from worker.uploads import download_prefix, upload_tree, with_retries
@@ -84,10 +85,14 @@ def _fetch_latest_checkpoint(store: LocalStore | S3Store, job_id: uuid.UUID, out
     return found[-1] if found else None
 
 
-def _fail(sessions: sessionmaker[Session], job_id: uuid.UUID, code: str, message: str) -> None:
+def _fail(sessions: sessionmaker[Session], job_id: uuid.UUID, code: str, message: str, worker_id: str) -> None:
     logger.warning("job %s failed: %s: %s", job_id, code, message)
-    with session_scope(sessions) as session:
-        service.fail_job(session=session, job_id=job_id, code=code, message=message)
+
+    def write() -> None:
+        with session_scope(sessions) as session:
+            service.fail_job(session=session, job_id=job_id, code=code, message=message, worker_id=worker_id)
+
+    retry_db(write, what=f"job {job_id} failure")
 
 
 def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
@@ -107,7 +112,13 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
         logger.info("job %s: not claimable (running elsewhere or finished); message dropped", job_id)
         return
     if attempt > settings.max_attempts:
-        _fail(sessions, job_id, "too_many_attempts", f"the job was started {attempt - 1} times without finishing")
+        _fail(
+            sessions,
+            job_id,
+            "too_many_attempts",
+            f"the job was started {attempt - 1} times without finishing",
+            worker_id,
+        )
         return
     logger.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, attempt)
     reporter = JobReporter(
@@ -121,29 +132,43 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
     try:
         with tempfile.TemporaryDirectory(prefix=f"dopsd-job-{job_id}-") as tmp, reporter.heartbeat():
             _run_claimed(job_id, Path(tmp), sessions, store, reporter)
-    except TrainingCancelled as exc:
-        if reporter.lease_lost:
-            return  # another worker owns the job now
-        with session_scope(sessions) as session:
-            job = service.mark_canceled(session=session, job_id=job_id, step=exc.step)
-            deleted = job.deleted
-        if deleted:
-            store.delete_prefix(job_prefix(job_id))
-        logger.info("job %s: canceled at step %d", job_id, exc.step)
-    except DataError as exc:
-        _fail(sessions, job_id, "bad_input", str(exc))
-    except (ModelLoadError, CheckpointError) as exc:
-        _fail(sessions, job_id, "model_unavailable", str(exc))
-    except (ServiceUnavailable, NotFound) as exc:
-        _fail(sessions, job_id, "storage_unavailable", exc.message)
     except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
-            _fail(sessions, job_id, "out_of_memory", "the GPU ran out of memory; lower resolution or batch size")
-        elif type(exc).__name__ == "SoftTimeLimitExceeded":
-            _fail(sessions, job_id, "timeout", f"the job exceeded its time limit of {settings.max_job_s} s")
+        if reporter.lease_lost:  # the job was handed to another worker: its outcome is that worker's to write
+            logger.warning("job %s: stopped after losing its lease (%s)", job_id, type(exc).__name__)
+            return
+        code, message = _classify(exc, settings.max_job_s)
+        if code == "canceled":
+            assert isinstance(exc, TrainingCancelled)
+            step = exc.step
+
+            def cancel() -> bool:
+                with session_scope(sessions) as session:
+                    return service.mark_canceled(session=session, job_id=job_id, step=step, worker_id=worker_id)
+
+            if retry_db(cancel, what=f"job {job_id} cancel"):
+                store.delete_prefix(job_prefix(job_id))  # it was deleted: nothing of it may stay
+            logger.info("job %s: canceled at step %d", job_id, step)
         else:
-            logger.exception("job %s: unexpected error", job_id)
-            _fail(sessions, job_id, "internal", f"internal error ({type(exc).__name__})")
+            if code == "internal":
+                logger.exception("job %s: unexpected error", job_id)
+            _fail(sessions, job_id, code, message, worker_id)
+
+
+def _classify(exc: Exception, max_job_s: int) -> tuple[str, str]:
+    """The stable error code and readable message of a failure: the one place failures are classified."""
+    if isinstance(exc, TrainingCancelled):
+        return "canceled", ""
+    if isinstance(exc, DataError):
+        return "bad_input", str(exc)
+    if isinstance(exc, (ModelLoadError, CheckpointError)):
+        return "model_unavailable", str(exc)
+    if isinstance(exc, (ServiceUnavailable, NotFound)):
+        return "storage_unavailable", exc.message
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+        return "out_of_memory", "the GPU ran out of memory; lower the resolution or the batch size"
+    if type(exc).__name__ == "SoftTimeLimitExceeded":
+        return "timeout", f"the job exceeded its time limit of {max_job_s} s"
+    return "internal", f"internal error ({type(exc).__name__})"
 
 
 def _run_claimed(
@@ -183,26 +208,27 @@ def _run_claimed(
     records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints",))
     artifacts = [{**r, "kind": _artifact_kind(r["name"])} for r in records]
     gap = result.metrics["teacher_student_gap"]
-    with session_scope(sessions) as session:
-        job_now = session.get_one(Job, job_id, with_for_update=True)
-        if job_now.deleted:
-            raise TrainingCancelled(result.metrics["steps"])
-        if job_now.worker_id != reporter.worker_id or job_now.status != "running":
-            reporter.lease_lost = True  # the job was handed to another worker meanwhile: it finishes it
-            raise TrainingCancelled(result.metrics["steps"])
-        service.finish_job(
-            session=session,
-            job_id=job_id,
-            artifacts=artifacts,
-            metrics={
-                "steps": result.metrics["steps"],
-                "final_loss": result.metrics["final_loss"],
-                "gap_before": gap["before"],
-                "gap_after": gap["after"],
-                "train_s": round(time.perf_counter() - started, 3),
-                "images": len(images),
-            },
-        )
+    metrics = {
+        "steps": result.metrics["steps"],
+        "final_loss": result.metrics["final_loss"],
+        "gap_before": gap["before"],
+        "gap_after": gap["after"],
+        "train_s": round(time.perf_counter() - started, 3),
+        "images": len(images),
+    }
+
+    def finish() -> bool:
+        with session_scope(sessions) as session:
+            return service.finish_job(
+                session=session, job_id=job_id, worker_id=reporter.worker_id, artifacts=artifacts, metrics=metrics
+            )
+
+    if not retry_db(finish, what=f"job {job_id} finish"):
+        # Not ours any more (lease lost), or a cancel/delete came in while finishing.
+        with sessions() as session:
+            job_now = session.get_one(Job, job_id)
+            reporter.lease_lost = job_now.worker_id != reporter.worker_id or job_now.status != "running"
+        raise TrainingCancelled(result.metrics["steps"])
     logger.info("job %s: succeeded", job_id)
 
 

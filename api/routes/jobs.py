@@ -35,7 +35,7 @@ from api.schemas import (
 from api.submission import ValidatedJob, validate_submission
 from api.uploads import UploadLimits, parse_multipart
 from core.config import Settings
-from core.errors import Conflict, ServiceUnavailable, TooManyRequests
+from core.errors import Conflict, TooManyRequests
 from core.jobs import service
 from core.jobs.models import Job
 from core.jobs.states import JobStatus
@@ -141,12 +141,6 @@ async def create_job(
     With an `Idempotency-Key` header, repeating the same request within 24 hours returns the same job (200);
     the same key with a different request answers 409.
     """
-    if service.count_queued(session=session, owner_id=principal.id) >= settings.max_queued_per_key:
-        raise TooManyRequests(
-            f"this key already has {settings.max_queued_per_key} queued jobs", retry_after_s=60,
-            code="too_many_queued_jobs",
-        )  # fmt: skip
-    session.rollback()  # end the read transaction before the (long) upload
     limits = UploadLimits(
         max_files=settings.max_images,
         max_file_bytes=settings.max_file_bytes,
@@ -161,6 +155,11 @@ async def create_job(
             replay = _idempotent_replay(session, principal.id, idempotency_key, request_hash, settings, response)
             if replay is not None:
                 return replay
+        if service.count_queued(session=session, owner_id=principal.id) >= settings.max_queued_per_key:
+            raise TooManyRequests(
+                f"this key already has {settings.max_queued_per_key} queued jobs", retry_after_s=60,
+                code="too_many_queued_jobs",
+            )  # fmt: skip
         job_id = uuid.uuid4()
         try:
             images = await run_in_threadpool(_store_inputs, store, job_id, validated)
@@ -196,11 +195,8 @@ async def create_job(
     try:
         await run_in_threadpool(enqueue_training, settings, job.id, job.queue)
     except Exception as exc:
-        logger.error("job %s: cannot reach the broker: %s", job.id, exc)
-        service.fail_job(session=session, job_id=job.id, code="queue_unavailable", message="the queue is unreachable")
-        session.commit()
-        await run_in_threadpool(store.delete_prefix, job_prefix(job.id))
-        raise ServiceUnavailable("the job queue is unavailable; retry shortly", code="queue_unavailable") from exc
+        # The job is committed and queued: the reaper sends its message once the broker is back.
+        logger.warning("job %s: broker unreachable (%s); the reaper will dispatch it", job.id, type(exc).__name__)
     return to_public(job, session)
 
 

@@ -282,36 +282,59 @@ def cancel_requested(*, session: Session, job_id: uuid.UUID) -> bool:
     return row is None or bool(row[0]) or bool(row[1])
 
 
+def _held_by(job_id: uuid.UUID, worker_id: str | None) -> Any:
+    """Rows of a job that is still running for `worker_id` (any running or queued job when None)."""
+    if worker_id is None:
+        return and_(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker_id == worker_id)
+
+
 def finish_job(
-    *, session: Session, job_id: uuid.UUID, artifacts: list[dict[str, Any]], metrics: dict[str, Any]
-) -> Job:
-    """Records the artifacts and marks the job succeeded, in one transaction (the caller commits)."""
-    job = session.get_one(Job, job_id)
-    for artifact in job.artifacts:
-        session.delete(artifact)
-    session.flush()
-    job.artifacts = [JobArtifact(**a) for a in artifacts]
-    _transition(job, JobStatus.SUCCEEDED, eta_s=0.0)
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    worker_id: str,
+    artifacts: list[dict[str, Any]],
+    metrics: dict[str, Any],
+) -> bool:
+    """Marks the job succeeded with its artifacts, in one transaction (the caller commits).
+
+    One conditional UPDATE: only the worker holding the job may finish it, and not once a cancel or delete was
+    asked for. Returns False (and changes nothing) otherwise.
+    """
+    result = session.execute(
+        update(Job)
+        .where(_held_by(job_id, worker_id), Job.deleted.is_(False), Job.cancel_requested.is_(False))
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), eta_s=0.0)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return False
+    session.execute(delete(JobArtifact).where(JobArtifact.job_id == job_id))
+    session.add_all(JobArtifact(job_id=job_id, **a) for a in artifacts)
     add_event(session=session, job_id=job_id, type="succeeded", data=metrics)
-    return job
+    return True
 
 
-def fail_job(*, session: Session, job_id: uuid.UUID, code: str, message: str) -> Job:
-    """Marks a running (or queued) job failed with a stable code and a readable message."""
-    job = session.get_one(Job, job_id)
-    if not job.job_status.is_terminal:
-        _transition(job, JobStatus.FAILED, error_code=code, error_message=message[:2000])
+def fail_job(*, session: Session, job_id: uuid.UUID, code: str, message: str, worker_id: str | None = None) -> bool:
+    """Marks a job failed with a stable code and a readable message; a worker may fail only a job it holds."""
+    result = session.execute(
+        update(Job)
+        .where(_held_by(job_id, worker_id))
+        .values(status=JobStatus.FAILED.value, finished_at=utcnow(), error_code=code, error_message=message[:2000])
+    )
+    if result.rowcount:  # type: ignore[attr-defined]
         add_event(session=session, job_id=job_id, type="failed", data={"code": code, "message": message[:500]})
-    return job
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def mark_canceled(*, session: Session, job_id: uuid.UUID, step: int) -> Job:
-    """Marks a running job canceled after the worker stopped it."""
-    job = session.get_one(Job, job_id)
-    if not job.job_status.is_terminal:
-        _transition(job, JobStatus.CANCELED)
+def mark_canceled(*, session: Session, job_id: uuid.UUID, step: int, worker_id: str) -> bool:
+    """Marks a job canceled after its worker stopped it; returns whether the job is (now) deleted."""
+    result = session.execute(
+        update(Job).where(_held_by(job_id, worker_id)).values(status=JobStatus.CANCELED.value, finished_at=utcnow())
+    )
+    if result.rowcount:  # type: ignore[attr-defined]
         add_event(session=session, job_id=job_id, type="canceled", data={"step": step})
-    return job
+    return bool(session.scalar(select(Job.deleted).where(Job.id == job_id)))
 
 
 # Recovery: what the periodic reaper does -------------------------------------------------------------------------
@@ -343,6 +366,14 @@ def reap(
     ).scalars()
     for job_id in list(failed):
         add_event(session=session, job_id=job_id, type="failed", data={"code": "too_many_attempts"})
+    stopped = session.execute(
+        update(Job)
+        .where(expired, or_(Job.deleted.is_(True), Job.cancel_requested.is_(True)))
+        .values(status=JobStatus.CANCELED.value, finished_at=now)
+        .returning(Job.id)
+    ).scalars()
+    for job_id in list(stopped):
+        add_event(session=session, job_id=job_id, type="canceled", data={"while": "worker lost"})
     requeued = session.execute(
         update(Job)
         .where(expired)
@@ -418,7 +449,12 @@ def find_idempotent_job(
         return None
     if record.request_hash != request_hash:
         raise Conflict("this Idempotency-Key was used with a different request", code="idempotency_key_reused")
-    return session.get(Job, record.job_id)
+    job = session.get(Job, record.job_id)
+    if job is None or job.deleted:  # the job is gone: the key may create a new one
+        session.delete(record)
+        session.flush()
+        return None
+    return job
 
 
 def record_idempotency(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -9,15 +10,27 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.commands import migrate
 from core.db import make_engine, make_sessionmaker
 from core.errors import InvalidRequest
 from core.jobs import service
 from core.jobs.models import Job
+from scripts import stack
+
+
+@pytest.fixture(scope="module")
+def own_database(services: None) -> Iterator[str]:
+    """A database of this module's own: the stack's API runs a reaper on the shared test database."""
+    name = f"dopsd_svc_{os.getpid()}"
+    url = stack.create_database(name, recreate=True)
+    migrate(url)
+    yield url
+    stack.drop_database(name)
 
 
 @pytest.fixture
-def sessions(database: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(database)
+def sessions(own_database: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(own_database)
     yield make_sessionmaker(engine)
     engine.dispose()
 
