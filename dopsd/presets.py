@@ -120,32 +120,27 @@ _KLEIN_DEFAULTS: dict[str, Any] = {
     "teacher_context": "edit",
     "student_max_sequence_length": 512,
 }
-_FLUX2_KLEIN_4B = Preset(
-    name="flux2-klein-4b",
-    family="flux2_klein",
-    description="FLUX.2-klein 4B (4 steps, Qwen3-4B text encoder), edit-branch teacher; bf16 on CUDA",
-    base_model="black-forest-labs/FLUX.2-klein-4B",
-    teacher_encoder="Qwen/Qwen3-VL-4B-Instruct",
-    device="cuda",
-    dtype="bfloat16",
-    min_image_side=256,
-    native_sample_steps=4,
-    text_encoder_layers=(9, 18, 27),
-    defaults=dict(_KLEIN_DEFAULTS),
-)
-_FLUX2_KLEIN_9B = Preset(
-    name="flux2-klein-9b",
-    family="flux2_klein",
-    description="FLUX.2-klein 9B (4 steps, Qwen3-8B text encoder), edit-branch teacher; bf16 on CUDA",
-    base_model="black-forest-labs/FLUX.2-klein-9B",
-    teacher_encoder="Qwen/Qwen3-VL-8B-Instruct",
-    device="cuda",
-    dtype="bfloat16",
-    min_image_side=256,
-    native_sample_steps=4,
-    text_encoder_layers=(9, 18, 27),
-    defaults=dict(_KLEIN_DEFAULTS),
-)
+
+
+def _real_klein(size: str, text_encoder: str, vlm: str) -> Preset:
+    """A real FLUX.2-klein preset; the sizes differ only in weights and encoders."""
+    return Preset(
+        name=f"flux2-klein-{size.lower()}",
+        family="flux2_klein",
+        description=f"FLUX.2-klein {size} (4 steps, {text_encoder} text encoder), edit-branch teacher; bf16 on CUDA",
+        base_model=f"black-forest-labs/FLUX.2-klein-{size}",
+        teacher_encoder=f"Qwen/{vlm}",
+        device="cuda",
+        dtype="bfloat16",
+        min_image_side=256,
+        native_sample_steps=4,
+        text_encoder_layers=(9, 18, 27),
+        defaults=dict(_KLEIN_DEFAULTS),
+    )
+
+
+_FLUX2_KLEIN_4B = _real_klein("4B", "Qwen3-4B", "Qwen3-VL-4B-Instruct")
+_FLUX2_KLEIN_9B = _real_klein("9B", "Qwen3-8B", "Qwen3-VL-8B-Instruct")
 _TINY_FLUX2_KLEIN = Preset(
     name="tiny-flux2-klein",
     family="flux2_klein",

@@ -79,11 +79,26 @@ class ModelFamily(ABC):
         """The sampling schedule of the family's pipeline (ending with 0), as its scheduler computes it."""
 
     # Sampling with the unchanged pipeline, so samples are what users will get at inference.
-    @abstractmethod
+    @torch.no_grad()
     def generate(
         self, conds: Sequence[Cond], *, seeds: Sequence[int], width: int, height: int, num_steps: int
     ) -> list[Image.Image]:
-        """Images from the pipeline at its native few-step setting, one per (cond, seed) pair."""
+        """Images from the pipeline at its native few-step setting, one per (cond, seed) pair, cond-major.
+
+        One pipeline call per image with a CPU generator: exactly what a user reproduces with diffusers.
+        """
+        return [
+            self.generate_one(cond, generator=torch.Generator().manual_seed(seed), width=width, height=height,
+                              num_steps=num_steps)
+            for cond in conds
+            for seed in seeds
+        ]  # fmt: skip
+
+    @abstractmethod
+    def generate_one(
+        self, cond: Cond, *, generator: torch.Generator, width: int, height: int, num_steps: int
+    ) -> Image.Image:
+        """One image from the family's own pipeline for `cond`."""
 
     @abstractmethod
     def save_lora_weights(

@@ -191,25 +191,21 @@ class Flux2KleinFamily(ModelFamily):
         scheduler.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(image_seq_len=h * w, num_steps=num_steps))
         return [float(s) for s in scheduler.sigmas]
 
-    @torch.no_grad()
-    def generate(
-        self, conds: Sequence[KleinCond], *, seeds: Sequence[int], width: int, height: int, num_steps: int
-    ) -> list[Image.Image]:
-        images: list[Image.Image] = []
-        for cond in conds:
-            for seed in seeds:
-                out = self.pipeline(
-                    image=[cond.ref_image] if cond.ref_image is not None else None,
-                    prompt_embeds=cond.embeds[None],
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_steps,
-                    guidance_scale=self.guidance_scale,
-                    generator=torch.Generator().manual_seed(seed),
-                    text_encoder_out_layers=self.text_layers,
-                )
-                images.extend(out.images)
-        return images
+    def generate_one(
+        self, cond: KleinCond, *, generator: torch.Generator, width: int, height: int, num_steps: int
+    ) -> Image.Image:
+        out = self.pipeline(
+            image=[cond.ref_image] if cond.ref_image is not None else None,
+            prompt_embeds=cond.embeds[None],
+            height=height,
+            width=width,
+            num_inference_steps=num_steps,
+            guidance_scale=self.guidance_scale,
+            generator=generator,
+            text_encoder_out_layers=self.text_layers,
+        )
+        image: Image.Image = out.images[0]
+        return image
 
     def save_lora_weights(
         self, directory: str, state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]

@@ -113,24 +113,19 @@ class ZImageFamily(ModelFamily):
         scheduler.set_timesteps(sigmas=sigmas, mu=mu)
         return [float(s) for s in scheduler.sigmas]
 
-    @torch.no_grad()
-    def generate(
-        self, conds: Sequence[Cond], *, seeds: Sequence[int], width: int, height: int, num_steps: int
-    ) -> list[Image.Image]:
-        images: list[Image.Image] = []
-        for cond in conds:
-            for seed in seeds:
-                # One call per image with a CPU generator: exactly what a user reproduces with diffusers.
-                out = self.pipeline(
-                    prompt_embeds=[cond],
-                    height=height,
-                    width=width,
-                    num_inference_steps=num_steps,
-                    guidance_scale=0.0,
-                    generator=torch.Generator().manual_seed(seed),
-                )
-                images.extend(out.images)
-        return images
+    def generate_one(
+        self, cond: Cond, *, generator: torch.Generator, width: int, height: int, num_steps: int
+    ) -> Image.Image:
+        out = self.pipeline(
+            prompt_embeds=[cond],
+            height=height,
+            width=width,
+            num_inference_steps=num_steps,
+            guidance_scale=0.0,  # Turbo runs without classifier-free guidance
+            generator=generator,
+        )
+        image: Image.Image = out.images[0]
+        return image
 
     def save_lora_weights(
         self, directory: str, state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
