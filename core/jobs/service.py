@@ -219,6 +219,12 @@ def claim_job(
     message again). Anything else returns None: a duplicate delivery of a live or finished job does nothing, and a
     job whose key already runs `max_running_per_key` jobs stays queued (the reaper offers it again later).
     """
+    owner_id = session.scalar(select(Job.owner_id).where(Job.id == job_id))
+    if owner_id is None:
+        session.commit()
+        return None
+    # Claims of one key's jobs take turns (a row lock on the key), so two workers cannot both see a free slot.
+    session.execute(select(ApiKey.id).where(ApiKey.id == owner_id).with_for_update())
     now = utcnow()
     claimable = or_(
         Job.status == JobStatus.QUEUED.value,

@@ -131,3 +131,35 @@ def test_the_reaper_requeues_dead_workers_jobs_and_fails_them_after_max_attempts
         else:
             assert job_id not in [j for j, _ in sent]
             assert job.status == "failed" and job.error_code == "too_many_attempts"
+
+
+def test_concurrent_claims_respect_the_running_limit(sessions: sessionmaker[Session]) -> None:
+    """Eight workers claiming eight jobs of one key at the same moment: exactly the limit get one."""
+    import threading
+
+    with sessions() as s:
+        owner, _ = service.create_api_key(session=s, name="race")
+        ids = [
+            service.create_job(
+                session=s, job_id=uuid.uuid4(), owner_id=owner.id, preset="tiny-z-image", queue="train.z_image",
+                spec={}, config={}, images=[],
+            ).id
+            for _ in range(8)
+        ]  # fmt: skip
+        s.commit()
+    results: list[int | None] = []
+    barrier = threading.Barrier(8)
+
+    def claim(job_id: uuid.UUID, n: int) -> None:
+        with sessions() as s:
+            barrier.wait()
+            results.append(
+                service.claim_job(session=s, job_id=job_id, worker_id=f"w{n}", lease_s=600, max_running_per_key=2)
+            )
+
+    threads = [threading.Thread(target=claim, args=(job_id, n)) for n, job_id in enumerate(ids)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=lambda r: r is None)[:2] == [1, 1] and results.count(None) == 6
