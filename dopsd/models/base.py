@@ -52,8 +52,14 @@ class ModelFamily(ABC):
         """
 
     @abstractmethod
+    def _encoders_to(self, device: torch.device) -> None:
+        """Moves the text and teacher encoders to `device`."""
+
     def release_encoders(self) -> None:
         """Frees the text and teacher encoders from the accelerator once all features are cached."""
+        self._encoders_to(torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # Denoising in the family's own convention.
     @abstractmethod
@@ -100,11 +106,13 @@ class ModelFamily(ABC):
     ) -> Image.Image:
         """One image from the family's own pipeline for `cond`."""
 
-    @abstractmethod
     def save_lora_weights(
         self, directory: str, state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
     ) -> None:
-        """Writes `pytorch_lora_weights.safetensors` the way the family's pipeline loads it."""
+        """Writes `pytorch_lora_weights.safetensors` with the pipeline's own LoRA saver, so it loads it as is."""
+        type(self.pipeline).save_lora_weights(
+            directory, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=adapter_metadata
+        )
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:

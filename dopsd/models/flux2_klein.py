@@ -137,11 +137,6 @@ class Flux2KleinFamily(ModelFamily):
         )
         return KleinCond(feats.to(self.dtype))
 
-    def release_encoders(self) -> None:
-        self._encoders_to(torch.device("cpu"))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
         scale = self.pipeline.vae_scale_factor * 2
         lat_h, lat_w = 2 * (height // scale), 2 * (width // scale)
@@ -206,10 +201,3 @@ class Flux2KleinFamily(ModelFamily):
         )
         image: Image.Image = out.images[0]
         return image
-
-    def save_lora_weights(
-        self, directory: str, state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
-    ) -> None:
-        Flux2KleinPipeline.save_lora_weights(
-            directory, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=adapter_metadata
-        )

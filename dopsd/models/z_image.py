@@ -75,11 +75,6 @@ class ZImageFamily(ModelFamily):
         self._encoders_to(self.device)
         return self.teacher_encoder.encode(image, caption, max_length=context_max_length, hidden_layers=(-2,))
 
-    def release_encoders(self) -> None:
-        self._encoders_to(torch.device("cpu"))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
         scale = self.pipeline.vae_scale_factor * 2
         return (self.pipeline.transformer.config.in_channels, 2 * (height // scale), 2 * (width // scale))
@@ -126,10 +121,3 @@ class ZImageFamily(ModelFamily):
         )
         image: Image.Image = out.images[0]
         return image
-
-    def save_lora_weights(
-        self, directory: str, state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
-    ) -> None:
-        ZImagePipeline.save_lora_weights(
-            directory, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=adapter_metadata
-        )
