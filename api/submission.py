@@ -4,7 +4,6 @@ checked, the images stored, then the job row. An invalid request creates nothing
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,8 +127,3 @@ def validate_submission(upload: ParsedUpload, max_images: int) -> ValidatedJob:
     preset, config = build_config(spec, upload.files)
     images = validate_images(upload.files, preset)
     return ValidatedJob(spec=spec, preset=preset, config=config, images=images)
-
-
-def new_job_id() -> uuid.UUID:
-    """A fresh job id."""
-    return uuid.uuid4()

@@ -103,12 +103,9 @@ def drop_database(name: str) -> None:
 
 
 def start_seaweedfs(
-    data_dir: Path, *, access_key: str, secret_key: str, log: Path, ports: dict[str, int] | None = None
+    data_dir: Path, *, access_key: str, secret_key: str, log: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """A real S3 server (SeaweedFS from PyPI) on loopback with one identity; returns it and its endpoint URL.
-
-    Pass the `ports` of an earlier start (see `seaweedfs_ports`) to bring the same server back on its data.
-    """
+    """A real S3 server (SeaweedFS from PyPI) on loopback with one identity; returns it and its endpoint URL."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"
     config.write_text(
@@ -124,8 +121,7 @@ def start_seaweedfs(
             }
         )
     )
-    ports = ports or {name: free_port(span=10000) for name in ("master", "volume", "filer", "s3")}
-    (data_dir / "ports.json").write_text(json.dumps(ports))
+    ports = {name: free_port(span=10000) for name in ("master", "volume", "filer", "s3")}
     weed = Path(sys.executable).parent / "weed"
     command = [
         str(weed) if weed.exists() else "weed", "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -142,12 +138,6 @@ def start_seaweedfs(
         stop(process)  # never leave a half-started server holding the ports
         raise
     return process, endpoint
-
-
-def seaweedfs_ports(data_dir: Path) -> dict[str, int]:
-    """The ports a SeaweedFS server on `data_dir` was started with."""
-    ports: dict[str, int] = json.loads((data_dir / "ports.json").read_text())
-    return ports
 
 
 def _s3_ready(endpoint: str, access_key: str, secret_key: str) -> bool:

@@ -239,7 +239,7 @@ def delete_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, 
         session.commit()
     # Objects first: if storage is down the client gets 503 and can retry the delete; the job stays visible.
     store.delete_prefix(job_prefix(job.id))
-    service.mark_deleted(session=session, job=job)
+    job.deleted = True  # hidden from now on; a worker still running it stops and deletes what it wrote
     session.commit()
     return Response(status_code=204)
 

@@ -194,13 +194,6 @@ def request_cancel(*, session: Session, job: Job) -> Job:
     return job
 
 
-def mark_deleted(*, session: Session, job: Job) -> None:
-    """Hides a job from its owner and stops it; its stored objects are deleted by the caller."""
-    if not job.job_status.is_terminal:
-        request_cancel(session=session, job=job)
-    job.deleted = True
-
-
 def list_events(*, session: Session, job_id: uuid.UUID, after: int, limit: int) -> list[JobEvent]:
     """A job's events with id > `after`, oldest first."""
     query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)

@@ -16,6 +16,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from dopsd.models.qwen_teacher import QwenVLTeacherEncoder
+
 
 Cond = Any  # a family's conditioning for one sample (e.g. Z-Image: a [L, D] tensor of caption features)
 
@@ -26,10 +28,22 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     lora_target_modules: ClassVar[tuple[str, ...]]
 
-    def __init__(self, pipeline: DiffusionPipeline, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        pipeline: DiffusionPipeline,
+        teacher_encoder: QwenVLTeacherEncoder | None,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.pipeline = pipeline
+        self.teacher_encoder = teacher_encoder
         self.device = device
         self.dtype = dtype
+        for module in (pipeline.text_encoder, pipeline.vae):
+            # encode_prompt is not wrapped in no_grad: frozen encoders keep graphs out of the embeddings.
+            module.requires_grad_(False).eval()
+        pipeline.set_progress_bar_config(disable=True)
 
     @property
     def transformer(self) -> Any:
@@ -51,9 +65,11 @@ class ModelFamily(ABC):
         `context_max_length` caps a multimodal sequence, image tokens included.
         """
 
-    @abstractmethod
     def _encoders_to(self, device: torch.device) -> None:
         """Moves the text and teacher encoders to `device`."""
+        self.pipeline.text_encoder.to(device)
+        if self.teacher_encoder is not None:
+            self.teacher_encoder.vlm.to(device)
 
     def release_encoders(self) -> None:
         """Frees the text and teacher encoders from the accelerator once all features are cached."""

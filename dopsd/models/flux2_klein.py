@@ -79,20 +79,11 @@ class Flux2KleinFamily(ModelFamily):
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        super().__init__(pipeline, device=device, dtype=dtype)
+        super().__init__(pipeline, teacher_encoder, device=device, dtype=dtype)
         if teacher_context == "vlm" and teacher_encoder is None:
             raise ValueError("the `vlm` teacher context needs a Qwen3-VL teacher encoder")
         self.text_layers = text_layers
         self.teacher_context = teacher_context
-        self.teacher_encoder = teacher_encoder
-        for module in (pipeline.text_encoder, pipeline.vae):
-            module.requires_grad_(False).eval()
-        pipeline.set_progress_bar_config(disable=True)
-
-    def _encoders_to(self, device: torch.device) -> None:
-        self.pipeline.text_encoder.to(device)
-        if self.teacher_encoder is not None:
-            self.teacher_encoder.vlm.to(device)
 
     @torch.no_grad()
     def _text_features(self, prompts: Sequence[str], max_sequence_length: int) -> list[torch.Tensor]:

@@ -46,16 +46,8 @@ class ZImageFamily(ModelFamily):
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        super().__init__(pipeline, device=device, dtype=dtype)
-        self.teacher_encoder = teacher_encoder
-        for module in (pipeline.text_encoder, pipeline.vae):
-            # encode_prompt is not wrapped in no_grad: frozen encoders keep graphs out of the embeddings.
-            module.requires_grad_(False).eval()
-        pipeline.set_progress_bar_config(disable=True)
-
-    def _encoders_to(self, device: torch.device) -> None:
-        self.pipeline.text_encoder.to(device)
-        self.teacher_encoder.vlm.to(device)
+        super().__init__(pipeline, teacher_encoder, device=device, dtype=dtype)
+        self.vlm_encoder = teacher_encoder  # always present for Z-Image
 
     @torch.no_grad()
     def encode_student(self, captions: Sequence[str], max_sequence_length: int) -> list[Cond]:
@@ -73,7 +65,7 @@ class ZImageFamily(ModelFamily):
         self, image: Image.Image, caption: str, *, text_max_length: int, context_max_length: int
     ) -> Cond:
         self._encoders_to(self.device)
-        return self.teacher_encoder.encode(image, caption, max_length=context_max_length, hidden_layers=(-2,))
+        return self.vlm_encoder.encode(image, caption, max_length=context_max_length, hidden_layers=(-2,))
 
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
         scale = self.pipeline.vae_scale_factor * 2

@@ -99,8 +99,13 @@ def s3(s3_proxy: TcpProxy) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def database(services: None) -> Iterator[str]:
-    """A fresh PostgreSQL database at the migrations' head."""
-    name = f"dopsd_test_{os.getpid()}"
+    """A fresh PostgreSQL database at the migrations' head, shared by the stack's API and worker."""
+    yield from migrated_database("test")
+
+
+def migrated_database(purpose: str) -> Iterator[str]:
+    """Creates `dopsd_<purpose>_<pid>`, applies `alembic upgrade head`, yields its URL, drops it afterwards."""
+    name = f"dopsd_{purpose}_{os.getpid()}"
     url = stack.create_database(name, recreate=True)
     migrate(url)
     yield url

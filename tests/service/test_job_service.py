@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,22 +9,17 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.commands import migrate
 from core.db import make_engine, make_sessionmaker
 from core.errors import InvalidRequest
 from core.jobs import service
 from core.jobs.models import Job
-from scripts import stack
+from tests.service.conftest import migrated_database
 
 
 @pytest.fixture(scope="module")
 def own_database(services: None) -> Iterator[str]:
     """A database of this module's own: the stack's API runs a reaper on the shared test database."""
-    name = f"dopsd_svc_{os.getpid()}"
-    url = stack.create_database(name, recreate=True)
-    migrate(url)
-    yield url
-    stack.drop_database(name)
+    yield from migrated_database("svc")
 
 
 @pytest.fixture
