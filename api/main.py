@@ -13,6 +13,7 @@ from api.errors import install_error_handlers
 from api.ratelimit import RateLimiter
 from api.reaper import reaper_loop
 from api.routes import api_router
+from api.routes.web import router as web_router
 from core.config import Settings, get_settings
 from core.db import make_engine, make_sessionmaker, session_scope
 from core.jobs import service
@@ -54,4 +55,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(api_router)
+    app.include_router(web_router)  # the web page at /app/ (not in the OpenAPI schema)
     return app

@@ -1,0 +1,27 @@
+"""The web page: `api/web/` served as static files at `/app/`, and `/` redirecting there.
+
+The page is a client of the public REST API like any other (it sends the API key as a Bearer header); these
+routes need no key and stay out of the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+def root() -> RedirectResponse:
+    """The page."""
+    return RedirectResponse("/app/", status_code=307)
+
+
+router.mount("/app", StaticFiles(directory=WEB_DIR, html=True), name="web")
