@@ -51,9 +51,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) is typing.Literal:
             kwargs["choices"] = typing.get_args(base)
-        elif typing.get_origin(base) is list:
+        elif typing.get_origin(base) in (list, tuple):  # `--sample-seeds 0 1`, `--output-formats diffusers comfyui`
+            item = typing.get_args(base)[0]
             kwargs["nargs"] = "+"
-            kwargs["type"] = typing.get_args(base)[0]
+            if typing.get_origin(item) is typing.Literal:
+                kwargs["choices"] = typing.get_args(item)
+            else:
+                kwargs["type"] = item
         else:
             kwargs["type"] = base
         parser.add_argument(*flags, **kwargs)

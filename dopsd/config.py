@@ -19,6 +19,7 @@ TeacherMode = Literal["ema", "frozen", "live"]
 RolloutSchedule = Literal["distill4", "native"]
 TeacherContext = Literal["vlm", "edit"]
 MixedPrecision = Literal["auto", "no", "bf16"]
+OutputFormat = Literal["diffusers", "comfyui"]
 Device = Literal["auto", "cpu", "cuda"]
 
 # The released code's 4-step training roll-out, in sigma (1 = noise): model time t = 0, .1, .25, .5, then clean.
@@ -51,6 +52,10 @@ class DOPSDConfig:
 
     > LoRA
         rank, lora_alpha, lora_dropout.
+        output_formats: adapter files to write. `diffusers` is `pytorch_lora_weights.safetensors` (diffusers'
+            module names, loads with `load_lora_weights`); `comfyui` adds `pytorch_lora_weights_comfyui.safetensors`
+            (the original models' names, kohya `lora_down`/`lora_up`/`alpha` keys, for ComfyUI's LoRA loader). The
+            diffusers file is always written, since the ComfyUI file is converted from it.
 
     > Method (the D-OPSD loss, teacher and roll-out)
         loss_space, teacher_mode, ema_decay, rollout_schedule, student_max_sequence_length,
@@ -95,6 +100,13 @@ class DOPSDConfig:
     rank: int | None = field(default=None, metadata=_help("LoRA rank (preset default)."))
     lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (preset default)."))
     lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
+    output_formats: tuple[OutputFormat, ...] = field(
+        default=("diffusers", "comfyui"),
+        metadata=_help(
+            "Adapter files to write: `diffusers` (always written: the source of the others) and `comfyui` "
+            "(pytorch_lora_weights_comfyui.safetensors, ComfyUI's key names)."
+        ),
+    )
 
     # Method
     loss_space: LossSpace = field(
@@ -140,6 +152,8 @@ class DOPSDConfig:
     gradient_checkpointing: bool | None = field(default=None, metadata=_help("Default: on for CUDA, off on CPU."))
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_formats, list):  # JSON and the CLI give a list; keep the field a tuple
+            self.output_formats = tuple(self.output_formats)
         errors = self._validate()
         if errors:
             raise ValueError("invalid DOPSDConfig: " + "; ".join(errors))
@@ -208,6 +222,13 @@ class DOPSDConfig:
             errors.append("`sample_seeds` must list at least one seed")
         elif not all(isinstance(s, int) and 0 <= s < 2**63 for s in self.sample_seeds):
             errors.append(f"`sample_seeds` must be integers in [0, 2**63), got {self.sample_seeds!r}")
+        formats = OutputFormat.__args__  # type: ignore[attr-defined]
+        if not isinstance(self.output_formats, tuple):
+            errors.append(f"`output_formats` must be a list of {', '.join(formats)}, got {self.output_formats!r}")
+        elif not self.output_formats:
+            errors.append(f"`output_formats` must list at least one of {', '.join(formats)}")
+        elif unknown_formats := [f for f in self.output_formats if f not in formats]:
+            errors.append(f"`output_formats` must be a subset of {', '.join(formats)}, got {unknown_formats!r}")
         if self.validation_prompts is not None and not all(p.strip() for p in self.validation_prompts):
             errors.append("`validation_prompts` must not contain empty prompts")
         return errors

@@ -51,6 +51,7 @@ from dopsd.lora import (
     student_parameters,
     teacher_parameters,
 )
+from dopsd.lora_formats import COMFYUI_WEIGHT_NAME, write_comfyui_lora
 from dopsd.models.base import Cond, ModelFamily
 from dopsd.models.loading import load_family
 from dopsd.presets import get_preset
@@ -383,6 +384,8 @@ def _train_loop(
             "dopsd.steps": str(state.step),
         },
     )
+    if "comfyui" in cfg.output_formats:  # converted from the diffusers file, so that one is always written
+        write_comfyui_lora(adapter_path, out / COMFYUI_WEIGHT_NAME, family.name)
     gap_before, gap_after = state.metrics.get("gap_before"), state.metrics.get("gap_after")
     metrics = {
         "steps": state.step,
