@@ -51,7 +51,12 @@ def _keys(ns: argparse.Namespace) -> int:
         if ns.keys_command == "create":
             record, key = service.create_api_key(session=session, name=ns.name)
             print(key)
-            print(f"created key {record.prefix}... named {ns.name!r}; it is shown only this once", file=sys.stderr)
+            print(record.webhook_secret)
+            print(
+                f"created key {record.prefix}... named {ns.name!r}: the first line is the API key, the second the "
+                "secret that signs its webhooks (Standard Webhooks); both are shown only this once",
+                file=sys.stderr,
+            )
         elif ns.keys_command == "revoke":
             count = service.revoke_api_key(session=session, prefix_or_name=ns.key)
             print(f"revoked {count} key(s)")
@@ -123,7 +128,7 @@ def register(sub: Any) -> None:
     """Adds the service commands to the `dopsd` parser (entry point `dopsd.commands`)."""
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create = keys_sub.add_parser("create", help="create a key and print it and its webhook secret once")
     create.add_argument("--name", required=True)
     revoke = keys_sub.add_parser("revoke", help="revoke keys by name or key prefix")
     revoke.add_argument("key", help="a key's name, or the key (its first 10 characters are enough)")

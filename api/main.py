@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.metrics import install_metrics
 from api.ratelimit import RateLimiter
 from api.reaper import reaper_loop
 from api.routes import api_router
 from api.routes.web import router as web_router
+from api.webhook_sender import webhook_loop
 from core.config import Settings, get_settings
 from core.db import make_engine, make_sessionmaker, session_scope
 from core.jobs import service
@@ -43,8 +45,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with session_scope(app.state.sessionmaker) as session:
                 service.ensure_api_key(session=session, name="dev", key=settings.dev_api_key.get_secret_value())
         reaper = asyncio.create_task(reaper_loop(app))
+        webhooks = asyncio.create_task(webhook_loop(app))
         yield
         reaper.cancel()
+        webhooks.cancel()
         engine.dispose()
 
     app = FastAPI(
@@ -54,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_metrics(app)
     app.include_router(api_router)
     app.include_router(web_router)  # the web page at /app/ (not in the OpenAPI schema)
     return app

@@ -9,6 +9,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+AdapterFormat = Literal["diffusers", "comfyui"]
+ADAPTER_FORMATS: tuple[AdapterFormat, ...] = ("diffusers", "comfyui")
+
+
 class JobSpec(BaseModel):
     """What a client may set for a training job (the `spec` form field, as JSON). `[V]` marks the trigger word."""
 
@@ -43,6 +47,19 @@ class JobSpec(BaseModel):
         default_factory=lambda: [0, 1], min_length=1, max_length=8
     )
     sample_steps: int | None = Field(None, ge=1, le=100)
+    output_formats: list[AdapterFormat] = Field(
+        default_factory=lambda: list(ADAPTER_FORMATS),
+        min_length=1,
+        max_length=2,
+        description="Adapter files to write: diffusers (`load_lora_weights`) and/or ComfyUI's LoRA loader.",
+    )
+    webhook_url: Annotated[str, Field(min_length=8, max_length=2000, pattern=r"^https?://")] | None = Field(
+        None, description="Standard Webhooks POSTs of this job's events, signed with the key's secret."
+    )
+    webhook_events: (
+        list[Literal["queued", "started", "progress", "checkpoint", "sample", "succeeded", "failed", "canceled"]]
+        | None
+    ) = Field(None, max_length=8, description="Event types to POST (default: started, sample and the outcome).")
 
 
 class ErrorDetail(BaseModel):
@@ -78,6 +95,7 @@ class JobPublic(BaseModel):
     """A job as its owner sees it."""
 
     id: uuid.UUID
+    kind: Literal["training", "preview"]
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     preset: str
     created_at: datetime
@@ -86,6 +104,7 @@ class JobPublic(BaseModel):
     queue_position: int | None = Field(description="1 = next to run; set while queued.")
     progress: Progress | None = Field(description="Set once the job has started.")
     attempt: int
+    gpu_seconds: float | None = Field(description="GPU worker time used, over all attempts; set when it ends.")
     cancel_requested: bool
     images: list[ImagePublic]
     config: dict[str, Any] = Field(description="The resolved training configuration.")
@@ -130,3 +149,49 @@ class PresetPublic(BaseModel):
     device: str
     min_image_side: int
     defaults: dict[str, Any]
+
+
+class DryRunPublic(BaseModel):
+    """What a submission would do, without creating anything."""
+
+    dry_run: Literal[True] = True
+    config: dict[str, Any] = Field(description="The resolved training configuration.")
+    images: list[ImagePublic]
+    estimated_gpu_seconds: float = Field(description="Model load, training steps and samples on the preset's device.")
+    queue_position: int = Field(description="The position the job would take in its queue (1 = next).")
+
+
+class PreviewImagePublic(BaseModel):
+    prompt: str
+    seed: int
+    source: str = Field(description="The reference image whose features condition this image.")
+    url: str
+
+
+class PreviewPublic(JobPublic):
+    """A preview job and, once it succeeded, its zero-shot images."""
+
+    preview_images: list[PreviewImagePublic] = Field(
+        default_factory=list, description="Set once it succeeded: one image per reference image and prompt."
+    )
+
+
+class WebhookAttemptPublic(BaseModel):
+    at: datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: float | None = None
+
+
+class WebhookDeliveryPublic(BaseModel):
+    id: int
+    event_id: int
+    event_type: str
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    next_attempt_at: datetime | None = Field(description="When the next try is due; null once settled.")
+    attempts: list[WebhookAttemptPublic]
+
+
+class WebhookDeliveriesPublic(BaseModel):
+    data: list[WebhookDeliveryPublic]

@@ -60,7 +60,9 @@ def build_config(spec: JobSpec, files: list[UploadedFile]) -> tuple[Preset, dict
         raise InvalidSpec(f"`captions` names files that were not uploaded: {', '.join(unknown)}", code="unknown_file")
     captions = {by_name[name].safe_name: caps for name, caps in spec.captions.items()}
     for f in files:
-        for caption in captions.get(f.safe_name) or [spec.default_caption or ""]:
+        # No caption and no default caption: the worker writes one (see dopsd.captioning).
+        templates = captions.get(f.safe_name) or ([spec.default_caption] if spec.default_caption is not None else [])
+        for caption in templates:
             try:
                 resolve_caption(caption, spec.trigger)
             except DataError as exc:
@@ -91,6 +93,7 @@ def build_config(spec: JobSpec, files: list[UploadedFile]) -> tuple[Preset, dict
         "validation_prompts": spec.validation_prompts,
         "sample_seeds": spec.sample_seeds,
         "sample_steps": spec.sample_steps,
+        "output_formats": tuple(spec.output_formats),
     }
     try:
         config = DOPSDConfig(**values).resolved()

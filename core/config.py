@@ -62,6 +62,19 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
 
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs on loopback/private addresses (tests, on-premises receivers)."
+    )
+    webhook_retry_delays_s: list[float] = Field(
+        [5, 30, 120, 600, 1800, 4500],
+        description="Waits before each retry of a failed webhook delivery (about two hours in all).",
+    )
+    webhook_poll_interval_s: float = Field(1.0, gt=0, description="How often the API sends due webhooks.")
+    log_format: Literal["json", "text"] = Field("json", description="Worker and API log lines: JSON or plain.")
+    worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Port of a worker's Prometheus /metrics (0: none)."
+    )
+
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:
         if self.environment == "production":

@@ -1,7 +1,8 @@
-"""API keys: generated with `secrets`, stored as SHA-256, compared in constant time."""
+"""API keys (generated with `secrets`, stored as SHA-256, compared in constant time) and webhook secrets."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -23,3 +24,11 @@ def hash_api_key(key: str) -> str:
 def keys_match(key: str, stored_hash: str) -> bool:
     """Constant-time comparison of a presented key with a stored hash."""
     return hmac.compare_digest(hash_api_key(key), stored_hash)
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def generate_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: `whsec_` and 192 random bits in base64."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()

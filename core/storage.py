@@ -21,6 +21,13 @@ from core.config import Settings
 from core.errors import NotFound, ServiceUnavailable
 
 
+# The adapter files a training job writes, by format (names as dopsd's trainer writes them).
+ADAPTER_FILES = {
+    "diffusers": "pytorch_lora_weights.safetensors",
+    "comfyui": "pytorch_lora_weights_comfyui.safetensors",
+}
+
+
 def job_prefix(job_id: uuid.UUID) -> str:
     """Every object of a job lives under this prefix."""
     return f"jobs/{job_id}/"

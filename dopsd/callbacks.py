@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from dopsd.sampling import SampleSet
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,8 @@ class TrainerCallback:
     def on_checkpoint(self, step: int, path: Path) -> None:
         """Called after a checkpoint was written (atomically) to `path`."""
 
-    def on_samples(self, step: int, paths: list[Path]) -> None:
-        """Called after sample images for `step` were written."""
+    def on_samples(self, samples: SampleSet) -> None:
+        """Called after the sample images of a step were written (`samples.final` for the last ones)."""
 
     def on_train_end(self, output_dir: Path) -> None:
         """Called after the adapter, config and metrics were written."""

@@ -240,6 +240,11 @@ def load_image(
 # --------------------------------------------------------------------------------------------------------------
 
 
+def image_files(image_dir: Path | str) -> list[Path]:
+    """The image files of a folder, as `load_concept_dataset` takes them (sorted; hidden files skipped)."""
+    return _list_image_dir(Path(image_dir))
+
+
 def resolve_caption(template: str, trigger: str) -> str:
     """Replace every ``[V]`` in a caption template with the trigger word and return the stripped caption.
 

@@ -27,6 +27,9 @@ class Preset:
         text_encoder_layers: hidden-state layers whose concatenation is the text feature (FLUX.2); empty when
             the family uses its pipeline's fixed choice (Z-Image: the second to last).
         defaults: values for `DOPSDConfig` fields the user left unset.
+        step_seconds: the expected wall time of one D-OPSD step at the default resolution on the preset's device
+            (an estimate for users, replaced by the service's own history once jobs of the preset ran).
+        load_seconds: the expected time to load the models on a cold worker.
     """
 
     name: str
@@ -40,6 +43,8 @@ class Preset:
     native_sample_steps: int
     text_encoder_layers: tuple[int, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
+    step_seconds: float = 0.05
+    load_seconds: float = 1.0
 
     @property
     def is_tiny(self) -> bool:
@@ -73,6 +78,10 @@ _Z_IMAGE_TURBO = Preset(
         "teacher_context": "vlm",
         "student_max_sequence_length": 512,
     },
+    # 4 student forward/backward + 4 teacher forwards of the 6B transformer at 1024^2 (~1e15 FLOPs) at ~40% of
+    # an H100's bf16 peak; see docs/performance.md for the measured figure.
+    step_seconds=3.0,
+    load_seconds=120.0,
 )
 
 # Chosen so that `dopsd train --preset tiny-z-image --steps 30` visibly closes the teacher-student gap on CPU in
@@ -122,7 +131,7 @@ _KLEIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _real_klein(size: str, text_encoder: str, vlm: str) -> Preset:
+def _real_klein(size: str, text_encoder: str, vlm: str, step_seconds: float) -> Preset:
     """A real FLUX.2-klein preset; the sizes differ only in weights and encoders."""
     return Preset(
         name=f"flux2-klein-{size.lower()}",
@@ -136,11 +145,13 @@ def _real_klein(size: str, text_encoder: str, vlm: str) -> Preset:
         native_sample_steps=4,
         text_encoder_layers=(9, 18, 27),
         defaults=dict(_KLEIN_DEFAULTS),
+        step_seconds=step_seconds,
+        load_seconds=90.0,
     )
 
 
-_FLUX2_KLEIN_4B = _real_klein("4B", "Qwen3-4B", "Qwen3-VL-4B-Instruct")
-_FLUX2_KLEIN_9B = _real_klein("9B", "Qwen3-8B", "Qwen3-VL-8B-Instruct")
+_FLUX2_KLEIN_4B = _real_klein("4B", "Qwen3-4B", "Qwen3-VL-4B-Instruct", step_seconds=1.0)
+_FLUX2_KLEIN_9B = _real_klein("9B", "Qwen3-8B", "Qwen3-VL-8B-Instruct", step_seconds=2.2)
 _TINY_FLUX2_KLEIN = Preset(
     name="tiny-flux2-klein",
     family="flux2_klein",

@@ -6,6 +6,7 @@ the student out for K steps from noise, pull it toward the teacher at every stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -19,6 +20,7 @@ import torch
 
 from dopsd import __version__
 from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
+from dopsd.captioning import auto_captions, uncaptioned
 from dopsd.checkpoint import (
     TrainerState,
     load_checkpoint,
@@ -30,7 +32,9 @@ from dopsd.config import DISTILL4_SIGMAS, DOPSDConfig
 from dopsd.data import (
     ConceptDataset,
     buckets_for_resolution,
+    image_files,
     load_concept_dataset,
+    load_image,
     nearest_bucket,
     resize_to_cover,
     resolve_caption,
@@ -54,9 +58,9 @@ from dopsd.lora import (
 from dopsd.lora_formats import COMFYUI_WEIGHT_NAME, write_comfyui_lora
 from dopsd.models.base import Cond, ModelFamily
 from dopsd.models.loading import load_family
-from dopsd.presets import get_preset
+from dopsd.presets import Preset, get_preset
 from dopsd.rollout import distillation_rollout, teacher_student_gap
-from dopsd.sampling import SampleRenderer
+from dopsd.sampling import SampleRenderer, SampleSet
 
 
 logger = logging.getLogger(__name__)
@@ -97,6 +101,24 @@ def _teacher_adapter(mode: str) -> str | None:
     return {"ema": TEACHER_ADAPTER, "frozen": None, "live": STUDENT_ADAPTER}[mode]
 
 
+def _with_auto_captions(cfg: DOPSDConfig, preset: Preset) -> DOPSDConfig:
+    """`cfg` with a made caption for every image that has none (there is no default caption to fall back on);
+    the captions end up in `config.json` like the user's own."""
+    assert cfg.instance_data_dir is not None
+    names = [p.name for p in image_files(cfg.instance_data_dir)]
+    missing = uncaptioned(names, cfg.captions)
+    if not missing:
+        return cfg
+    device, dtype = resolve_device(cfg)
+    folder = Path(cfg.instance_data_dir)
+    images = {n: load_image(folder / n, min_side=preset.min_image_side, name=n) for n in missing}
+    made = auto_captions(
+        images, trigger=cfg.trigger, preset=preset, teacher_path=cfg.teacher_encoder_path, device=device, dtype=dtype
+    )
+    logger.info("made captions for %d image(s) without one", len(made))
+    return dataclasses.replace(cfg, captions={**(cfg.captions or {}), **{n: [c] for n, c in made.items()}})
+
+
 def train(
     config: DOPSDConfig,
     callbacks: Sequence[TrainerCallback] = (),
@@ -111,6 +133,8 @@ def train(
     run (after checkpointing), `DataError` for bad input, `CheckpointError` for a bad resume.
     """
     cfg = config.resolved()
+    if dataset is None and cfg.default_caption is None:
+        cfg = _with_auto_captions(cfg, get_preset(cfg.preset))
     assert cfg.max_train_steps is not None and cfg.learning_rate is not None and cfg.resolution is not None
     assert cfg.rank is not None and cfg.lora_alpha is not None and cfg.sample_steps is not None
     assert cfg.student_max_sequence_length is not None
@@ -297,12 +321,12 @@ def _train_loop(
             cb.on_checkpoint(state.step, path)
         return path
 
-    def render_samples(step: int) -> list[Path]:
+    def render_samples(step: int, final: bool = False) -> SampleSet:
         transformer.eval()
-        paths = renderer.render(out / "samples" / f"step-{step:08d}", step)
+        samples = renderer.render(out / "samples" / f"step-{step:08d}", step, final=final)
         for cb in callbacks:
-            cb.on_samples(step, paths)
-        return paths
+            cb.on_samples(samples)
+        return samples
 
     total = cfg.max_train_steps
     for cb in callbacks:
@@ -366,7 +390,7 @@ def _train_loop(
     # 3. Outputs: adapter (diffusers format + our header metadata), config, samples, metrics.
     train_s = time.perf_counter() - t_loop
     state.metrics["gap_after"] = measure_gap()
-    sample_paths = render_samples(state.step)
+    final_samples = render_samples(state.step, final=True)
     cfg.save(out / "config.json")
     adapter_path = out / LORA_WEIGHT_NAME
     family.save_lora_weights(str(out), adapter_state(transformer, STUDENT_ADAPTER), lora_metadata)
@@ -401,7 +425,7 @@ def _train_loop(
         "timing_s": {"load": load_s, "train": train_s, "per_step": train_s / max(1, state.step - start_step)},
         "images": [it.name for it in dataset.items],
         "captions": {it.name: list(it.captions) for it in dataset.items},
-        "samples": [str(p.relative_to(out)) for p in sample_paths],
+        "samples": [str(p.path.relative_to(out)) for p in final_samples.images],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for cb in callbacks:

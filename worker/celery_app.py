@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from core.config import get_settings
 from core.queue import celery_config
@@ -39,3 +39,11 @@ def _fresh_connections(**_: Any) -> None:
     from worker import runner
 
     runner.reset_process_state()
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def _structured_logs(**_: Any) -> None:
+    """The worker logs through our handler (JSON lines with the job id), not Celery's default format."""
+    from core.logs import configure_logging
+
+    configure_logging(get_settings().log_format)

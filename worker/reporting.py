@@ -3,6 +3,7 @@ step, checkpoints and samples announced (checkpoints copied to object storage)."
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -15,8 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import session_scope
 from core.jobs import service
-from core.storage import checkpoint_prefix
+from core.storage import checkpoint_prefix, output_key
 from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
+from dopsd.sampling import SampleSet
 from worker.dbretry import retry_db
 from worker.uploads import upload_tree
 
@@ -45,6 +47,11 @@ class JobReporter(TrainerCallback):
         self.lease_s = lease_s
         self.lease_lost = False
         self._last_write = 0.0
+        self._claimed_at = time.monotonic()
+
+    def gpu_seconds(self) -> float:
+        """Seconds this attempt has held the worker (its GPU) since the claim."""
+        return time.monotonic() - self._claimed_at
 
     def renew_lease(self) -> bool:
         """Heartbeat: keeps the job this worker's; False (and `lease_lost`) once another worker took it over."""
@@ -82,7 +89,8 @@ class JobReporter(TrainerCallback):
                 except Exception:  # a failed beat is retried at the next one; the lease covers two misses
                     logger.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
 
-        thread = threading.Thread(target=beat, name=f"heartbeat-{self.job_id}", daemon=True)
+        context = contextvars.copy_context()  # the beat's log lines carry the job id too
+        thread = threading.Thread(target=context.run, args=(beat,), name=f"heartbeat-{self.job_id}", daemon=True)
         thread.start()
         try:
             yield
@@ -109,6 +117,8 @@ class JobReporter(TrainerCallback):
                         total_steps=state.total_steps,
                         loss=state.loss,
                         eta_s=state.eta_s,
+                        learning_rate=state.learning_rate,
+                        elapsed_s=state.elapsed_s,
                     )
                 # Between progress writes, still look for a cancel every step (one indexed read).
                 return service.cancel_requested(session=session, job_id=self.job_id)
@@ -124,6 +134,32 @@ class JobReporter(TrainerCallback):
         self._event("checkpoint", {"step": step})
         self.renew_lease()
 
-    def on_samples(self, step: int, paths: list[Path]) -> None:
-        self._event("sample", {"step": step, "images": len(paths)})
+    def on_samples(self, samples: SampleSet) -> None:
+        """Uploads a step's samples and announces them as a `sample` event (keys; the API signs URLs on read)."""
+        self.announce_samples(samples, f"samples/{samples.folder.name}/")
         self.renew_lease()
+
+    def announce_samples(self, samples: SampleSet, relative_prefix: str) -> None:
+        """Uploads `samples.folder` under the job's outputs at `relative_prefix`, then writes its `sample` event."""
+        prefix = output_key(self.job_id, relative_prefix)
+        keys = {r["name"]: r["key"] for r in upload_tree(self.store, samples.folder, prefix)}
+        images = [
+            {
+                "name": relative_prefix + image.path.name,
+                "kind": image.kind,
+                "prompt": image.prompt,
+                "seed": image.seed,
+                "source": image.source,
+                "key": keys[image.path.name],
+            }
+            for image in samples.images
+        ]
+        self._event(
+            "sample",
+            {
+                "step": samples.step,
+                "final": samples.final,
+                "images": images,
+                "contact_sheet_key": keys[samples.contact_sheet.name],
+            },
+        )

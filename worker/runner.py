@@ -19,7 +19,15 @@ from core.db import make_engine, make_sessionmaker, session_scope
 from core.errors import NotFound, ServiceUnavailable
 from core.jobs import service
 from core.jobs.models import Job
-from core.storage import LocalStore, S3Store, checkpoint_prefix, job_prefix, make_store, output_key
+from core.storage import (
+    ADAPTER_FILES,
+    LocalStore,
+    S3Store,
+    checkpoint_prefix,
+    job_prefix,
+    make_store,
+    output_key,
+)
 from dopsd.checkpoint import list_checkpoints
 from dopsd.config import DOPSDConfig
 from dopsd.data import DataError
@@ -63,10 +71,12 @@ def model_cache() -> ModelCache:
 
 
 def _artifact_kind(name: str) -> str:
-    if name == "pytorch_lora_weights.safetensors":
+    if name in ADAPTER_FILES.values():
         return "adapter"
     if name.startswith("samples/"):
         return "sample"
+    if name.startswith("preview/"):
+        return "preview"
     return name.rsplit(".", 1)[0]  # config, metrics
 
 
@@ -85,12 +95,16 @@ def _fetch_latest_checkpoint(store: LocalStore | S3Store, job_id: uuid.UUID, out
     return found[-1] if found else None
 
 
-def _fail(sessions: sessionmaker[Session], job_id: uuid.UUID, code: str, message: str, worker_id: str) -> None:
+def _fail(
+    sessions: sessionmaker[Session], job_id: uuid.UUID, code: str, message: str, worker_id: str, gpu_s: float = 0.0
+) -> None:
     logger.warning("job %s failed: %s: %s", job_id, code, message)
 
     def write() -> None:
         with session_scope(sessions) as session:
-            service.fail_job(session=session, job_id=job_id, code=code, message=message, worker_id=worker_id)
+            service.fail_job(
+                session=session, job_id=job_id, code=code, message=message, worker_id=worker_id, gpu_seconds=gpu_s
+            )
 
     retry_db(write, what=f"job {job_id} failure")
 
@@ -133,6 +147,7 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
         with tempfile.TemporaryDirectory(prefix=f"dopsd-job-{job_id}-") as tmp, reporter.heartbeat():
             _run_claimed(job_id, Path(tmp), sessions, store, reporter)
     except Exception as exc:
+        gpu_s = reporter.gpu_seconds()
         if reporter.lease_lost:  # the job was handed to another worker: its outcome is that worker's to write
             logger.warning("job %s: stopped after losing its lease (%s)", job_id, type(exc).__name__)
             return
@@ -143,7 +158,9 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
 
             def cancel() -> bool:
                 with session_scope(sessions) as session:
-                    return service.mark_canceled(session=session, job_id=job_id, step=step, worker_id=worker_id)
+                    return service.mark_canceled(
+                        session=session, job_id=job_id, step=step, worker_id=worker_id, gpu_seconds=gpu_s
+                    )
 
             if retry_db(cancel, what=f"job {job_id} cancel"):
                 store.delete_prefix(job_prefix(job_id))  # it was deleted: nothing of it may stay
@@ -151,7 +168,7 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
         else:
             if code == "internal":
                 logger.exception("job %s: unexpected error", job_id)
-            _fail(sessions, job_id, code, message, worker_id)
+            _fail(sessions, job_id, code, message, worker_id, gpu_s)
 
 
 def _classify(exc: Exception, max_job_s: int) -> tuple[str, str]:
@@ -174,15 +191,13 @@ def _classify(exc: Exception, max_job_s: int) -> tuple[str, str]:
 def _run_claimed(
     job_id: uuid.UUID, tmp: Path, sessions: sessionmaker[Session], store: LocalStore | S3Store, reporter: JobReporter
 ) -> None:
-    from dopsd.trainer import train
-
     with sessions() as session:
         job = session.get_one(Job, job_id)
-        config_values, images = dict(job.config), list(job.images)
+        config_values, images, kind = dict(job.config), list(job.images), job.kind
         session.expunge(job)
     inputs, out = tmp / "inputs", tmp / "out"
     _fetch_inputs(store, job, inputs)
-    resume = _fetch_latest_checkpoint(store, job_id, out)
+    resume = _fetch_latest_checkpoint(store, job_id, out) if kind == "training" else None
     config = DOPSDConfig.from_dict(
         {
             **config_values,
@@ -202,25 +217,41 @@ def _run_claimed(
             data={"load_s": round(load_s, 3), "cached": cached, "resumed_from_step": _step_of(resume)},
         )
     started = time.perf_counter()
-    result = train(config, [reporter], family=family)
-    if not reporter.renew_lease():
-        raise TrainingCancelled(result.metrics["steps"])
-    records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints",))
+    if kind == "preview":
+        from dopsd.preview import preview
+
+        samples = preview(config, out / "preview", family=family)
+        reporter.announce_samples(samples, "preview/")
+        records = upload_tree(store, out, output_key(job_id, ""))
+        metrics: dict[str, Any] = {"images": len(samples.images), "render_s": round(time.perf_counter() - started, 3)}
+    else:
+        from dopsd.trainer import train
+
+        result = train(config, [reporter], family=family)
+        if not reporter.renew_lease():
+            raise TrainingCancelled(result.metrics["steps"])
+        records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints",))
+        gap = result.metrics["teacher_student_gap"]
+        metrics = {
+            "steps": result.metrics["steps"],
+            "final_loss": result.metrics["final_loss"],
+            "gap_before": gap["before"],
+            "gap_after": gap["after"],
+            "train_s": round(time.perf_counter() - started, 3),
+            "images": len(images),
+        }
     artifacts = [{**r, "kind": _artifact_kind(r["name"])} for r in records]
-    gap = result.metrics["teacher_student_gap"]
-    metrics = {
-        "steps": result.metrics["steps"],
-        "final_loss": result.metrics["final_loss"],
-        "gap_before": gap["before"],
-        "gap_after": gap["after"],
-        "train_s": round(time.perf_counter() - started, 3),
-        "images": len(images),
-    }
+    steps = metrics.get("steps", 0)
 
     def finish() -> bool:
         with session_scope(sessions) as session:
             return service.finish_job(
-                session=session, job_id=job_id, worker_id=reporter.worker_id, artifacts=artifacts, metrics=metrics
+                session=session,
+                job_id=job_id,
+                worker_id=reporter.worker_id,
+                artifacts=artifacts,
+                metrics=metrics,
+                gpu_seconds=reporter.gpu_seconds(),
             )
 
     if not retry_db(finish, what=f"job {job_id} finish"):
@@ -228,7 +259,7 @@ def _run_claimed(
         with sessions() as session:
             job_now = session.get_one(Job, job_id)
             reporter.lease_lost = job_now.worker_id != reporter.worker_id or job_now.status != "running"
-        raise TrainingCancelled(result.metrics["steps"])
+        raise TrainingCancelled(steps)
     logger.info("job %s: succeeded", job_id)
 
 

@@ -11,7 +11,9 @@ from worker.celery_app import app
 @app.task(name=TASK_TRAIN, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
 def train_job(self: object, job_id: str) -> None:
     """Runs training job `job_id` (a duplicate delivery of a claimed job does nothing)."""
+    from core.logs import job_context
     from worker.runner import run_job
 
     hostname = getattr(getattr(self, "request", None), "hostname", None) or "worker"
-    run_job(uuid.UUID(job_id), worker_id=str(hostname))
+    with job_context(job_id):
+        run_job(uuid.UUID(job_id), worker_id=str(hostname))

@@ -2,11 +2,12 @@
 
 from fastapi import APIRouter
 
-from api.routes import files, health, jobs, presets
+from api.routes import files, health, jobs, presets, previews
 
 
 api_router = APIRouter()
 api_router.include_router(health.router)
 api_router.include_router(jobs.router)
+api_router.include_router(previews.router)
 api_router.include_router(presets.router)
 api_router.include_router(files.router)

@@ -11,18 +11,21 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.estimate import estimate_gpu_seconds
+from api.public_events import public_event_data
 from api.schemas import (
     ArtifactPublic,
     ArtifactsPublic,
+    DryRunPublic,
     ErrorBody,
     EventPublic,
     EventsPublic,
@@ -31,21 +34,27 @@ from api.schemas import (
     JobPublic,
     JobsPublic,
     Progress,
+    WebhookAttemptPublic,
+    WebhookDeliveriesPublic,
+    WebhookDeliveryPublic,
 )
 from api.submission import ValidatedJob, validate_submission
 from api.uploads import UploadLimits, parse_multipart
 from core.config import Settings
-from core.errors import Conflict, TooManyRequests
+from core.errors import Conflict, NotFound, TooManyRequests
 from core.jobs import service
 from core.jobs.models import Job
 from core.jobs.states import JobStatus
 from core.queue import enqueue_training, queue_for_family
-from core.storage import LocalStore, S3Store, input_key, job_prefix
+from core.storage import ADAPTER_FILES, LocalStore, S3Store, input_key, job_prefix
+from core.webhooks import list_deliveries, validate_webhook
 
 
 logger = logging.getLogger(__name__)
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 429, 503)
+}
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 MULTIPART_BODY = {
@@ -71,11 +80,16 @@ def to_public(job: Job, session: Session) -> JobPublic:
     """The job resource a client sees."""
     base = f"/v1/jobs/{job.id}"
     links = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"}
+    if job.webhook_url:
+        links["webhook_deliveries"] = f"{base}/webhook-deliveries"
     if job.status == JobStatus.SUCCEEDED.value:
-        links.update(adapter=f"{base}/adapter", artifacts=f"{base}/artifacts")
+        links["artifacts"] = f"{base}/artifacts"
+        if job.kind == "training":
+            links["adapter"] = f"{base}/adapter"
     started = job.started_at is not None
     return JobPublic(
         id=job.id,
+        kind=job.kind,
         status=job.status,
         preset=job.preset,
         created_at=job.created_at,
@@ -86,6 +100,7 @@ def to_public(job: Job, session: Session) -> JobPublic:
         if started
         else None,
         attempt=job.attempt,
+        gpu_seconds=None if job.gpu_seconds is None else round(job.gpu_seconds, 3),
         cancel_requested=job.cancel_requested,
         images=[ImagePublic(name=i["name"], size=i["size"]) for i in job.images],
         config=job.config,
@@ -94,9 +109,10 @@ def to_public(job: Job, session: Session) -> JobPublic:
     )
 
 
-def _request_hash(validated: ValidatedJob) -> str:
-    """What makes two submissions the same request: the spec and every file's name and bytes."""
-    digest = hashlib.sha256(json.dumps(validated.spec.model_dump(mode="json"), sort_keys=True).encode())
+def _request_hash(validated: ValidatedJob, kind: str) -> str:
+    """What makes two submissions the same request: the kind, the spec and every file's name and bytes."""
+    spec = json.dumps({"kind": kind, **validated.spec.model_dump(mode="json")}, sort_keys=True)
+    digest = hashlib.sha256(spec.encode())
     for upload, _, _ in validated.images:
         digest.update(f"\n{upload.safe_name}:{upload.digest.hexdigest()}".encode())
     return digest.hexdigest()
@@ -104,7 +120,7 @@ def _request_hash(validated: ValidatedJob) -> str:
 
 def _idempotent_replay(
     session: Session, owner_id: uuid.UUID, key: str, request_hash: str, settings: Settings, response: Response
-) -> JobPublic | None:
+) -> Job | None:
     job = service.find_idempotent_job(
         session=session, owner_id=owner_id, key=key, request_hash=request_hash, ttl_s=settings.idempotency_ttl_s
     )
@@ -112,7 +128,7 @@ def _idempotent_replay(
         return None
     response.status_code = 200
     response.headers["Idempotent-Replayed"] = "true"
-    return to_public(job, session)
+    return job
 
 
 def _store_inputs(store: LocalStore | S3Store, job_id: uuid.UUID, validated: ValidatedJob) -> list[dict[str, Any]]:
@@ -124,23 +140,21 @@ def _store_inputs(store: LocalStore | S3Store, job_id: uuid.UUID, validated: Val
     return images
 
 
-@router.post(
-    "", status_code=202, response_model=JobPublic, openapi_extra=MULTIPART_BODY, operation_id="jobs-create_job"
-)
-async def create_job(
+async def submit(
     request: Request,
     response: Response,
-    principal: PrincipalDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200, pattern=r"^[\x21-\x7e]+$")] = None,
-) -> JobPublic:
-    """Submits a training job: `images` (1 to 64 files) and `spec` (JSON) as multipart/form-data.
-
-    With an `Idempotency-Key` header, repeating the same request within 24 hours returns the same job (200);
-    the same key with a different request answers 409.
-    """
+    *,
+    principal: Any,
+    session: Session,
+    settings: Settings,
+    store: LocalStore | S3Store,
+    idempotency_key: str | None,
+    kind: str,
+    dry_run: bool = False,
+) -> Job | DryRunPublic:
+    """The one submission path of training jobs and previews: stream and check the upload, then either answer
+    what would happen (`dry_run`) or store the images and the job, and dispatch it. An invalid request leaves
+    nothing behind; a replayed `Idempotency-Key` answers with the job it made."""
     limits = UploadLimits(
         max_files=settings.max_images,
         max_file_bytes=settings.max_file_bytes,
@@ -149,8 +163,17 @@ async def create_job(
     )
     with tempfile.TemporaryDirectory(prefix="dopsd-upload-") as tmp:
         upload = await parse_multipart(request, Path(tmp), limits)
-        validated = await run_in_threadpool(validate_submission, upload, settings.max_images)
-        request_hash = _request_hash(validated)
+        max_images = settings.max_images if kind == "training" else min(settings.max_images, MAX_PREVIEW_IMAGES)
+        validated = await run_in_threadpool(validate_submission, upload, max_images)
+        webhook_events = await run_in_threadpool(
+            validate_webhook,
+            validated.spec.webhook_url,
+            validated.spec.webhook_events,
+            allow_private=settings.webhook_allow_private,
+        )
+        if dry_run:
+            return _dry_run(session, validated, kind)
+        request_hash = _request_hash(validated, kind)
         if idempotency_key:
             replay = _idempotent_replay(session, principal.id, idempotency_key, request_hash, settings, response)
             if replay is not None:
@@ -167,11 +190,14 @@ async def create_job(
                 session=session,
                 job_id=job_id,
                 owner_id=principal.id,
+                kind=kind,
                 preset=validated.preset.name,
                 queue=queue_for_family(validated.preset.family),
                 spec=validated.spec.model_dump(mode="json"),
                 config=validated.config,
                 images=images,
+                webhook_url=validated.spec.webhook_url,
+                webhook_events=webhook_events,
             )
             if idempotency_key:
                 service.record_idempotency(
@@ -197,7 +223,56 @@ async def create_job(
     except Exception as exc:
         # The job is committed and queued: the reaper sends its message once the broker is back.
         logger.warning("job %s: broker unreachable (%s); the reaper will dispatch it", job.id, type(exc).__name__)
-    return to_public(job, session)
+    return job
+
+
+MAX_PREVIEW_IMAGES = 8
+
+
+def _dry_run(session: Session, validated: ValidatedJob, kind: str) -> DryRunPublic:
+    queue = queue_for_family(validated.preset.family)
+    return DryRunPublic(
+        config=validated.config,
+        images=[ImagePublic(name=u.safe_name, size=u.size) for u, _, _ in validated.images],
+        estimated_gpu_seconds=estimate_gpu_seconds(
+            session=session, preset=validated.preset, config=validated.config, kind=kind, images=len(validated.images)
+        ),
+        queue_position=service.queued_in(session=session, queue=queue) + 1,
+    )
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    openapi_extra=MULTIPART_BODY,
+    operation_id="jobs-create_job",
+    responses={200: {"model": DryRunPublic, "description": "`dry_run=true`: what would happen; nothing is created"}},
+)
+async def create_job(
+    request: Request,
+    response: Response,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200, pattern=r"^[\x21-\x7e]+$")] = None,
+    dry_run: Annotated[bool, Query(description="Validate and estimate only; create nothing.")] = False,
+) -> Any:
+    """Submits a training job: `images` (1 to 64 files) and `spec` (JSON) as multipart/form-data.
+
+    With `dry_run=true`, validates everything and answers (200) with the resolved config, the estimated
+    GPU-seconds and the queue position the job would get, without creating anything. With an `Idempotency-Key`
+    header, repeating the same request within 24 hours returns the same job (200); the same key with a different
+    request answers 409.
+    """
+    result = await submit(
+        request, response, principal=principal, session=session, settings=settings, store=store,
+        idempotency_key=idempotency_key, kind="training", dry_run=dry_run,
+    )  # fmt: skip
+    if isinstance(result, DryRunPublic):
+        return JSONResponse(result.model_dump(mode="json"), status_code=200)
+    return to_public(result, session)
 
 
 @router.get("", response_model=JobsPublic, operation_id="jobs-read_jobs")
@@ -205,12 +280,14 @@ def read_jobs(
     principal: PrincipalDep,
     session: SessionDep,
     status: JobStatus | None = None,
+    kind: Literal["training", "preview"] = "training",
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobsPublic:
-    """The caller's jobs, newest first; pass `next_cursor` back as `cursor` for the next page."""
+    """The caller's jobs (training jobs, or previews with `kind=preview`), newest first; pass `next_cursor` back
+    as `cursor` for the next page."""
     jobs, next_cursor = service.list_jobs(
-        session=session, owner_id=principal.id, status=status, limit=limit, cursor=cursor
+        session=session, owner_id=principal.id, status=status, limit=limit, cursor=cursor, kind=kind
     )
     return JobsPublic(data=[to_public(j, session) for j in jobs], next_cursor=next_cursor)
 
@@ -244,8 +321,9 @@ def delete_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, 
     return Response(status_code=204)
 
 
-def _event_public(e: Any) -> EventPublic:
-    return EventPublic(id=e.id, type=e.type, created_at=e.created_at, data=e.data)
+def _event_public(e: Any, store: LocalStore | S3Store, ttl_s: int) -> EventPublic:
+    data = public_event_data(e.type, e.data, store, ttl_s)
+    return EventPublic(id=e.id, type=e.type, created_at=e.created_at, data=data)
 
 
 @router.get(
@@ -259,25 +337,35 @@ def read_events(
     job_id: uuid.UUID,
     principal: PrincipalDep,
     session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
     after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     accept: Annotated[str | None, Header()] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Any:
-    """The job's events after `after`; with `Accept: text/event-stream`, a live server-sent stream."""
+    """The job's events after `after`; with `Accept: text/event-stream`, a live server-sent stream.
+
+    Types: queued, started, model_loaded, progress, checkpoint, sample (image and contact-sheet URLs, valid for
+    `expires_in_s`), cancel_requested, requeued, succeeded, failed, canceled."""
     service.get_job(session=session, owner_id=principal.id, job_id=job_id)
     if accept and "text/event-stream" in accept:
         start = int(last_event_id) if last_event_id and re.fullmatch(r"[0-9]{1,18}", last_event_id) else after
         return StreamingResponse(
-            _event_stream(request, job_id, start),
+            _event_stream(request, job_id, start, store, settings.presigned_url_ttl_s),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     events = service.list_events(session=session, job_id=job_id, after=after, limit=limit)
-    return EventsPublic(data=[_event_public(e) for e in events], next_after=events[-1].id if events else after)
+    ttl = settings.presigned_url_ttl_s
+    return EventsPublic(
+        data=[_event_public(e, store, ttl) for e in events], next_after=events[-1].id if events else after
+    )
 
 
-async def _event_stream(request: Request, job_id: uuid.UUID, after: int) -> AsyncIterator[str]:
+async def _event_stream(
+    request: Request, job_id: uuid.UUID, after: int, store: LocalStore | S3Store, ttl_s: int
+) -> AsyncIterator[str]:
     """Server-sent events: polls the event log, ends once the job is finished and its events are sent."""
     factory = request.app.state.sessionmaker
     idle = 0.0
@@ -285,9 +373,8 @@ async def _event_stream(request: Request, job_id: uuid.UUID, after: int) -> Asyn
 
         def poll(cursor: int) -> tuple[list[EventPublic], bool]:
             with factory() as s:
-                events = [
-                    _event_public(e) for e in service.list_events(session=s, job_id=job_id, after=cursor, limit=200)
-                ]
+                found = service.list_events(session=s, job_id=job_id, after=cursor, limit=200)
+                events = [_event_public(e, store, ttl_s) for e in found]
                 job = s.get(Job, job_id)
                 done = job is None or job.deleted or JobStatus(job.status).is_terminal
                 return events, done
@@ -323,13 +410,21 @@ def _succeeded_job(session: Session, owner_id: uuid.UUID, job_id: uuid.UUID) -> 
     responses={302: {"description": "redirect to a short-lived download URL of the safetensors file"}},
 )
 def read_adapter(
-    job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, store: StoreDep, settings: SettingsDep
+    job_id: uuid.UUID,
+    principal: PrincipalDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    format: Literal["diffusers", "comfyui"] = "diffusers",
 ) -> RedirectResponse:
-    """Redirects to a short-lived URL of `pytorch_lora_weights.safetensors` (diffusers format)."""
+    """Redirects to a short-lived URL of the adapter: `format=diffusers` (default; `load_lora_weights`) or
+    `format=comfyui` (ComfyUI's LoRA loader). A format the job was not asked to write answers 404."""
     job = _succeeded_job(session, principal.id, job_id)
-    adapter = next((a for a in job.artifacts if a.kind == "adapter"), None)
+    adapter = next((a for a in job.artifacts if a.name == ADAPTER_FILES[format]), None)
     if adapter is None:
-        raise Conflict(f"job {job.id} has no adapter", code="job_not_finished")
+        raise NotFound(
+            f"job {job.id} has no {format} adapter (see spec.output_formats)", code="adapter_format_not_written"
+        )
     url = store.download_url(adapter.key, filename=adapter.name, ttl_s=settings.presigned_url_ttl_s)
     return RedirectResponse(url, status_code=302)
 
@@ -352,6 +447,31 @@ def read_artifacts(
                 expires_in_s=ttl,
             )
             for a in job.artifacts
+        ]
+    )
+
+
+@router.get(
+    "/{job_id}/webhook-deliveries", response_model=WebhookDeliveriesPublic, operation_id="jobs-read_webhook_deliveries"
+)
+def read_webhook_deliveries(
+    job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep
+) -> WebhookDeliveriesPublic:
+    """Every webhook delivery of the job (one per announced event) with each attempt: when, the receiver's
+    status code or the error, and how long it took."""
+    service.get_job(session=session, owner_id=principal.id, job_id=job_id)
+    return WebhookDeliveriesPublic(
+        data=[
+            WebhookDeliveryPublic(
+                id=d.id,
+                event_id=d.event_id,
+                event_type=d.event_type,
+                url=d.url,
+                status=d.status,
+                next_attempt_at=d.next_attempt_at if d.status == "pending" else None,
+                attempts=[WebhookAttemptPublic.model_validate(a) for a in d.attempts],
+            )
+            for d in list_deliveries(session=session, job_id=job_id)
         ]
     )
 

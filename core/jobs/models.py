@@ -31,6 +31,8 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(100))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    # The HMAC key of this key's webhooks (Standard Webhooks `whsec_...`); the server must keep it to sign.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
@@ -43,6 +45,7 @@ class Job(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_key.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED.value)
+    kind: Mapped[str] = mapped_column(String(16), default="training", server_default="training")
     preset: Mapped[str] = mapped_column(String(64))
     queue: Mapped[str] = mapped_column(String(64))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -62,6 +65,10 @@ class Job(Base):
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float, default=None)
     eta_s: Mapped[float | None] = mapped_column(Float, default=None)
+    # Wall time the job held a GPU worker, summed over attempts (set as attempts end).
+    gpu_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -103,6 +110,22 @@ class JobArtifact(Base):
     content_type: Mapped[str] = mapped_column(String(100))
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class WebhookDelivery(Base):
+    """One event to POST to a job's webhook (written with the event: an outbox), with every attempt made."""
+
+    __tablename__ = "webhook_delivery"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("job.id", ondelete="CASCADE"), index=True)
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    event_type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(String(2000))
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending, delivered, failed
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class IdempotencyRecord(Base):

@@ -16,18 +16,21 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from core.errors import Conflict, InvalidRequest, NotFound, Unauthorized
-from core.jobs.models import ApiKey, IdempotencyRecord, Job, JobArtifact, JobEvent, utcnow
+from core.jobs.models import ApiKey, IdempotencyRecord, Job, JobArtifact, JobEvent, WebhookDelivery, utcnow
 from core.jobs.states import TERMINAL, JobStatus, can_transition
-from core.security import generate_api_key, hash_api_key
+from core.security import generate_api_key, generate_webhook_secret, hash_api_key
 
 
 # Keys -------------------------------------------------------------------------------------------------------------
 
 
 def create_api_key(*, session: Session, name: str, key: str | None = None) -> tuple[ApiKey, str]:
-    """Registers a key (a new random one unless `key` is given) and returns it; only its hash is stored."""
+    """Registers a key (a new random one unless `key` is given) and returns it; only its hash is stored.
+
+    The key also gets its webhook signing secret (`record.webhook_secret`), shown with the key once.
+    """
     key = key or generate_api_key()
-    record = ApiKey(name=name, key_hash=hash_api_key(key), prefix=key[:10])
+    record = ApiKey(name=name, key_hash=hash_api_key(key), prefix=key[:10], webhook_secret=generate_webhook_secret())
     session.add(record)
     session.flush()
     return record, key
@@ -38,6 +41,7 @@ def ensure_api_key(*, session: Session, name: str, key: str) -> ApiKey:
     existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key)))
     if existing is not None:
         existing.revoked_at = None
+        existing.webhook_secret = existing.webhook_secret or generate_webhook_secret()
         return existing
     return create_api_key(session=session, name=name, key=key)[0]
 
@@ -69,9 +73,14 @@ def authenticate(*, session: Session, key: str) -> ApiKey:
 
 
 def add_event(*, session: Session, job_id: uuid.UUID, type: str, data: dict[str, Any] | None = None) -> JobEvent:
-    """Appends to a job's event log."""
+    """Appends to a job's event log; when the job has a webhook that wants this type, the delivery is queued in
+    the same transaction (an outbox: an event is never announced without being stored, nor stored unannounced)."""
     event = JobEvent(job_id=job_id, type=type, data=data or {})
     session.add(event)
+    hook = session.execute(select(Job.webhook_url, Job.webhook_events).where(Job.id == job_id)).one_or_none()
+    if hook is not None and hook[0] and type in (hook[1] or ()):
+        session.flush()  # the event's id is the delivery's stable webhook-id
+        session.add(WebhookDelivery(job_id=job_id, event_id=event.id, event_type=type, url=hook[0]))
     return event
 
 
@@ -85,10 +94,16 @@ def create_job(
     spec: dict[str, Any],
     config: dict[str, Any],
     images: list[dict[str, Any]],
+    kind: str = "training",
+    webhook_url: str | None = None,
+    webhook_events: list[str] | None = None,
 ) -> Job:
     """Records a queued job (the caller commits, then enqueues)."""
     job = Job(
         id=job_id,
+        kind=kind,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
         owner_id=owner_id,
         preset=preset,
         queue=queue,
@@ -101,7 +116,12 @@ def create_job(
     )
     session.add(job)
     session.flush()
-    add_event(session=session, job_id=job.id, type="queued", data={"images": len(images)})
+    add_event(
+        session=session,
+        job_id=job.id,
+        type="queued",
+        data={"images": len(images), "position": queue_position(session=session, job=job)},
+    )
     return job
 
 
@@ -128,10 +148,16 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_jobs(
-    *, session: Session, owner_id: uuid.UUID, status: JobStatus | None, limit: int, cursor: str | None
+    *,
+    session: Session,
+    owner_id: uuid.UUID,
+    status: JobStatus | None,
+    limit: int,
+    cursor: str | None,
+    kind: str = "training",
 ) -> tuple[list[Job], str | None]:
-    """The caller's jobs, newest first, a page at a time (keyset pagination on (created_at, id))."""
-    query = select(Job).where(Job.owner_id == owner_id, Job.deleted.is_(False))
+    """The caller's jobs of one kind, newest first, a page at a time (keyset pagination on (created_at, id))."""
+    query = select(Job).where(Job.owner_id == owner_id, Job.deleted.is_(False), Job.kind == kind)
     if status is not None:
         query = query.where(Job.status == status.value)
     if cursor:
@@ -140,6 +166,16 @@ def list_jobs(
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+def queued_in(*, session: Session, queue: str) -> int:
+    """How many jobs wait in a queue."""
+    query = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.queue == queue, Job.status == JobStatus.QUEUED.value, Job.deleted.is_(False))
+    )
+    return int(session.scalar(query) or 0)
 
 
 def queue_position(*, session: Session, job: Job) -> int | None:
@@ -260,7 +296,15 @@ def renew_lease(*, session: Session, job_id: uuid.UUID, worker_id: str, lease_s:
 
 
 def record_progress(
-    *, session: Session, job_id: uuid.UUID, step: int, total_steps: int, loss: float, eta_s: float
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    step: int,
+    total_steps: int,
+    loss: float,
+    eta_s: float,
+    learning_rate: float | None = None,
+    elapsed_s: float | None = None,
 ) -> bool:
     """Writes progress and a `progress` event; returns whether a cancel was requested meanwhile."""
     session.execute(
@@ -270,7 +314,14 @@ def record_progress(
         session=session,
         job_id=job_id,
         type="progress",
-        data={"step": step, "total_steps": total_steps, "loss": loss, "eta_s": round(eta_s, 1)},
+        data={
+            "step": step,
+            "total_steps": total_steps,
+            "loss": loss,
+            "learning_rate": learning_rate,
+            "eta_s": round(eta_s, 1),
+            "elapsed_s": None if elapsed_s is None else round(elapsed_s, 2),
+        },
     )
     return cancel_requested(session=session, job_id=job_id)
 
@@ -295,6 +346,7 @@ def finish_job(
     worker_id: str,
     artifacts: list[dict[str, Any]],
     metrics: dict[str, Any],
+    gpu_seconds: float = 0.0,
 ) -> bool:
     """Marks the job succeeded with its artifacts, in one transaction (the caller commits).
 
@@ -304,32 +356,56 @@ def finish_job(
     result = session.execute(
         update(Job)
         .where(_held_by(job_id, worker_id), Job.deleted.is_(False), Job.cancel_requested.is_(False))
-        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), eta_s=0.0)
+        .values(status=JobStatus.SUCCEEDED.value, finished_at=utcnow(), eta_s=0.0, gpu_seconds=_plus_gpu(gpu_seconds))
+        .returning(Job.gpu_seconds)
     )
-    if not result.rowcount:  # type: ignore[attr-defined]
+    total = result.scalar_one_or_none()
+    if total is None:
         return False
     session.execute(delete(JobArtifact).where(JobArtifact.job_id == job_id))
     session.add_all(JobArtifact(job_id=job_id, **a) for a in artifacts)
-    add_event(session=session, job_id=job_id, type="succeeded", data=metrics)
+    add_event(session=session, job_id=job_id, type="succeeded", data={"gpu_seconds": round(total, 3), **metrics})
     return True
 
 
-def fail_job(*, session: Session, job_id: uuid.UUID, code: str, message: str, worker_id: str | None = None) -> bool:
+def _plus_gpu(seconds: float) -> Any:
+    """`gpu_seconds + seconds`, as an SQL expression (the column starts NULL)."""
+    return func.coalesce(Job.gpu_seconds, 0.0) + seconds
+
+
+def fail_job(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    code: str,
+    message: str,
+    worker_id: str | None = None,
+    gpu_seconds: float = 0.0,
+) -> bool:
     """Marks a job failed with a stable code and a readable message; a worker may fail only a job it holds."""
+    values: dict[str, Any] = {"gpu_seconds": _plus_gpu(gpu_seconds)} if gpu_seconds else {}
     result = session.execute(
         update(Job)
         .where(_held_by(job_id, worker_id))
-        .values(status=JobStatus.FAILED.value, finished_at=utcnow(), error_code=code, error_message=message[:2000])
+        .values(
+            status=JobStatus.FAILED.value,
+            finished_at=utcnow(),
+            error_code=code,
+            error_message=message[:2000],
+            **values,
+        )
     )
     if result.rowcount:  # type: ignore[attr-defined]
         add_event(session=session, job_id=job_id, type="failed", data={"code": code, "message": message[:500]})
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def mark_canceled(*, session: Session, job_id: uuid.UUID, step: int, worker_id: str) -> bool:
+def mark_canceled(*, session: Session, job_id: uuid.UUID, step: int, worker_id: str, gpu_seconds: float = 0.0) -> bool:
     """Marks a job canceled after its worker stopped it; returns whether the job is (now) deleted."""
     result = session.execute(
-        update(Job).where(_held_by(job_id, worker_id)).values(status=JobStatus.CANCELED.value, finished_at=utcnow())
+        update(Job)
+        .where(_held_by(job_id, worker_id))
+        .values(status=JobStatus.CANCELED.value, finished_at=utcnow(), gpu_seconds=_plus_gpu(gpu_seconds))
     )
     if result.rowcount:  # type: ignore[attr-defined]
         add_event(session=session, job_id=job_id, type="canceled", data={"step": step})

@@ -147,7 +147,7 @@ def test_klein_adapter_loads_in_diffusers_and_reproduces_the_trainer_sample(
     pipe.load_lora_weights(klein_run / "pytorch_lora_weights.safetensors")
     tuned = generate()
     samples = klein_run / "samples" / "step-00000030"
-    trainer_student = np.asarray(Image.open(samples / "prompt-00-seed-0-student.png"), dtype=np.float64)
+    trainer_student = np.asarray(Image.open(samples / "prompt-00-seed-0-adapter.png"), dtype=np.float64)
     trainer_base = np.asarray(Image.open(samples / "prompt-00-seed-0-base.png"), dtype=np.float64)
     assert np.abs(base - trainer_base).max() <= 1
     assert np.abs(tuned - trainer_student).max() <= 1

@@ -24,6 +24,7 @@ from dopsd.lora import (
 from dopsd.models.loading import load_family
 from dopsd.presets import get_preset
 from dopsd.rollout import distillation_rollout
+from dopsd.sampling import SampleSet
 
 
 def quick_config(example_dir: Path, out: Path, **overrides: Any) -> DOPSDConfig:
@@ -79,6 +80,7 @@ def test_callbacks_get_progress_and_can_ask_for_checkpoints(example_dir: Path, t
             self.states: list[StepState] = []
             self.checkpoints: list[int] = []
             self.samples: list[int] = []
+            self.finals: list[bool] = []
 
         def on_step_end(self, state: StepState) -> TrainerControl:
             self.states.append(state)
@@ -88,8 +90,10 @@ def test_callbacks_get_progress_and_can_ask_for_checkpoints(example_dir: Path, t
             self.checkpoints.append(step)
             assert (path / "student.safetensors").is_file() and (path / "optimizer.pt").is_file()
 
-        def on_samples(self, step: int, paths: list[Path]) -> None:
-            self.samples.append(step)
+        def on_samples(self, samples: SampleSet) -> None:
+            self.samples.append(samples.step)
+            self.finals.append(samples.final)
+            assert samples.contact_sheet.is_file() and all(i.path.is_file() for i in samples.images)
 
     cb = SaveEvenSteps()
     train(quick_config(example_dir, tmp_path, sample_every=3, checkpoints_total_limit=2), [cb])
@@ -97,7 +101,7 @@ def test_callbacks_get_progress_and_can_ask_for_checkpoints(example_dir: Path, t
     assert all(s.total_steps == 6 and s.loss > 0 and s.eta_s >= 0 for s in cb.states)
     assert cb.states[-1].eta_s == 0
     assert cb.checkpoints == [2, 4, 6]
-    assert cb.samples == [3, 6]
+    assert cb.samples == [3, 6] and cb.finals == [False, True]
     # Only the newest two checkpoints stay on disk, and no temporary folder is left behind.
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000004", "step-00000006"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []

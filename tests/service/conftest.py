@@ -45,11 +45,16 @@ class Stack:
 
     def create_key(self, name: str) -> str:
         """`dopsd keys create --name NAME`, as an operator runs it; returns the printed key."""
+        return self.create_key_with_secret(name)[0]
+
+    def create_key_with_secret(self, name: str) -> tuple[str, str]:
+        """`dopsd keys create --name NAME`; returns the printed key and webhook signing secret."""
         out = subprocess.run(
             [sys.executable, "-m", "dopsd", "keys", "create", "--name", name],
             env=self.env, cwd=REPO, capture_output=True, text=True, check=True,
         )  # fmt: skip
-        return out.stdout.strip().splitlines()[-1]
+        key, secret = out.stdout.strip().splitlines()[-2:]
+        return key, secret
 
     def s3_keys(self, prefix: str = "jobs/") -> list[str]:
         """Every object key under `prefix` in the stack's bucket, read straight from the S3 server."""
@@ -138,6 +143,9 @@ def prod_stack(database: str, s3: dict[str, str], tmp_path_factory: pytest.TempP
         DOPSD_DISPATCH_GRACE_S="8",
         DOPSD_MAX_QUEUED_PER_KEY="6",
         DOPSD_RATE_LIMIT_PER_MINUTE="1000",
+        DOPSD_WEBHOOK_ALLOW_PRIVATE="true",  # the tests' receivers listen on loopback
+        DOPSD_WEBHOOK_RETRY_DELAYS_S="[0.3, 0.6]",
+        DOPSD_WEBHOOK_POLL_INTERVAL_S="0.2",
     )
     api = stack.start_api(env, port, logs / "api.log")
     running = Stack(f"http://127.0.0.1:{port}", env, database, logs)

@@ -1,0 +1,60 @@
+"""How long a job will hold a GPU worker, told before it runs (`POST /v1/jobs?dry_run=true`).
+
+The cost of one D-OPSD step comes from the service's own history (the median of the preset's last finished jobs),
+and from the preset's hint until a job of the preset has run. A sampling forward costs about 1/16 of a step: a
+step is 4 student forward/backward passes (~3 forwards each) and 4 teacher forwards.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.jobs.models import Job, JobEvent
+from dopsd.presets import Preset
+
+
+FORWARDS_PER_STEP = 16
+HISTORY = 20
+
+
+def observed_step_seconds(*, session: Session, preset: str) -> float | None:
+    """The median seconds per training step of the preset's last succeeded training jobs, if any ran."""
+    rows = session.scalars(
+        select(JobEvent.data)
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(Job.preset == preset, Job.kind == "training", JobEvent.type == "succeeded")
+        .order_by(JobEvent.id.desc())
+        .limit(HISTORY)
+    )
+    per_step = [float(d["train_s"]) / int(d["steps"]) for d in rows if d.get("train_s") and d.get("steps")]
+    return statistics.median(per_step) if per_step else None
+
+
+def _step_seconds(session: Session, preset: Preset, config: dict[str, Any]) -> float:
+    observed = observed_step_seconds(session=session, preset=preset.name)
+    if observed is not None:
+        return observed
+    default_res = int(preset.defaults.get("resolution") or config["resolution"])
+    scale = (int(config["resolution"]) / default_res) ** 2
+    return preset.step_seconds * scale * int(config["train_batch_size"]) * int(config["gradient_accumulation_steps"])
+
+
+def estimate_gpu_seconds(
+    *, session: Session, preset: Preset, config: dict[str, Any], kind: str = "training", images: int = 1
+) -> float:
+    """Model load + training steps + sample renders (or, for a preview, one image per reference image and
+    prompt) for a resolved config."""
+    step_s = _step_seconds(session, preset, config)
+    image_s = int(config["sample_steps"]) * step_s / FORWARDS_PER_STEP
+    prompts, seeds = len(config.get("validation_prompts") or []), len(config.get("sample_seeds") or [])
+    if kind == "preview":
+        return round(preset.load_seconds + prompts * images * image_s, 1)
+    steps = int(config["max_train_steps"])
+    every = int(config.get("sample_every") or 0)
+    renders = (steps // every if every else 0) + 1
+    sample_s = (renders + 1) * prompts * seeds * image_s  # +1: the base model's images, rendered once
+    return round(preset.load_seconds + steps * step_s + sample_s, 1)

@@ -1,0 +1,86 @@
+"""`preview()`: the method's own sanity check before paying for training.
+
+D-OPSD teaches the student what the base model already does when the teacher context shows it the target image.
+So the base model conditioned on (reference image + prompt) through the teacher encoder, at the native few-step
+setting, is what training can reach at best: if these images do not show the concept, training will not either.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from dopsd.config import DOPSDConfig
+from dopsd.data import (
+    ConceptDataset,
+    buckets_for_resolution,
+    load_concept_dataset,
+    nearest_bucket,
+    resize_to_cover,
+    resolve_caption,
+)
+from dopsd.models.base import Cond, ModelFamily
+from dopsd.models.loading import load_family
+from dopsd.presets import get_preset
+from dopsd.sampling import SampleSet, render_previews
+from dopsd.trainer import resolve_device
+
+
+def preview(
+    config: DOPSDConfig,
+    out_dir: Path,
+    *,
+    family: ModelFamily | None = None,
+    dataset: ConceptDataset | None = None,
+) -> SampleSet:
+    """Renders one zero-shot image per reference image and validation prompt (first sample seed) into `out_dir`,
+    with a contact sheet; `family` lets a worker pass an already loaded model."""
+    cfg = config.resolved()
+    assert cfg.resolution is not None and cfg.sample_steps is not None and cfg.validation_prompts is not None
+    assert cfg.student_max_sequence_length is not None
+    preset = get_preset(cfg.preset)
+    if dataset is None:
+        dataset = load_concept_dataset(
+            cfg.instance_data_dir,
+            trigger=cfg.trigger,
+            default_caption=cfg.default_caption,
+            captions=cfg.captions,
+            min_side=preset.min_image_side,
+        )
+    if family is None:
+        device, dtype = resolve_device(cfg)
+        assert cfg.pretrained_model_name_or_path is not None
+        family = load_family(
+            preset,
+            base=cfg.pretrained_model_name_or_path,
+            teacher=cfg.teacher_encoder_path,
+            device=device,
+            dtype=dtype,
+            teacher_min_pixels=cfg.teacher_min_pixels or 0,
+            teacher_max_pixels=cfg.teacher_max_pixels or 0,
+            teacher_context=cfg.teacher_context or "vlm",
+        )
+    buckets = buckets_for_resolution(cfg.resolution)
+    text_max, context_max = cfg.student_max_sequence_length, cfg.teacher_max_sequence_length
+
+    def encode(image: Image.Image, prompt: str) -> Cond:
+        bucket = nearest_bucket(image.width, image.height, buckets)
+        return family.encode_teacher(
+            resize_to_cover(image, bucket), prompt, text_max_length=text_max, context_max_length=context_max
+        )
+
+    try:
+        return render_previews(
+            family,
+            references=[(item.name, item.image) for item in dataset.items],
+            prompts=[resolve_caption(p, cfg.trigger) for p in cfg.validation_prompts],
+            seed=cfg.sample_seeds[0],
+            width=cfg.resolution,
+            height=cfg.resolution,
+            num_steps=cfg.sample_steps,
+            encode_teacher=encode,
+            out_dir=out_dir,
+        )
+    finally:
+        family.release_encoders()
