@@ -30,6 +30,7 @@ from PIL import Image
 
 from dopsd.config import DISTILL4_SIGMAS
 from dopsd.lora import add_adapters, ema_update, make_lora_config, student_parameters, teacher_parameters
+from dopsd.losses import compute_x0_distillation_loss
 from dopsd.models import tiny
 from dopsd.models.base import Cond
 from dopsd.models.loading import TINY_SEED, z_image_family
@@ -101,20 +102,57 @@ def sft_step(
     return float(loss.detach())
 
 
+def live_batched_rollout(
+    family: ZImageFamily, *, noise: torch.Tensor, student_conds: list[Cond], teacher_conds: list[Cond],
+    sigmas: list[float], loss_scale: float = 1.0,
+) -> float:  # fmt: skip
+    """`distillation_rollout` for teacher_mode `live` (teacher = the student adapter) with the teacher forward batched
+    into the student's: one forward of [x; x] with [c_S; c_T], the teacher half detached. The lever under test.
+
+    Same values as the sequential roll-out, but autograd still runs the backward through the teacher half (its
+    activations live in the same tensors), and the shorter student context is padded to the teacher's length.
+    """
+    batch, num_states, total, x = noise.shape[0], len(sigmas) - 1, 0.0, noise
+    for k in range(num_states):
+        x = x.detach()
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        with family.autocast():
+            pred = family.predict(torch.cat([x, x]), sigma, [*student_conds, *teacher_conds])
+        pred_student, pred_teacher = pred[:batch], pred[batch:].detach()
+        loss = compute_x0_distillation_loss(
+            family.x0_from_prediction(x, sigma, pred_student), family.x0_from_prediction(x, sigma, pred_teacher)
+        )
+        (loss * (loss_scale / num_states)).backward()
+        total += float(loss.detach())
+        x = family.euler_step(x, sigma, sigma_next, pred_student.detach())
+    return total / num_states
+
+
 def dopsd_step(
     family: ZImageFamily, params: list[torch.nn.Parameter], teacher: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer, shape: tuple[int, ...], conds: tuple[list[Cond], list[Cond]], gen: torch.Generator,
+    mode: str = "ema",
 ) -> float:  # fmt: skip
-    """One D-OPSD step exactly as `dopsd.trainer` runs it: 4-state roll-out, clip, AdamW, EMA of the teacher."""
+    """One D-OPSD step exactly as `dopsd.trainer` runs it: 4-state roll-out, clip, AdamW, EMA of the teacher.
+
+    `mode`: the teacher mode `ema` (the default: teacher adapter, EMA after the step), `live` (the student adapter
+    is its own teacher, no EMA), or `live-batched` (`live` through `live_batched_rollout`).
+    """
     noise = torch.randn(shape, generator=gen).to(family.device)
-    loss = distillation_rollout(
-        family, noise=noise, student_conds=conds[0], teacher_conds=conds[1], sigmas=list(DISTILL4_SIGMAS),
-        teacher_adapter="teacher", loss_space="x0", loss_scale=1.0,
-    )  # fmt: skip
+    if mode == "live-batched":
+        loss = live_batched_rollout(
+            family, noise=noise, student_conds=conds[0], teacher_conds=conds[1], sigmas=list(DISTILL4_SIGMAS)
+        )
+    else:
+        loss = distillation_rollout(
+            family, noise=noise, student_conds=conds[0], teacher_conds=conds[1], sigmas=list(DISTILL4_SIGMAS),
+            teacher_adapter="teacher" if mode == "ema" else "student", loss_space="x0", loss_scale=1.0,
+        )  # fmt: skip
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema_update(teacher, params, 0.9999)
+    if mode == "ema":
+        ema_update(teacher, params, 0.9999)
     return loss
 
 

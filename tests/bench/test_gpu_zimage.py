@@ -1,0 +1,71 @@
+"""The full-size GPU benchmark's quick mode runs on the CPU: every configuration, one JSON line each, and the
+analytic FLOP count it reports MFU with."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench import gpu_zimage  # noqa: E402
+
+
+def test_quick_mode_runs_every_configuration_and_writes_json_lines(tmp_path: Path) -> None:
+    """`bench/gpu_zimage.py --quick`: setup line, D-OPSD/SFT at two sizes, the batching lever, checkpointing off,
+    the reference-style step and its cached twin; each also appended to the --out file."""
+    out = tmp_path / "gpu_zimage.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_zimage.py", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert printed == [json.loads(line) for line in out.read_text().splitlines()]
+    assert printed[0]["event"] == "setup" and printed[-1]["event"] == "done"
+    steps = [r for r in printed if "step_s" in r]
+    assert {(r["resolution"], r["method"], r["gradient_checkpointing"]) for r in steps} >= {
+        (64, "dopsd", True), (64, "sft", True), (128, "dopsd", True), (128, "sft", True), (64, "dopsd-live", True),
+        (64, "dopsd-live-batched", True), (128, "dopsd", False), (128, "reference", True),
+    }  # fmt: skip
+    for record in steps:
+        assert record["step_s"] > 0 and record["loss_finite"], record
+        assert record["image_tokens"] == (record["resolution"] // 16) ** 2
+
+
+def test_full_config_is_the_6b_model() -> None:
+    """The real config, built on the meta device, has Z-Image-Turbo's 6.15B parameters."""
+    assert gpu_zimage.count_parameters(gpu_zimage.REAL_TRANSFORMER) == pytest.approx(6.155e9, rel=1e-3)
+
+
+def test_flop_count_matches_hand_arithmetic() -> None:
+    """Forward linear FLOPs are 2 x weights x tokens (per block and embedder); a student pass is ~2x a forward."""
+    cfg = gpu_zimage.REAL_TRANSFORMER
+    f = gpu_zimage.forward_flops(cfg, 4096, 64, rank=64)
+    block = 4 * 3840**2 + 3 * 3840 * 10240
+    assert f["linear"] == pytest.approx(2 * block * (2 * 4096 + 2 * 64 + 30 * 4160), rel=0.01)
+    assert f["attention"] == pytest.approx(4 * 3840 * (2 * 4096**2 + 2 * 64**2 + 30 * 4160**2))
+    model, hardware = gpu_zimage.step_flops(cfg, "sft", 4096, 64, 642, checkpointing=True)
+    forward = sum(f.values())
+    assert 1.9 < model / forward < 2.2
+    assert hardware == pytest.approx(model + forward)
+    dopsd, _ = gpu_zimage.step_flops(cfg, "dopsd", 4096, 64, 642, checkpointing=False)
+    assert 6.0 < dopsd / model < 6.5  # 4 teacher forwards (longer context) + 4 student passes vs 1 student pass
+
+
+def test_peak_table() -> None:
+    """Dense bf16 peaks by card name."""
+    assert gpu_zimage.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert gpu_zimage.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_zimage.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_zimage.peak_bf16_tflops("cpu") is None
