@@ -1,0 +1,506 @@
+"""`dopsd client ...`: submit a job, watch it, download what it made, from any machine that reaches the API.
+
+    dopsd client submit --images photos/ --trigger sks --steps 1000 --wait --out sks/
+    dopsd client status ID | events ID [--follow] | download ID [--samples] | cancel ID | delete ID | list
+
+The API is `$DOPSD_API_URL` (default http://127.0.0.1:8000), the key `$DOPSD_API_KEY` (or `--api-url`,
+`--api-key`). An API error prints as one `error:` line (exit 2); a job that fails under `--wait` prints the API's
+message (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from dopsd_client.api import ADAPTER_NAME, TERMINAL_STATUSES, DOPSDAPIError, DOPSDClient, image_files
+
+
+EXIT_JOB_FAILED = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+FORMATS = ("diffusers", "comfyui")
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KB", "MB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _time(value: str | None) -> str:
+    if not value:
+        return "-"
+    try:
+        return datetime.fromisoformat(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return value
+
+
+# -- the spec a submission sends --------------------------------------------------------------------------------------
+
+
+def build_spec(ns: argparse.Namespace) -> dict[str, Any]:
+    """The job spec of `dopsd client submit`: `--spec FILE` first, then the flags given on the command line."""
+    spec: dict[str, Any] = {}
+    if ns.spec is not None:
+        loaded = json.loads(Path(ns.spec).read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{ns.spec}: the spec file must hold a JSON object of job fields")
+        spec.update(loaded)
+    if ns.captions is not None:
+        captions = json.loads(Path(ns.captions).read_text())
+        if not isinstance(captions, dict):
+            raise ValueError(f"{ns.captions}: captions must be a JSON object: file name -> caption or list")
+        spec["captions"] = {name: [c] if isinstance(c, str) else list(c) for name, c in captions.items()}
+    flags = {
+        "preset": ns.preset,
+        "trigger": ns.trigger,
+        "default_caption": ns.caption,
+        "steps": ns.steps,
+        "learning_rate": ns.learning_rate,
+        "rank": ns.rank,
+        "lora_alpha": ns.lora_alpha,
+        "resolution": ns.resolution,
+        "seed": ns.seed,
+        "validation_prompts": ns.prompt,
+        "sample_seeds": ns.sample_seed,
+        "sample_every": ns.sample_every,
+        "output_formats": ns.format,
+        "webhook_url": ns.webhook_url,
+    }
+    spec.update({k: v for k, v in flags.items() if v is not None})
+    return spec
+
+
+# -- watching a job ---------------------------------------------------------------------------------------------------
+
+
+class Watcher:
+    """Turns a job's events into a progress bar (step/total, loss, ETA) and lines for the rest (samples' URLs)."""
+
+    def __init__(self, *, quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.bar: Any = None
+        self.samples: list[str] = []
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def _open_bar(self, total: int, initial: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="step",
+                desc="training",
+                file=self.stream,
+                dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+            )
+        elif total != self.bar.total:
+            self.bar.total = total
+
+    def close(self) -> None:
+        """Closes the progress bar (it stays on screen at its last state)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Shows one event."""
+        kind, data = event.get("type"), event.get("data") or {}
+        if not isinstance(data, dict):
+            data = {}
+        if kind == "queued":
+            position = data.get("position")
+            self._line("queued" + (f" (position {position})" if position else ""))
+        elif kind == "started":
+            attempt = data.get("attempt")
+            again = f", attempt {attempt}" if isinstance(attempt, int) and attempt > 1 else ""
+            self._line(f"started on {data.get('worker', 'a worker')}{again}")
+        elif kind == "model_loaded":
+            load_s = data.get("load_s")
+            how = " (cached)" if data.get("cached") else ""
+            self._line(f"model loaded{f' in {load_s:.1f}s' if isinstance(load_s, int | float) else ''}{how}")
+        elif kind == "training":
+            self._open_bar(int(data.get("total_steps") or 0), int(data.get("start_step") or 0))
+        elif kind == "progress":
+            self._progress(data)
+        elif kind == "checkpoint":
+            self._line(f"checkpoint at step {data.get('step')}")
+        elif kind == "sample":
+            self._sample(data)
+        elif kind == "requeued":
+            self._line("the worker was lost; the job is queued again and resumes from its last checkpoint")
+        elif kind == "cancel_requested":
+            self._line("cancel requested; stopping within one step")
+        elif kind in TERMINAL_STATUSES:
+            if kind == "succeeded" and self.bar is not None:
+                self.bar.n = self.bar.total
+                self.bar.refresh()
+            self.close()
+
+    def _progress(self, data: dict[str, Any]) -> None:
+        step, total = data.get("step"), data.get("total_steps")
+        if not isinstance(step, int) or not isinstance(total, int):
+            return
+        self._open_bar(total, 0)
+        if self.bar is None:
+            return
+        self.bar.n = step
+        postfix = {}
+        if isinstance(data.get("loss"), int | float):
+            postfix["loss"] = f"{data['loss']:.4g}"
+        if isinstance(data.get("eta_s"), int | float):
+            postfix["ETA"] = _duration(data["eta_s"])
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def _sample(self, data: dict[str, Any]) -> None:
+        images = data.get("images")
+        step = data.get("step")
+        final = " (final)" if data.get("final") else ""
+        if not isinstance(images, list):  # an API without sample URLs in its events: the count only
+            count = f": {images} images" if isinstance(images, int) else ""
+            self._line(f"samples at step {step}{final}{count} (dopsd client download ID --samples)")
+            return
+        self._line(f"samples at step {step}{final}:")
+        if data.get("contact_sheet"):
+            self._line(f"  contact sheet  {data['contact_sheet']}")
+            self.samples.append(str(data["contact_sheet"]))
+        for image in images:
+            if not isinstance(image, dict) or not image.get("url"):
+                continue
+            label = f"{image.get('kind', '')} seed {image.get('seed', '?')}"
+            prompt = f" {image['prompt']!r}" if image.get("prompt") else ""
+            self._line(f"  {label:14} {image['url']}{prompt}")
+            self.samples.append(str(image["url"]))
+
+
+def _finish(client: DOPSDClient, job: dict[str, Any], ns: argparse.Namespace) -> int:
+    """Reports a finished job; downloads its adapter(s) to `--out` when it succeeded."""
+    job_id = job["id"]
+    if job["status"] != "succeeded":
+        error = job.get("error") or {}
+        if job["status"] == "canceled":
+            _err(f"job {job_id} was canceled")
+        else:
+            _err(f"job {job_id} failed: {error.get('message') or 'no message'} [{error.get('code', 'failed')}]")
+        return EXIT_JOB_FAILED
+    took = ""
+    if job.get("gpu_seconds") is not None:
+        took = f" ({_duration(job['gpu_seconds'])} of GPU time)"
+    progress = job.get("progress") or {}
+    loss = f", final loss {progress['loss']:.4g}" if isinstance(progress.get("loss"), int | float) else ""
+    _out(f"job {job_id} succeeded{took}{loss}")
+    if ns.out is not None:
+        out = Path(ns.out)
+        out.mkdir(parents=True, exist_ok=True)
+        formats = ns.format or ["diffusers"]
+        for fmt in dict.fromkeys(formats):
+            path = client.download_adapter(job_id, out / _adapter_file(fmt), format=fmt)
+            _out(f"adapter ({fmt}): {path}")
+        if ns.samples:
+            files = client.download_samples(job_id, out)
+            _out(f"samples: {len(files)} files under {out / 'samples'}")
+    else:
+        _out(f"download: dopsd client download {job_id} --out {ADAPTER_NAME}")
+    return 0
+
+
+def _adapter_file(fmt: str) -> str:
+    return ADAPTER_NAME if fmt == "diffusers" else f"pytorch_lora_weights_{fmt}.safetensors"
+
+
+def _watch(client: DOPSDClient, job_id: str, ns: argparse.Namespace) -> int:
+    watcher = Watcher(quiet=ns.quiet)
+    try:
+        job = client.wait(job_id, on_event=watcher)
+    except KeyboardInterrupt:
+        watcher.close()
+        _err(f"stopped watching; the job goes on (dopsd client status {job_id}, dopsd client cancel {job_id})")
+        return EXIT_INTERRUPTED
+    finally:
+        watcher.close()
+    return _finish(client, job, ns)
+
+
+# -- the commands -----------------------------------------------------------------------------------------------------
+
+
+def _submit(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    spec = build_spec(ns)
+    images = image_files(ns.images)
+    if ns.dry_run:
+        plan = client.submit(images, spec, dry_run=True)
+        if ns.json:
+            _out(json.dumps(plan, indent=2))
+            return 0
+        _print_plan(plan)
+        return 0
+    job = client.submit(images, spec, idempotency_key=ns.idempotency_key)
+    if ns.json and not (ns.wait or ns.out):
+        _out(json.dumps(job, indent=2))
+        return 0
+    position = f", position {job['queue_position']}" if job.get("queue_position") else ""
+    _out(f"job {job['id']} {job['status']}{position}: {len(job.get('images', []))} images, preset {job['preset']}")
+    if not (ns.wait or ns.out):
+        _out(f"follow it: dopsd client events {job['id']} --follow")
+        return 0
+    return _watch(client, job["id"], ns)
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    config = plan.get("config") or {}
+    _out("dry run: the API accepted the request and created nothing")
+    fields = ("preset", "max_train_steps", "rank", "lora_alpha", "learning_rate", "resolution", "validation_prompts")
+    for key in fields:
+        if key in config:
+            _out(f"  {key:20} {config[key]}")
+    images = plan.get("images") or []
+    names = ", ".join(f"{i['name']} ({_size(int(i['size']))})" for i in images)
+    _out(f"  {'images':20} {names}")
+    if plan.get("estimated_gpu_seconds") is not None:
+        _out(f"  {'estimated GPU time':20} {_duration(plan['estimated_gpu_seconds'])}")
+    if plan.get("queue_position") is not None:
+        _out(f"  {'queue position':20} {plan['queue_position']}")
+
+
+def _status(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    job = client.get(ns.job_id)
+    if ns.json:
+        _out(json.dumps(job, indent=2))
+        return 0
+    _out(f"job       {job['id']}")
+    _out(f"status    {job['status']}" + (" (cancel requested)" if job.get("cancel_requested") else ""))
+    _out(f"preset    {job['preset']}, {len(job.get('images', []))} images, attempt {job.get('attempt')}")
+    if job.get("queue_position"):
+        _out(f"queue     position {job['queue_position']}")
+    progress = job.get("progress")
+    if progress:
+        loss = f", loss {progress['loss']:.4g}" if isinstance(progress.get("loss"), int | float) else ""
+        eta = f", ETA {_duration(progress['eta_s'])}" if job["status"] == "running" and progress.get("eta_s") else ""
+        _out(f"progress  step {progress['step']}/{progress['total_steps']}{loss}{eta}")
+    _out(f"created   {_time(job.get('created_at'))}")
+    if job.get("started_at"):
+        _out(f"started   {_time(job['started_at'])}")
+    if job.get("finished_at"):
+        _out(f"finished  {_time(job['finished_at'])}")
+    if job.get("gpu_seconds") is not None:
+        _out(f"GPU time  {_duration(job['gpu_seconds'])}")
+    if job.get("error"):
+        _out(f"error     {job['error']['message']} [{job['error']['code']}]")
+    return 0 if job["status"] != "failed" else EXIT_JOB_FAILED
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    data = event.get("data") or {}
+    when = _time(event.get("created_at"))[-8:]
+    if event.get("type") == "progress" and isinstance(data, dict):
+        loss = f" loss {data['loss']:.4g}" if isinstance(data.get("loss"), int | float) else ""
+        eta = f" ETA {_duration(data['eta_s'])}" if data.get("eta_s") is not None else ""
+        return f"{when}  progress  step {data.get('step')}/{data.get('total_steps')}{loss}{eta}"
+    detail = " ".join(f"{k}={json.dumps(v)}" for k, v in data.items()) if isinstance(data, dict) else str(data)
+    return f"{when}  {event.get('type')}  {detail}".rstrip()
+
+
+def _events(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    show: Callable[[dict[str, Any]], None] = (
+        (lambda e: _out(json.dumps(e))) if ns.json else (lambda e: _out(_event_line(e)))
+    )
+    if ns.follow:
+        try:
+            for event in client.stream_events(ns.job_id, after=ns.after):
+                show(event)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        return 0
+    after = ns.after
+    while True:
+        page = client.events(ns.job_id, after, limit=500)
+        for event in page["data"]:
+            show(event)
+        if not page["data"]:
+            return 0
+        after = page["next_after"]
+
+
+def _download(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    out = Path(ns.out) if ns.out is not None else Path(_adapter_file(ns.format))
+    path = client.download_adapter(ns.job_id, out, format=ns.format)
+    _out(f"adapter ({ns.format}): {path}")
+    if ns.samples:
+        folder = path.parent
+        files = client.download_samples(ns.job_id, folder)
+        _out(f"samples: {len(files)} files under {folder / 'samples'}")
+    return 0
+
+
+def _cancel(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    job = client.cancel(ns.job_id)
+    note = " (stops within one training step)" if job["status"] == "running" else ""
+    _out(f"job {job['id']} {job['status']}{note}")
+    return 0
+
+
+def _delete(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    client.delete(ns.job_id)
+    _out(f"job {ns.job_id} deleted, with everything stored for it")
+    return 0
+
+
+def _list(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    page = client.list(status=ns.status, limit=ns.limit, kind=ns.kind)
+    if ns.json:
+        _out(json.dumps(page, indent=2))
+        return 0
+    if not page["data"]:
+        _out("no jobs")
+        return 0
+    _out(f"{'id':36}  {'status':9}  {'preset':16}  {'progress':9}  created")
+    for job in page["data"]:
+        progress = job.get("progress")
+        steps = f"{progress['step']}/{progress['total_steps']}" if progress else "-"
+        _out(f"{job['id']:36}  {job['status']:9}  {job['preset']:16}  {steps:9}  {_time(job.get('created_at'))}")
+    if page.get("next_cursor"):
+        _out(f"(more: --limit {min(ns.limit * 2, 100)})")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[DOPSDClient, argparse.Namespace], int]] = {
+    "submit": _submit,
+    "status": _status,
+    "events": _events,
+    "download": _download,
+    "cancel": _cancel,
+    "delete": _delete,
+    "list": _list,
+}
+
+
+def run(ns: argparse.Namespace) -> int:
+    """Runs one `dopsd client` command; API errors become one `error:` line and exit code 2."""
+    try:
+        with DOPSDClient(ns.api_url, ns.api_key) as client:
+            return COMMANDS[ns.client_command](client, ns)
+    except DOPSDAPIError as exc:
+        _err(f"error: {exc}")
+        return EXIT_ERROR
+    except (OSError, ValueError) as exc:
+        _err(f"error: {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def register(sub: Any) -> None:
+    """Adds `dopsd client ...` to the `dopsd` parser (entry point group `dopsd.commands`)."""
+    client = sub.add_parser(
+        "client",
+        help="use a dopsd API: submit jobs, watch them, download adapters",
+        description="A client of the dopsd API ($DOPSD_API_URL, key $DOPSD_API_KEY).",
+    )
+    client.add_argument("--api-url", help="the API's base URL (default: $DOPSD_API_URL or http://127.0.0.1:8000)")
+    client.add_argument("--api-key", help="the API key (default: $DOPSD_API_KEY)")
+    commands = client.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", help="submit a training job (optionally wait and download)")
+    submit.add_argument("--images", nargs="+", required=True, type=Path, help="image files, or folders of them")
+    submit.add_argument("--trigger", required=True, help="the word that names the concept (replaces [V])")
+    submit.add_argument("--preset", help="model preset (GET /v1/presets; default tiny-z-image)")
+    submit.add_argument("--steps", type=int, help="optimizer steps (the preset's default if unset)")
+    submit.add_argument("--caption", help='caption of every image, e.g. "a photo of [V]"')
+    submit.add_argument("--captions", type=Path, help="JSON file: image file name -> caption or list of captions")
+    submit.add_argument(
+        "--prompt", action="append", metavar="PROMPT", help="a validation prompt for the samples (repeatable)"
+    )
+    submit.add_argument("--sample-seed", type=int, action="append", help="a seed of the samples (repeatable)")
+    submit.add_argument("--sample-every", type=int, help="steps between samples (0: only at the end)")
+    submit.add_argument("--learning-rate", "--lr", type=float)
+    submit.add_argument("--rank", type=int)
+    submit.add_argument("--lora-alpha", type=float)
+    submit.add_argument("--resolution", type=int)
+    submit.add_argument("--seed", type=int)
+    submit.add_argument(
+        "--format", action="append", choices=FORMATS, help="adapter format(s) to produce and download (repeatable)"
+    )
+    submit.add_argument("--webhook-url", help="the API calls this URL when the job ends")
+    submit.add_argument("--spec", type=Path, help="JSON file of job spec fields (the flags override it)")
+    submit.add_argument("--idempotency-key", help="repeat the command with the same key: the same job, not a new one")
+    submit.add_argument("--dry-run", action="store_true", help="validate and show the resolved config; create nothing")
+    submit.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    submit.add_argument("--out", type=Path, help="folder for the adapter once the job succeeded (implies --wait)")
+    submit.add_argument("--samples", action="store_true", help="with --out: also download the sample images")
+    submit.add_argument("--quiet", action="store_true", help="no progress bar")
+    submit.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    status = commands.add_parser("status", help="a job's status, progress and error")
+    status.add_argument("job_id")
+    status.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    events = commands.add_parser("events", help="a job's events; --follow streams them live")
+    events.add_argument("job_id")
+    events.add_argument("--follow", "-f", action="store_true", help="stream new events until the job ends")
+    events.add_argument("--after", type=int, default=0, help="only events after this event id")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    download = commands.add_parser("download", help="download a succeeded job's adapter (and samples)")
+    download.add_argument("job_id")
+    download.add_argument("--format", choices=FORMATS, default="diffusers")
+    download.add_argument("--out", type=Path, help=f"file or existing folder (default ./{ADAPTER_NAME})")
+    download.add_argument("--samples", action="store_true", help="also the sample images, under samples/ beside it")
+
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+
+    delete = commands.add_parser("delete", help="cancel a job if needed and delete everything stored for it")
+    delete.add_argument("job_id")
+
+    listing = commands.add_parser("list", help="your jobs, newest first")
+    listing.add_argument(
+        "--status", choices=("queued", "running", "succeeded", "failed", "canceled"), help="only jobs in this state"
+    )
+    listing.add_argument("--kind", choices=("training", "preview"), help="training jobs (default) or previews")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    client.set_defaults(func=run)
