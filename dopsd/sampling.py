@@ -9,6 +9,7 @@ teacher's multimodal context; if it cannot show the concept, training cannot tea
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,9 @@ def contact_sheet(rows: Sequence[tuple[str, Sequence[Image.Image]]], *, title: s
     cell_w = max(im.width for _, ims in rows for im in ims)
     cell_h = max(im.height for _, ims in rows for im in ims)
     cols = max(len(ims) for _, ims in rows)
-    sheet = Image.new("RGB", (max(cols * cell_w, 160), _LABEL_H + len(rows) * (cell_h + _LABEL_H)), "white")
+    sheet = Image.new(
+        "RGB", (max(cols * cell_w, 6 * len(title[:160]), 160), _LABEL_H + len(rows) * (cell_h + _LABEL_H)), "white"
+    )
     draw = ImageDraw.Draw(sheet)
     draw.text((2, 1), title[:160], fill="black")
     y = _LABEL_H
@@ -152,7 +155,9 @@ def render_previews(
     rows: list[tuple[str, Sequence[Image.Image]]] = []
     for r, (name, reference) in enumerate(references):
         conds = [encode_teacher(reference, prompt) for prompt in prompts]
-        with active_adapter(family.transformer, None):
+        # A worker's cached model carries no adapters between jobs; if one does, switch them off.
+        has_adapters = bool(getattr(family.transformer, "peft_config", None))
+        with active_adapter(family.transformer, None) if has_adapters else contextlib.nullcontext():
             rendered = family.generate(conds, seeds=[seed], width=width, height=height, num_steps=num_steps)
         for p, (prompt, im) in enumerate(zip(prompts, rendered, strict=True)):
             path = out_dir / f"preview-{r:02d}-prompt-{p:02d}.png"
