@@ -71,9 +71,6 @@ class Settings(BaseSettings):
     )
     webhook_poll_interval_s: float = Field(1.0, gt=0, description="How often the API sends due webhooks.")
     log_format: Literal["json", "text"] = Field("json", description="Worker and API log lines: JSON or plain.")
-    worker_metrics_port: int = Field(
-        9101, ge=0, le=65535, description="Port of a worker's Prometheus /metrics (0: none)."
-    )
 
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:
