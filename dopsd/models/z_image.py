@@ -73,7 +73,10 @@ class ZImageFamily(ModelFamily):
 
     def predict(self, latents: torch.Tensor, sigma: float, conds: Sequence[Cond]) -> torch.Tensor:
         t = torch.full((latents.shape[0],), 1.0 - sigma, device=latents.device, dtype=torch.float32)
-        x = list(latents.to(self.transformer.dtype).unsqueeze(2).unbind(0))
+        # The weight dtype, read off the first parameter (the image pad token, a base weight, never a LoRA tensor):
+        # `transformer.dtype` walks every module for casting hooks on each of a step's 8 calls (1.08x step CPU time).
+        weight_dtype = next(self.transformer.parameters()).dtype
+        x = list(latents.to(weight_dtype).unsqueeze(2).unbind(0))
         out = self.transformer(x, t, list(conds), return_dict=False)[0]
         return torch.stack(out, dim=0).squeeze(2).float()
 
