@@ -1,6 +1,7 @@
 """`dopsd client ...`: submit a job, watch it, download what it made, from any machine that reaches the API.
 
     dopsd client submit --images photos/ --trigger sks --steps 1000 --wait --out sks/
+    dopsd client preview --images photos/ --trigger sks --prompt "[V] on a beach"
     dopsd client status ID | events ID [--follow] | download ID [--samples] | cancel ID | delete ID | list
 
 The API is `$DOPSD_API_URL` (default http://127.0.0.1:8000), the key `$DOPSD_API_KEY` (or `--api-url`,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -25,6 +27,23 @@ EXIT_JOB_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 FORMATS = ("diffusers", "comfyui")
+# Job spec field -> the flag's destination (the flags a command does not have are skipped).
+SPEC_FLAGS = {
+    "preset": "preset",
+    "trigger": "trigger",
+    "default_caption": "caption",
+    "steps": "steps",
+    "learning_rate": "learning_rate",
+    "rank": "rank",
+    "lora_alpha": "lora_alpha",
+    "resolution": "resolution",
+    "seed": "seed",
+    "validation_prompts": "prompt",
+    "sample_seeds": "sample_seed",
+    "sample_every": "sample_every",
+    "output_formats": "format",
+    "webhook_url": "webhook_url",
+}
 
 
 def _out(text: str = "") -> None:
@@ -82,23 +101,10 @@ def build_spec(ns: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(captions, dict):
             raise ValueError(f"{ns.captions}: captions must be a JSON object: file name -> caption or list")
         spec["captions"] = {name: [c] if isinstance(c, str) else list(c) for name, c in captions.items()}
-    flags = {
-        "preset": ns.preset,
-        "trigger": ns.trigger,
-        "default_caption": ns.caption,
-        "steps": ns.steps,
-        "learning_rate": ns.learning_rate,
-        "rank": ns.rank,
-        "lora_alpha": ns.lora_alpha,
-        "resolution": ns.resolution,
-        "seed": ns.seed,
-        "validation_prompts": ns.prompt,
-        "sample_seeds": ns.sample_seed,
-        "sample_every": ns.sample_every,
-        "output_formats": ns.format,
-        "webhook_url": ns.webhook_url,
-    }
-    spec.update({k: v for k, v in flags.items() if v is not None})
+    for field, dest in SPEC_FLAGS.items():
+        value = getattr(ns, dest, None)
+        if value is not None:
+            spec[field] = value
     return spec
 
 
@@ -126,13 +132,16 @@ class Watcher:
         if self.bar is None:
             from tqdm import tqdm
 
+            size = shutil.get_terminal_size((100, 20))
             self.bar = tqdm(
                 total=total,
                 initial=initial,
                 unit="step",
                 desc="training",
                 file=self.stream,
-                dynamic_ncols=True,
+                # A pty that reports a 0x0 size (no real terminal behind it) would hide the bar.
+                ncols=min(size.columns, 120),
+                nrows=size.lines,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
             )
         elif total != self.bar.total:
@@ -193,6 +202,8 @@ class Watcher:
             postfix["ETA"] = _duration(data["eta_s"])
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
+        if step >= total:
+            self.close()  # training is done: what follows (final samples, the result) prints below the bar
 
     def _sample(self, data: dict[str, Any]) -> None:
         images = data.get("images")
@@ -209,7 +220,11 @@ class Watcher:
         for image in images:
             if not isinstance(image, dict) or not image.get("url"):
                 continue
-            label = f"{image.get('kind', '')} seed {image.get('seed', '?')}"
+            kind = image.get("kind", "")
+            if kind == "teacher" and image.get("source"):
+                label = f"teacher {image['source']}"  # the training image the teacher was shown
+            else:
+                label = f"{kind} seed {image.get('seed', '?')}"
             prompt = f" {image['prompt']!r}" if image.get("prompt") else ""
             self._line(f"  {label:14} {image['url']}{prompt}")
             self.samples.append(str(image["url"]))
@@ -288,6 +303,32 @@ def _submit(client: DOPSDClient, ns: argparse.Namespace) -> int:
     return _watch(client, job["id"], ns)
 
 
+def _preview(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    preview = client.preview(image_files(ns.images), build_spec(ns))
+    _out(f"preview {preview['id']} {preview['status']}: {len(preview.get('images', []))} images")
+    watcher = Watcher(quiet=True)
+    try:  # the stages as they pass; the images once they are all there
+        job = client.wait(preview["id"], on_event=lambda e: None if e.get("type") == "sample" else watcher(e))
+    except KeyboardInterrupt:
+        _err(f"stopped watching; the preview goes on (dopsd client status {preview['id']})")
+        return EXIT_INTERRUPTED
+    if job["status"] != "succeeded":
+        return _finish(client, job, ns)
+    done = client.get_preview(preview["id"])
+    if ns.json:
+        _out(json.dumps(done, indent=2))
+    images = done.get("preview_images") or []
+    for n, image in enumerate(images):
+        line = f"{image.get('source', '')} seed {image.get('seed')} {image.get('prompt')!r}: {image['url']}"
+        if ns.out is not None:
+            stem = Path(str(image.get("source") or "image")).stem
+            path = client.download_url(image["url"], Path(ns.out) / f"{n:02d}-{stem}-seed{image.get('seed')}.png")
+            line = f"{line}\n  -> {path}"
+        if not ns.json:
+            _out(line)
+    return 0
+
+
 def _print_plan(plan: dict[str, Any]) -> None:
     config = plan.get("config") or {}
     _out("dry run: the API accepted the request and created nothing")
@@ -338,6 +379,10 @@ def _event_line(event: dict[str, Any]) -> str:
         loss = f" loss {data['loss']:.4g}" if isinstance(data.get("loss"), int | float) else ""
         eta = f" ETA {_duration(data['eta_s'])}" if data.get("eta_s") is not None else ""
         return f"{when}  progress  step {data.get('step')}/{data.get('total_steps')}{loss}{eta}"
+    if event.get("type") == "sample" and isinstance(data, dict) and isinstance(data.get("images"), list):
+        final = " (final)" if data.get("final") else ""
+        sheet = f", contact sheet {data['contact_sheet']}" if data.get("contact_sheet") else ""
+        return f"{when}  sample  step {data.get('step')}{final}: {len(data['images'])} images{sheet}"
     detail = " ".join(f"{k}={json.dumps(v)}" for k, v in data.items()) if isinstance(data, dict) else str(data)
     return f"{when}  {event.get('type')}  {detail}".rstrip()
 
@@ -407,6 +452,7 @@ def _list(client: DOPSDClient, ns: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[DOPSDClient, argparse.Namespace], int]] = {
     "submit": _submit,
+    "preview": _preview,
     "status": _status,
     "events": _events,
     "download": _download,
@@ -432,6 +478,20 @@ def run(ns: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+def _add_input_flags(parser: argparse.ArgumentParser) -> None:
+    """The images, the concept and the sampling flags that jobs and previews share."""
+    parser.add_argument("--images", nargs="+", required=True, type=Path, help="image files, or folders of them")
+    parser.add_argument("--trigger", required=True, help="the word that names the concept (replaces [V])")
+    parser.add_argument("--preset", help="model preset (GET /v1/presets; default tiny-z-image)")
+    parser.add_argument("--caption", help='caption of every image, e.g. "a photo of [V]"')
+    parser.add_argument("--captions", type=Path, help="JSON file: image file name -> caption or list of captions")
+    parser.add_argument(
+        "--prompt", action="append", metavar="PROMPT", help="a validation prompt for the samples (repeatable)"
+    )
+    parser.add_argument("--sample-seed", type=int, action="append", help="a seed of the samples (repeatable)")
+    parser.add_argument("--spec", type=Path, help="JSON file of job spec fields (the flags override it)")
+
+
 def register(sub: Any) -> None:
     """Adds `dopsd client ...` to the `dopsd` parser (entry point group `dopsd.commands`)."""
     client = sub.add_parser(
@@ -444,16 +504,8 @@ def register(sub: Any) -> None:
     commands = client.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
 
     submit = commands.add_parser("submit", help="submit a training job (optionally wait and download)")
-    submit.add_argument("--images", nargs="+", required=True, type=Path, help="image files, or folders of them")
-    submit.add_argument("--trigger", required=True, help="the word that names the concept (replaces [V])")
-    submit.add_argument("--preset", help="model preset (GET /v1/presets; default tiny-z-image)")
+    _add_input_flags(submit)
     submit.add_argument("--steps", type=int, help="optimizer steps (the preset's default if unset)")
-    submit.add_argument("--caption", help='caption of every image, e.g. "a photo of [V]"')
-    submit.add_argument("--captions", type=Path, help="JSON file: image file name -> caption or list of captions")
-    submit.add_argument(
-        "--prompt", action="append", metavar="PROMPT", help="a validation prompt for the samples (repeatable)"
-    )
-    submit.add_argument("--sample-seed", type=int, action="append", help="a seed of the samples (repeatable)")
     submit.add_argument("--sample-every", type=int, help="steps between samples (0: only at the end)")
     submit.add_argument("--learning-rate", "--lr", type=float)
     submit.add_argument("--rank", type=int)
@@ -464,7 +516,6 @@ def register(sub: Any) -> None:
         "--format", action="append", choices=FORMATS, help="adapter format(s) to produce and download (repeatable)"
     )
     submit.add_argument("--webhook-url", help="the API calls this URL when the job ends")
-    submit.add_argument("--spec", type=Path, help="JSON file of job spec fields (the flags override it)")
     submit.add_argument("--idempotency-key", help="repeat the command with the same key: the same job, not a new one")
     submit.add_argument("--dry-run", action="store_true", help="validate and show the resolved config; create nothing")
     submit.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
@@ -472,6 +523,13 @@ def register(sub: Any) -> None:
     submit.add_argument("--samples", action="store_true", help="with --out: also download the sample images")
     submit.add_argument("--quiet", action="store_true", help="no progress bar")
     submit.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    preview = commands.add_parser(
+        "preview", help="render the concept zero-shot with the base model (no training), print the images' URLs"
+    )
+    _add_input_flags(preview)
+    preview.add_argument("--out", type=Path, help="folder to download the preview images into")
+    preview.add_argument("--json", action="store_true", help="print the API's JSON")
 
     status = commands.add_parser("status", help="a job's status, progress and error")
     status.add_argument("job_id")
