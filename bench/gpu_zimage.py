@@ -37,29 +37,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import argparse
-import contextlib
 import gc
 import json
 import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ZImagePipeline, ZImageTransformer2DModel
+from diffusers import ZImageTransformer2DModel
 from PIL import Image
-from transformers import Qwen3Config, Qwen3Model, Qwen3VLConfig, Qwen3VLModel
 
-from bench.step_cost import dopsd_step, sft_step, target_image, timed
+from bench.common import build_family, default_dtype, dopsd_step, sft_step, target_image, timed
 from dopsd.lora import add_adapters, make_lora_config, student_parameters, teacher_parameters
 from dopsd.models import tiny
 from dopsd.models.base import Cond
-from dopsd.models.loading import TINY_SEED, qwen_image_processor
-from dopsd.models.qwen_teacher import QwenVLTeacherEncoder, copy_text_encoder_into_vlm
+from dopsd.models.loading import TINY_SEED
 from dopsd.models.z_image import ZImageFamily
 
 
@@ -163,17 +160,6 @@ def step_flops(
     return model, hardware
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Builds modules directly in `dtype` (no fp32 copy of 6B parameters)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_transformer(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> ZImageTransformer2DModel:
     """The transformer built on `device` in `dtype`, random weights; the pad tokens (`torch.empty`) get N(0, 0.02)."""
     torch.manual_seed(TINY_SEED + 1)
@@ -190,69 +176,6 @@ def build_transformer(cfg: dict[str, Any], device: torch.device, dtype: torch.dt
 def count_parameters(cfg: dict[str, Any]) -> int:
     """Parameter count of the config, built on the meta device (no memory)."""
     return sum(p.numel() for p in build_transformer(cfg, torch.device("meta"), torch.bfloat16).parameters())
-
-
-def vlm_config(text: Qwen3Config, vision: dict[str, Any], mrope: list[int], tokenizer: Any) -> Qwen3VLConfig:
-    """Qwen3-VL whose language model has the text encoder's shapes; special-token ids from `tokenizer`."""
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps")  # fmt: skip
-    text_cfg: dict[str, Any] = {k: getattr(text, k) for k in keys}
-    rope = text.rope_parameters
-    assert isinstance(rope, dict)
-    text_cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": rope["rope_theta"], "mrope_section": mrope,
-                                   "mrope_interleaved": True}  # fmt: skip
-    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<|image_pad|>"),
-           ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
-           ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
-    return Qwen3VLConfig(text_config=text_cfg, vision_config=vision, **ids)
-
-
-def text_config(values: dict[str, Any]) -> Qwen3Config:
-    """A Qwen3 config from the dicts above."""
-    rest = {k: v for k, v in values.items() if k != "rope_theta"}
-    return Qwen3Config(**rest, rope_parameters={"rope_type": "default", "rope_theta": values["rope_theta"]},
-                       pad_token_id=0)  # fmt: skip
-
-
-def build_family(
-    transformer: ZImageTransformer2DModel,
-    *,
-    device: torch.device,
-    dtype: torch.dtype,
-    encoders: tuple[dict[str, Any], dict[str, Any], list[int]] | None,
-    teacher_pixels: tuple[int, int],
-) -> ZImageFamily:
-    """Our `ZImageFamily` around `transformer`, with the tiny pipeline's scheduler, VAE and byte-level tokenizer.
-
-    `encoders` (text config, vision config, M-RoPE sections): random encoders of those sizes on `device`, as the
-    reference keeps them; `None`: the tiny encoders stay on the CPU and are never called (features are random).
-    """
-    base: Any = tiny.build_tiny_z_image_pipeline(seed=TINY_SEED)
-    text_encoder, vlm_cfg = base.text_encoder, None
-    if encoders is not None:
-        text_values, vision, mrope = encoders
-        t_cfg = text_config(text_values)
-        torch.manual_seed(TINY_SEED + 10)
-        with torch.device(device), default_dtype(dtype):
-            text_encoder = Qwen3Model(t_cfg)
-        torch.nn.Module.to(text_encoder, device=device, dtype=dtype)
-        vlm_cfg = vlm_config(t_cfg, vision, mrope, base.tokenizer)
-    else:
-        vlm_cfg = tiny.tiny_vlm_config(base.text_encoder.config, base.tokenizer)
-    pipe = ZImagePipeline(
-        scheduler=base.scheduler, vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer,
-        transformer=transformer,
-    )  # fmt: skip
-    where = device if encoders is not None else torch.device("cpu")
-    with torch.device(where), default_dtype(dtype if encoders is not None else torch.float32):
-        vlm = Qwen3VLModel(vlm_cfg)
-    torch.nn.Module.to(vlm, device=where, dtype=dtype if encoders is not None else torch.float32)
-    copy_text_encoder_into_vlm(text_encoder, vlm.language_model)
-    processor = qwen_image_processor(None, *teacher_pixels)
-    teacher = QwenVLTeacherEncoder(
-        vlm, processor, base.tokenizer, chat_template_kwargs=ZImageFamily.chat_template_kwargs
-    )
-    return ZImageFamily(pipe, teacher, device=device, dtype=dtype)
 
 
 def teacher_image_tokens(resolution: int, min_pixels: int, max_pixels: int) -> int:
@@ -443,10 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                              repeats=repeats, conds=conds_for(resolution))  # fmt: skip
             ok[resolution] = ok.get(resolution, True) and "step_s" in rec
     top = resolutions[-1]
-    # 2. The batching lever, teacher_mode live (teacher = student adapter): sequential vs one batched forward.
+    # 2. The batching lever: teacher and student rows in one forward (live: one adapter; ema: one per row), against
+    #    the sequential roll-out (`dopsd` above is ema sequential).
     low = resolutions[0]
     if ok.get(low):
-        for method in ("dopsd-live", "dopsd-live-batched"):
+        for method in ("dopsd-live", "dopsd-live-batched", "dopsd-ema-batched"):
             run_config(bench, resolution=low, method=method, checkpointing=True, warmup=warmup, repeats=repeats,
                        conds=conds_for(low))  # fmt: skip
     # 3. Checkpointing off at the top resolution: the speed it costs, and whether memory needs it.

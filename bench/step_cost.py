@@ -1,7 +1,10 @@
-"""Cost of one D-OPSD training step against one plain flow-matching SFT (DreamBooth-style LoRA) step.
+"""Cost of one D-OPSD training step against one plain flow-matching SFT (DreamBooth-style LoRA) step and against a
+reference-style D-OPSD step (the released code's shape: encoders resident and run on every step, no feature cache).
 
-Same model, same student LoRA adapter, same AdamW settings, same machine, one run. Prints one JSON line per size:
-`python bench/step_cost.py [--sizes tiny,small] [--repeats N] [--threads N] [--quick]`.
+Same model, same student LoRA adapter, same AdamW settings, same machine, one run, the steps interleaved. Prints one
+JSON line per size: `python bench/step_cost.py [--sizes tiny,small] [--repeats N] [--threads N] [--quick]`.
+Wall-clock medians, and medians of the process's CPU time (steadier on a shared machine). `--levers` instead times
+the teacher-batching lever (`bench.common.batched_rollout`) against the trainer's sequential roll-out per teacher mode.
 """
 
 from __future__ import annotations
@@ -17,169 +20,166 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import ZImagePipeline
-from PIL import Image
+from diffusers import ZImageTransformer2DModel
 
-from dopsd.config import DISTILL4_SIGMAS
-from dopsd.lora import add_adapters, ema_update, make_lora_config, student_parameters, teacher_parameters
-from dopsd.losses import compute_x0_distillation_loss
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python bench/step_cost.py`
+
+from bench.common import (
+    Encoders,
+    build_family,
+    dopsd_step,
+    encode_latents,
+    encode_pair,
+    sft_step,
+    target_image,
+    timed,
+)
+from dopsd.lora import add_adapters, make_lora_config, student_parameters, teacher_parameters
 from dopsd.models import tiny
-from dopsd.models.base import Cond
-from dopsd.models.loading import TINY_SEED, z_image_family
+from dopsd.models.loading import TINY_SEED
 from dopsd.models.z_image import ZImageFamily
-from dopsd.rollout import distillation_rollout
 
 
-# name -> transformer dim, layers, refiner layers, heads, rope axes (sum = dim / heads), image resolution
-SIZES: dict[str, tuple[int, int, int, int, list[int], int]] = {
-    "tiny": (64, 2, 1, 2, [8, 12, 12], 64),
-    "small": (256, 4, 2, 4, [16, 24, 24], 256),
+@dataclass(frozen=True)
+class Size:
+    """A benchmark size: the transformer, the training resolution, and the encoders of the reference-style step."""
+
+    dim: int
+    layers: int
+    refiners: int
+    heads: int
+    axes: tuple[int, int, int]  # rope axes, sum = dim / heads
+    resolution: int
+    encoders: Encoders | None  # None: the tiny pipeline's own encoders
+    teacher_pixels: tuple[int, int]  # the VLM processor's min/max pixels for the teacher image
+    text_max_length: int  # what the text encoder pads a caption to (ZImagePipeline pads to max_sequence_length)
+
+
+# "small" keeps the full-size model's proportions (Z-Image 6.15B; Qwen3-4B 3.6B without embeddings = 0.59x; the
+# Qwen3-VL-4B vision tower 0.41B = 0.07x; the teacher image at 0.75x the training side, so its tokens are 0.14x the
+# transformer's image tokens as 576 / 4096 at 1024 px). The caption is padded to 96 tokens, not 512: the byte-level
+# test tokenizer needs ~4x Qwen's tokens per caption, and 512 would overstate the encoders' share of the step.
+SMALL_TEXT: dict[str, Any] = {
+    "vocab_size": 300, "hidden_size": 192, "intermediate_size": 736, "num_hidden_layers": 10,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 48, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+}  # fmt: skip
+SMALL_VISION: dict[str, Any] = {
+    "depth": 6, "hidden_size": 64, "intermediate_size": 256, "num_heads": 2, "patch_size": 16,
+    "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 192, "num_position_embeddings": 144,
+    "deepstack_visual_indexes": [3],
+}  # fmt: skip
+SIZES: dict[str, Size] = {
+    "tiny": Size(64, 2, 1, 2, (8, 12, 12), 64, None, (32 * 32, 64 * 64), 96),
+    "small": Size(256, 4, 2, 4, (16, 24, 24), 256, (SMALL_TEXT, SMALL_VISION, [8, 8, 8]), (128 * 128, 192 * 192), 96),
 }
 warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # the second (teacher) adapter
 CAPTION = "a photo of sks dog sitting on a wooden bench in a park"
 WARMUP = 2
 
 
-def build_family(size: str, device: torch.device, dtype: torch.dtype) -> ZImageFamily:
-    """The tiny pipeline with a transformer of `size`, and the tiny Qwen3-VL teacher, as `load_family` builds them."""
-    dim, layers, refiners, heads, axes, _ = SIZES[size]
-    pipe: Any = tiny.build_tiny_z_image_pipeline(seed=TINY_SEED)  # diffusers pipelines are untyped
-    if size != "tiny":
-        torch.manual_seed(TINY_SEED + 1)
-        transformer = tiny.build_tiny_z_image_transformer(dim, layers, refiners, heads, tuple(axes))
-        pipe = ZImagePipeline(
-            scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-            transformer=transformer,
-        )  # fmt: skip
-    return z_image_family(
-        pipe, "tiny://qwen3-vl", device=device, dtype=dtype, teacher_min_pixels=32 * 32, teacher_max_pixels=64 * 64
+def build_size(size: Size, device: torch.device, dtype: torch.dtype) -> ZImageFamily:
+    """The family of `size`: its transformer (reading the text encoder's width) with its encoders."""
+    cap_dim = size.encoders[0]["hidden_size"] if size.encoders else tiny.TINY_TEXT_HIDDEN
+    torch.manual_seed(TINY_SEED + 1)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=tiny.TINY_LATENT_CHANNELS, dim=size.dim,
+        n_layers=size.layers, n_refiner_layers=size.refiners, n_heads=size.heads, n_kv_heads=size.heads,
+        norm_eps=1e-5, qk_norm=True, cap_feat_dim=cap_dim, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=list(size.axes), axes_lens=[256, 64, 64],
+    ).to(device, dtype)  # fmt: skip
+    return build_family(
+        transformer, device=device, dtype=dtype, encoders=size.encoders, teacher_pixels=size.teacher_pixels
     )
 
 
-def target_image(resolution: int) -> Image.Image:
-    """A fixed, non-trivial RGB target image (seeded noise over a colour gradient)."""
-    gen = torch.Generator().manual_seed(123)
-    y, x = torch.meshgrid(torch.linspace(0, 1, resolution), torch.linspace(0, 1, resolution), indexing="ij")
-    rgb = 0.8 * torch.stack([x, y, 1 - x]) + 0.2 * torch.rand(3, resolution, resolution, generator=gen)
-    return Image.fromarray((rgb.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy())
+def parameter_count(module: torch.nn.Module) -> int:
+    """Base parameters of `module`: no LoRA adapters, no token-embedding tables (lookups, not FLOPs)."""
+    return sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n and "embed_tokens" not in n)
 
 
-@torch.no_grad()
-def encode_latents(family: ZImageFamily, image: Image.Image) -> torch.Tensor:
-    """The image as scaled VAE latents [1, C, H, W] in fp32: (sample - shift_factor) * scaling_factor."""
-    vae: Any = family.pipeline.vae
-    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-    latents = vae.encode(x.to(family.device, vae.dtype)).latent_dist.sample(torch.Generator().manual_seed(0))
-    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+def interleaved(
+    steps: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds of each step, `repeats` rounds, the steps interleaved within each round (so slow
+    drift of a shared machine hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.process_time()
+            times[name].append(timed(step, device))
+            cpu[name].append(time.process_time() - start)
+    return times, cpu
 
 
-def sft_step(
-    family: ZImageFamily, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, x0: torch.Tensor,
-    conds: list[Cond], gen: torch.Generator,
-) -> float:  # fmt: skip
-    """One DreamBooth-style flow-matching LoRA step: one student forward/backward at a random sigma, clip, AdamW.
-
-    x_t = (1 - sigma) x0 + sigma noise; Z-Image's raw output points toward the data, so the target is x0 - noise.
-    """
-    noise = torch.randn(x0.shape, generator=gen).to(family.device)
-    sigma = float(torch.rand((), generator=gen))
-    x_t = (1.0 - sigma) * x0 + sigma * noise
-    with family.autocast():
-        prediction = family.predict(x_t, sigma, conds)
-    loss = F.mse_loss(prediction.float(), x0 - noise)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def live_batched_rollout(
-    family: ZImageFamily, *, noise: torch.Tensor, student_conds: list[Cond], teacher_conds: list[Cond],
-    sigmas: list[float], loss_scale: float = 1.0,
-) -> float:  # fmt: skip
-    """`distillation_rollout` for teacher_mode `live` (teacher = the student adapter) with the teacher forward batched
-    into the student's: one forward of [x; x] with [c_S; c_T], the teacher half detached. The lever under test.
-
-    Same values as the sequential roll-out, but autograd still runs the backward through the teacher half (its
-    activations live in the same tensors), and the shorter student context is padded to the teacher's length.
-    """
-    batch, num_states, total, x = noise.shape[0], len(sigmas) - 1, 0.0, noise
-    for k in range(num_states):
-        x = x.detach()
-        sigma, sigma_next = sigmas[k], sigmas[k + 1]
-        with family.autocast():
-            pred = family.predict(torch.cat([x, x]), sigma, [*student_conds, *teacher_conds])
-        pred_student, pred_teacher = pred[:batch], pred[batch:].detach()
-        loss = compute_x0_distillation_loss(
-            family.x0_from_prediction(x, sigma, pred_student), family.x0_from_prediction(x, sigma, pred_teacher)
-        )
-        (loss * (loss_scale / num_states)).backward()
-        total += float(loss.detach())
-        x = family.euler_step(x, sigma, sigma_next, pred_student.detach())
-    return total / num_states
-
-
-def dopsd_step(
-    family: ZImageFamily, params: list[torch.nn.Parameter], teacher: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer, shape: tuple[int, ...], conds: tuple[list[Cond], list[Cond]], gen: torch.Generator,
-    mode: str = "ema",
-) -> float:  # fmt: skip
-    """One D-OPSD step exactly as `dopsd.trainer` runs it: 4-state roll-out, clip, AdamW, EMA of the teacher.
-
-    `mode`: the teacher mode `ema` (the default: teacher adapter, EMA after the step), `live` (the student adapter
-    is its own teacher, no EMA), or `live-batched` (`live` through `live_batched_rollout`).
-    """
-    noise = torch.randn(shape, generator=gen).to(family.device)
-    if mode == "live-batched":
-        loss = live_batched_rollout(
-            family, noise=noise, student_conds=conds[0], teacher_conds=conds[1], sigmas=list(DISTILL4_SIGMAS)
-        )
-    else:
-        loss = distillation_rollout(
-            family, noise=noise, student_conds=conds[0], teacher_conds=conds[1], sigmas=list(DISTILL4_SIGMAS),
-            teacher_adapter="teacher" if mode == "ema" else "student", loss_space="x0", loss_scale=1.0,
-        )  # fmt: skip
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if mode == "ema":
-        ema_update(teacher, params, 0.9999)
-    return loss
-
-
-def timed(step: Callable[[], float], device: torch.device) -> float:
-    """Wall seconds of one call of `step`, synchronising CUDA around it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def bench_size(size: str, repeats: int, threads: int) -> dict[str, object]:
-    """Builds `size`, warms both steps up, then times them interleaved; returns the JSON record (medians)."""
+def bench_levers(name: str, repeats: int, threads: int) -> dict[str, object]:
+    """The teacher-batching lever on size `name`: per teacher mode, the trainer's sequential roll-out against one
+    batched forward of teacher and student rows (`bench.common.batched_rollout`); ratios batched / sequential."""
     cuda = torch.cuda.is_available()
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
-    dim, layers, _, _, _, resolution = SIZES[size]
-    family = build_family(size, device, dtype)
-    image = target_image(resolution)
-    student_conds = family.encode_student([CAPTION], 512)
-    teacher_conds = [family.encode_teacher(image, CAPTION, text_max_length=512, context_max_length=1024)]
+    size = SIZES[name]
+    family = build_size(size, device, dtype)
+    conds = encode_pair(
+        family, target_image(size.resolution), CAPTION, text_max_length=size.text_max_length, context_max_length=1024
+    )
+    torch.manual_seed(0)
+    lora = make_lora_config(rank=64, alpha=128, dropout=0.0, target_modules=family.lora_target_modules)
+    add_adapters(family.transformer, lora, with_teacher=True)
+    params, teacher = student_parameters(family.transformer), teacher_parameters(family.transformer)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    shape = (1, *family.latent_shape(size.resolution, size.resolution))
+    gen = torch.Generator().manual_seed(1)
+    modes = [m + b for m in ("ema", "frozen", "live") for b in ("", "-batched")]
+    steps: dict[str, Callable[[], object]] = {
+        m: (lambda m=m: dopsd_step(family, params, teacher, optimizer, shape, conds, gen, mode=m))  # type: ignore[misc]
+        for m in modes
+    }
+    for step in steps.values():
+        step()
+    times, cpu = interleaved(steps, repeats, device)
+    record: dict[str, object] = {"bench": "step_cost_levers", "size": name, "device": device.type,
+                                 "threads": threads, "repeats": repeats}  # fmt: skip
+    for mode in ("ema", "frozen", "live"):
+        seq, bat = statistics.median(times[mode]), statistics.median(times[mode + "-batched"])
+        record[f"{mode}_step_s"] = round(seq, 6)
+        record[f"{mode}_batched_step_s"] = round(bat, 6)
+        record[f"{mode}_batched_over_sequential"] = round(bat / seq, 4)
+        record[f"cpu_{mode}_batched_over_sequential"] = round(
+            statistics.median(cpu[mode + "-batched"]) / statistics.median(cpu[mode]), 4
+        )
+    return record
+
+
+def bench_size(name: str, repeats: int, threads: int) -> dict[str, object]:
+    """Builds size `name`, warms the three steps up, then times them interleaved; returns the JSON record (medians).
+
+    `dopsd`: the trainer's step on features cached once (encoders idle). `sft`: one flow-matching step on a VAE-encoded
+    target. `reference`: the released code's shape, both encoders resident and run on every step (student text
+    features and the teacher VLM on image + caption), then the same D-OPSD step on those fresh features.
+    """
+    cuda = torch.cuda.is_available()
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    size = SIZES[name]
+    family = build_size(size, device, dtype)
+    image = target_image(size.resolution)
+
+    def encode() -> tuple[list[Any], list[Any]]:
+        return encode_pair(family, image, CAPTION, text_max_length=size.text_max_length, context_max_length=1024)
+
+    conds = encode()  # cached once, as the trainer does
     x0 = encode_latents(family, image)
-    shape = (1, *family.latent_shape(resolution, resolution))
+    shape = (1, *family.latent_shape(size.resolution, size.resolution))
     assert tuple(x0.shape) == shape, (x0.shape, shape)
-    family.release_encoders()
 
     transformer = family.transformer
     torch.manual_seed(0)
@@ -193,26 +193,34 @@ def bench_size(size: str, repeats: int, threads: int) -> dict[str, object]:
         """The trainer's AdamW on the student LoRA parameters."""
         return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda)
 
-    opt_d, opt_s = adamw(), adamw()
-    gen_d, gen_s = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    steps: dict[str, Callable[[], float]] = {
-        "dopsd": lambda: dopsd_step(family, params, teacher, opt_d, shape, (student_conds, teacher_conds), gen_d),
-        "sft": lambda: sft_step(family, params, opt_s, x0, student_conds, gen_s),
+    opt_d, opt_s, opt_r = adamw(), adamw(), adamw()
+    gen_d, gen_s, gen_r = (torch.Generator().manual_seed(i) for i in (1, 2, 3))
+    steps: dict[str, Callable[[], object]] = {
+        "dopsd": lambda: dopsd_step(family, params, teacher, opt_d, shape, conds, gen_d),
+        "sft": lambda: sft_step(family, params, opt_s, x0, conds[0], gen_s),
+        "reference": lambda: dopsd_step(family, params, teacher, opt_r, shape, encode(), gen_r),
+        "encode": encode,  # the reference's extra work alone
     }
     for _ in range(WARMUP):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):  # interleaved, so slow drift of the machine hits both alike
-        for name, step in steps.items():
-            times[name].append(timed(step, device))
-    d, s = statistics.median(times["dopsd"]), statistics.median(times["sft"])
+    times, cpu = interleaved(steps, repeats, device)
+    d, s, r, e = (statistics.median(times[k]) for k in ("dopsd", "sft", "reference", "encode"))
+    cd, cs, cr = (statistics.median(cpu[k]) for k in ("dopsd", "sft", "reference"))
+    assert family.teacher_encoder is not None
     h, w = shape[-2:]
     return {
-        "bench": "step_cost", "size": size, "dim": dim, "layers": layers, "resolution": resolution,
-        "image_tokens": (h // 2) * (w // 2), "dopsd_step_s": round(d, 6), "sft_step_s": round(s, 6),
-        "ratio": round(d / s, 4), "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__.split("+")[0], "threads": threads, "repeats": repeats,
+        "bench": "step_cost", "size": name, "dim": size.dim, "layers": size.layers, "resolution": size.resolution,
+        "image_tokens": (h // 2) * (w // 2), "caption_tokens": int(conds[0][0].shape[0]),
+        "teacher_context_tokens": int(conds[1][0].shape[0]), "dopsd_step_s": round(d, 6), "sft_step_s": round(s, 6),
+        "reference_step_s": round(r, 6), "encode_s": round(e, 6), "ratio": round(d / s, 4),
+        "dopsd_over_sft": round(d / s, 4), "reference_over_dopsd": round(r / d, 4),
+        "cpu_dopsd_over_sft": round(cd / cs, 4), "cpu_reference_over_dopsd": round(cr / cd, 4),
+        "transformer_params": parameter_count(transformer),
+        "text_encoder_params": parameter_count(family.pipeline.text_encoder),
+        "vision_params": parameter_count(cast(torch.nn.Module, family.teacher_encoder.vlm.visual)),
+        "device": device.type, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__.split("+")[0],
+        "threads": threads, "repeats": repeats,
     }  # fmt: skip
 
 
@@ -223,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps of each kind (median reported)")
     parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2), help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help='only "tiny", 2 repeats (the test suite runs this)')
+    parser.add_argument("--levers", action="store_true", help="time the teacher-batching lever instead")
     args = parser.parse_args(argv)
     sizes = ["tiny"] if args.quick else [s.strip() for s in args.sizes.split(",") if s.strip()]
     repeats = 2 if args.quick else args.repeats
@@ -231,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sizes {unknown}" if unknown else "--repeats must be at least 1")
     torch.set_num_threads(args.threads)
     for size in sizes:
-        print(json.dumps(bench_size(size, repeats, args.threads)), flush=True)
+        record = bench_levers(size, repeats, args.threads) if args.levers else bench_size(size, repeats, args.threads)
+        print(json.dumps(record), flush=True)
     return 0
 
 

@@ -36,7 +36,8 @@ def test_quick_mode_runs_every_configuration_and_writes_json_lines(tmp_path: Pat
     steps = [r for r in printed if "step_s" in r]
     assert {(r["resolution"], r["method"], r["gradient_checkpointing"]) for r in steps} >= {
         (64, "dopsd", True), (64, "sft", True), (128, "dopsd", True), (128, "sft", True), (64, "dopsd-live", True),
-        (64, "dopsd-live-batched", True), (128, "dopsd", False), (128, "reference", True),
+        (64, "dopsd-live-batched", True), (64, "dopsd-ema-batched", True), (128, "dopsd", False),
+        (128, "reference", True),
     }  # fmt: skip
     for record in steps:
         assert record["step_s"] > 0 and record["loss_finite"], record
