@@ -166,11 +166,13 @@ class DOPSDClient:
         self._downloads.close()
 
     def __enter__(self) -> DOPSDClient:
+        """The client itself; its connections are closed when the block ends."""
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        """Closes the connections."""
         self.close()
 
     # -- plumbing -------------------------------------------------------------------------------------------------
@@ -238,7 +240,8 @@ class DOPSDClient:
         return result
 
     def preview(self, images: Sequence[Path | str], spec: Mapping[str, Any]) -> dict[str, Any]:
-        """Starts a preview (the base model's images for the spec's `validation_prompts`, no training).
+        """Starts a preview: the concept rendered zero-shot, the base model shown each reference image with each of
+        the spec's `validation_prompts` (no training; at most 8 images).
 
         Returns the preview job (`kind` "preview"); follow it with `wait()` and read its images with
         `get_preview()`.
@@ -385,7 +388,8 @@ class DOPSDClient:
         return str(location)
 
     def download_adapter(self, job_id: str, path: Path | str, format: str = "diffusers") -> Path:
-        """Downloads the adapter of a succeeded job to `path` (a file, or an existing folder to put it in).
+        """Downloads the adapter of a succeeded job to `path` (a file, or a folder to put it in: an existing one, or
+        a string ending in "/").
 
         Returns the written file. `format`: "diffusers" (`pipe.load_lora_weights(path)`) or "comfyui".
         """
@@ -395,8 +399,11 @@ class DOPSDClient:
     def download_url(self, url: str, path: Path | str, *, fallback_name: str = "download") -> Path:
         """Downloads one short-lived URL (an artifact's, a sample's) to `path` (a file, or an existing folder).
 
-        The file appears complete or not at all (written to a temporary file, then renamed).
+        The file appears complete or not at all (written to a temporary file, then renamed). A `path` string ending
+        in "/" is a folder, made if needed.
         """
+        if isinstance(path, str) and path.endswith(("/", os.sep)):
+            Path(path).mkdir(parents=True, exist_ok=True)
         path = Path(path)
         try:
             with self._downloads.stream("GET", url, follow_redirects=True) as response:

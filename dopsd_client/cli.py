@@ -409,7 +409,7 @@ def _events(client: DOPSDClient, ns: argparse.Namespace) -> int:
 
 
 def _download(client: DOPSDClient, ns: argparse.Namespace) -> int:
-    out = Path(ns.out) if ns.out is not None else Path(_adapter_file(ns.format))
+    out: str = ns.out if ns.out is not None else _adapter_file(ns.format)
     path = client.download_adapter(ns.job_id, out, format=ns.format)
     _out(f"adapter ({ns.format}): {path}")
     if ns.samples:
@@ -544,7 +544,7 @@ def register(sub: Any) -> None:
     download = commands.add_parser("download", help="download a succeeded job's adapter (and samples)")
     download.add_argument("job_id")
     download.add_argument("--format", choices=FORMATS, default="diffusers")
-    download.add_argument("--out", type=Path, help=f"file or existing folder (default ./{ADAPTER_NAME})")
+    download.add_argument("--out", help=f"a file, or a folder (existing, or ending in /) (default ./{ADAPTER_NAME})")
     download.add_argument("--samples", action="store_true", help="also the sample images, under samples/ beside it")
 
     cancel = commands.add_parser("cancel", help="cancel a job")

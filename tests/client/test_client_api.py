@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from dopsd_client import DOPSDAPIError, DOPSDClient
 from dopsd_client.api import parse_sse
 from scripts import stack
-from tests.service.conftest import EXAMPLES, Stack, quick_spec
+from tests.service.conftest import EXAMPLES, REPO, Stack, quick_spec
 from tests.service.tcpproxy import TcpProxy
 
 
@@ -130,6 +132,18 @@ def test_cancel_and_delete(client: DOPSDClient) -> None:
     with pytest.raises(DOPSDAPIError) as caught:
         client.get(job["id"])
     assert caught.value.code == "job_not_found"
+
+
+def test_the_client_loads_no_service_code_and_no_torch() -> None:
+    """What import-linter checks statically, at run time: the client and its CLI plug-in import only httpx, tqdm
+    and the standard library."""
+    code = (
+        "import sys\n"
+        "import dopsd_client, dopsd_client.cli\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in {'torch', 'api', 'core', 'worker', 'dopsd'}]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_parse_sse_follows_the_format() -> None:

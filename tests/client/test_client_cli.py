@@ -84,6 +84,11 @@ def test_submit_wait_and_out_trains_shows_progress_and_writes_the_adapter(
     download = dopsd_client(prod_stack, api_key, "download", job_id, "--out", str(tmp_path / "again.safetensors"))
     assert download.returncode == 0, download.stderr
     assert (tmp_path / "again.safetensors").read_bytes() == adapter.read_bytes()
+    download = dopsd_client(
+        prod_stack, api_key, "download", job_id, "--format", "comfyui", "--out", f"{tmp_path}/new/"
+    )
+    assert download.returncode == 0, download.stderr
+    assert (tmp_path / "new" / comfy.name).read_bytes() == comfy.read_bytes()
 
 
 def test_dry_run_prints_the_plan(prod_stack: Stack, api_key: str) -> None:
