@@ -1,0 +1,40 @@
+"""The service benchmark's quick mode against its own production-shaped stack on loopback (PostgreSQL, Redis,
+SeaweedFS, uvicorn, a Celery worker): every figure is reported, no request fails, uploads stream."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_mode_reports_dispatch_startup_polling_and_upload() -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/service.py", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout
+    record = json.loads(lines[0])
+    assert record["bench"] == "service" and record["quick"] is True
+    dispatch = record["dispatch"]
+    assert dispatch["jobs"] == 2 and len(dispatch["dispatch_server_ms"]) == 2
+    assert 0 < dispatch["dispatch_server_p50_ms"] < 60_000
+    assert dispatch["startup_cold"]["model_cached"] is False
+    assert dispatch["startup_warm_cached"] is True  # the second job found the model in the worker's cache
+    assert dispatch["startup_warm_p50"]["to_training_ms"] > 0
+    polling = record["polling"]
+    assert polling["errors"] == 0 and polling["requests"] > 10 and polling["p99_ms"] >= polling["p50_ms"] > 0
+    upload = record["upload"]
+    assert upload["big"]["files"] == 8 and upload["big"]["bytes"] > 39_000_000
+    # Streamed to disk: the API's peak memory does not follow the upload's size (held in memory it would be ~1).
+    assert upload["rss_growth_per_upload_mb"] < 0.25, upload
