@@ -41,6 +41,7 @@ def context(browser: Any, prod_stack: Stack) -> Iterator[Any]:
         color_scheme="light",
     )  # fmt: skip
     ctx.set_default_timeout(20_000)
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"])
     yield ctx
     ctx.close()
 
@@ -163,6 +164,9 @@ def test_sign_in_upload_train_watch_and_download(page: Any, prod_stack: Stack, a
         assert download.value.suggested_filename.endswith(".safetensors")
     snippet = page.locator("#snippet").inner_text()
     assert "load_lora_weights(" in snippet and "DiffusionPipeline" in snippet
+    page.get_by_role("button", name="Copy code").click()
+    expect(page.get_by_text("Copied.")).to_be_visible()
+    assert page.evaluate("navigator.clipboard.readText()") == snippet
 
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert sorted(i["name"] for i in job["images"]) == [p.name for p in EXAMPLES]  # the refused file left out
