@@ -221,16 +221,17 @@ def random_features(length: int, dim: int, device: torch.device, dtype: torch.dt
 def run_config(
     bench: Bench, *, resolution: int, method: str, checkpointing: bool, warmup: int, repeats: int,
     conds: tuple[list[Cond], list[Cond]], reference: Callable[[], tuple[list[Cond], list[Cond]]] | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, batch: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
-    """Warms up and times `method` steps at `resolution`; emits and returns the record."""
+    """Warms up and times `method` steps of `batch` samples at `resolution`; emits and returns the record."""
     family, device = bench.family, bench.device
-    shape = (1, *family.latent_shape(resolution, resolution))
+    shape = (batch, *family.latent_shape(resolution, resolution))
+    conds = (conds[0] * batch, conds[1] * batch)
     img_tokens = (shape[-2] // 2) * (shape[-1] // 2)
     cap_tokens, ctx_tokens = int(conds[0][0].shape[0]), int(conds[1][0].shape[0])
     record: dict[str, Any] = {
         "bench": "gpu_zimage", "resolution": resolution, "method": method, "gradient_checkpointing": checkpointing,
-        "image_tokens": img_tokens, "caption_tokens": cap_tokens, "teacher_context_tokens": ctx_tokens,
+        "batch": batch, "image_tokens": img_tokens, "caption_tokens": cap_tokens, "teacher_context_tokens": ctx_tokens,
         **(extra or {}),
     }  # fmt: skip
     elapsed = time.perf_counter() - bench.t0
@@ -243,7 +244,7 @@ def run_config(
     else:
         family.transformer.disable_gradient_checkpointing()
     gen = torch.Generator().manual_seed(7)
-    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(device)
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(device)  # SFT: `batch` training images
 
     def step() -> float:
         if method == "sft":
@@ -277,8 +278,9 @@ def run_config(
         return record
     median = statistics.median(times)
     model, hardware = step_flops(bench.cfg, method, img_tokens, cap_tokens, ctx_tokens, checkpointing)
+    model, hardware = model * batch, hardware * batch
     record.update({
-        "step_s": round(median, 4), "step_s_all": [round(t, 4) for t in times], "warmup": warmup, "repeats": repeats,
+        "step_s": round(median, 4), "sample_s": round(median / batch, 4), "step_s_all": [round(t, 4) for t in times], "warmup": warmup, "repeats": repeats,
         "loss_finite": all(math.isfinite(v) for v in losses),
         "model_tflop_per_step": round(model / 1e12, 2), "hardware_tflop_per_step": round(hardware / 1e12, 2),
         "achieved_tflops": round(model / median / 1e12, 1),
@@ -305,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON-lines file (default: $OUT/gpu_zimage.jsonl if $OUT)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-style step")
     parser.add_argument("--count-only", action="store_true", help="print the meta-device parameter count and exit")
+    parser.add_argument(
+        "--batches",
+        default="",
+        help="also time D-OPSD and SFT with these batch sizes at the top resolution (e.g. 2,4)",
+    )
+    parser.add_argument(
+        "--only-batches", action="store_true", help="time only batch 1 and --batches at the top resolution"
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     cfg = QUICK_TRANSFORMER if args.quick else REAL_TRANSFORMER
@@ -356,6 +366,16 @@ def main(argv: list[str] | None = None) -> int:
         ctx = CAPTION_TOKENS + 2 + teacher_image_tokens(resolution, *pixels)
         return [caption], [random_features(ctx, dim, device, dtype, seed=2)]
 
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if args.only_batches:
+        # The batch lever alone: the released recipe's global batch of 4 on one GPU, against batch 1, same run.
+        top = resolutions[-1]
+        for batch in [1, *batches]:
+            for method in ("dopsd", "sft"):
+                run_config(bench, resolution=top, method=method, checkpointing=True, warmup=warmup, repeats=repeats,
+                           conds=conds_for(top), batch=batch)  # fmt: skip
+        emit({"bench": "gpu_zimage", "event": "done", "total_s": round(time.perf_counter() - t0, 1)})
+        return 0
     # 1. The goals: D-OPSD and SFT with gradient checkpointing, 512 first; 1024 only if 512 went fine.
     for i, resolution in enumerate(resolutions):
         if i and not all(ok.values()):
@@ -378,7 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         for method in ("dopsd", "sft"):
             run_config(bench, resolution=top, method=method, checkpointing=False, warmup=warmup, repeats=repeats,
                        conds=conds_for(top))  # fmt: skip
-    # 4. Reference-style: both encoders resident and run every step (no feature caching), then the same D-OPSD step.
+    # 4. Batch sizes at the top resolution (the released recipe trains with a global batch of 4).
+    if ok.get(top):
+        for batch in batches:
+            for method in ("dopsd", "sft"):
+                run_config(bench, resolution=top, method=method, checkpointing=True, warmup=warmup, repeats=repeats,
+                           conds=conds_for(top), batch=batch)  # fmt: skip
+    # 5. Reference-style: both encoders resident and run every step (no feature caching), then the same D-OPSD step.
     if not args.no_reference and ok.get(top):
         run_reference(bench, args.quick, top, warmup, repeats)
     emit({"bench": "gpu_zimage", "event": "done", "total_s": round(time.perf_counter() - t0, 1)})

@@ -350,6 +350,7 @@ def read_events(
     `expires_in_s`), cancel_requested, requeued, succeeded, failed, canceled."""
     service.get_job(session=session, owner_id=principal.id, job_id=job_id)
     if accept and "text/event-stream" in accept:
+        session.close()  # the stream opens its own short sessions: hold no transaction for its lifetime
         start = int(last_event_id) if last_event_id and re.fullmatch(r"[0-9]{1,18}", last_event_id) else after
         return StreamingResponse(
             _event_stream(request, job_id, start, store, settings.presigned_url_ttl_s),

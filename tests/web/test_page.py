@@ -3,12 +3,14 @@
 The page is only a client of the public REST API, so these tests act as a person would: enter the key, drop images
 (one of them broken), read the estimate, start a tiny job, watch it over server-sent events, compare the adapter
 it downloads with the one the API serves, cancel and delete a running job, preview a concept, and use the page on a
-phone-sized screen with the keyboard. Screenshots go to docs/screenshots/ (for the README) and the test's tmp dir.
+phone-sized screen with the keyboard. Screenshots go to test-artifacts/screenshots/ and the test's tmp dir (docs/screenshots/ with
+DOPSD_UPDATE_SCREENSHOTS=1).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterator
@@ -24,7 +26,9 @@ from tests.service.conftest import Stack, example_files, quick_spec
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples" / "concept").glob("*.png"))
-SCREENSHOTS = REPO / "docs" / "screenshots"
+# Test artifacts (git-ignored); `DOPSD_UPDATE_SCREENSHOTS=1` also refreshes the README's copies in docs/.
+ARTIFACTS = REPO / "test-artifacts" / "screenshots"
+DOC_SCREENSHOTS = REPO / "docs" / "screenshots"
 JOB_URL = re.compile(r"#/jobs/([0-9a-f-]{36})$")
 DROP_BROKEN_FILE = """() => {
     const dt = new DataTransfer();
@@ -62,7 +66,9 @@ def sign_in(page: Any, key: str) -> None:
 
 
 def shoot(page: Any, name: str, tmp_path: Path) -> None:
-    for folder in (SCREENSHOTS, tmp_path):
+    """Saves a full-page screenshot as a test artifact."""
+    folders = [ARTIFACTS, tmp_path] + ([DOC_SCREENSHOTS] if os.environ.get("DOPSD_UPDATE_SCREENSHOTS") else [])
+    for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(folder / name), full_page=True)
 
