@@ -35,22 +35,24 @@ def distillation_rollout(
     num_states = len(sigmas) - 1
     total = 0.0
     x = noise
-    for k in range(num_states):
-        x = x.detach()
-        sigma, sigma_next = sigmas[k], sigmas[k + 1]
-        with torch.no_grad(), active_adapter(transformer, teacher_adapter), family.autocast():
-            pred_teacher = family.predict(x, sigma, teacher_conds)
-        with family.autocast():
-            pred_student = family.predict(x, sigma, student_conds)
-        if loss_space == "x0":
-            loss = compute_x0_distillation_loss(
-                family.x0_from_prediction(x, sigma, pred_student), family.x0_from_prediction(x, sigma, pred_teacher)
-            )
-        else:
-            loss = compute_velocity_distillation_loss(pred_student, pred_teacher)
-        (loss * (loss_scale / num_states)).backward()
-        total += float(loss.detach())
-        x = family.euler_step(x, sigma, sigma_next, pred_student.detach())
+    with family.lora_inputs_uncast():  # one switch for the roll-out, backward included
+        for k in range(num_states):
+            x = x.detach()
+            sigma, sigma_next = sigmas[k], sigmas[k + 1]
+            with torch.no_grad(), active_adapter(transformer, teacher_adapter), family.autocast():
+                pred_teacher = family.predict(x, sigma, teacher_conds)
+            with family.autocast():
+                pred_student = family.predict(x, sigma, student_conds)
+            if loss_space == "x0":
+                loss = compute_x0_distillation_loss(
+                    family.x0_from_prediction(x, sigma, pred_student),
+                    family.x0_from_prediction(x, sigma, pred_teacher),
+                )
+            else:
+                loss = compute_velocity_distillation_loss(pred_student, pred_teacher)
+            (loss * (loss_scale / num_states)).backward()
+            total += float(loss.detach())
+            x = family.euler_step(x, sigma, sigma_next, pred_student.detach())
     return total / num_states
 
 
