@@ -1,12 +1,27 @@
-"""Shared test setup: offline, fp32, two CPU threads, and tiny models built in code (never downloaded)."""
+"""Shared test setup: offline, fp32, two CPU threads, tiny models built in code (never downloaded), and the one
+real production-shaped stack every HTTP test talks to: PostgreSQL (a fresh database, migrated with `alembic upgrade
+head`), Redis (a dedicated db, flushed), SeaweedFS S3, the API under uvicorn and a real Celery worker process.
+Session-scoped here, so the service, client and web-page tests share one stack."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+
+from api.commands import migrate
+from scripts import stack
+from tests.service.tcpproxy import TcpProxy
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -36,3 +51,188 @@ def exported_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     assert cli_main(["models", "export", "tiny-z-image", str(target)]) == 0
     return target
+
+
+REDIS_DB = 13
+
+
+@dataclass
+class Stack:
+    """A running stack: where the API is, the environment its processes share, and how to make keys."""
+
+    base_url: str
+    env: dict[str, str]
+    database_url: str
+    logs: Path
+    worker: subprocess.Popen[bytes] | None = None
+
+    def restart_worker(self) -> None:
+        """Starts a fresh worker process (after a test killed the old one)."""
+        if self.worker is not None:
+            stack.stop(self.worker, timeout_s=5)
+        self.worker = stack.start_worker(self.env, self.logs / f"worker-{time.monotonic_ns()}.log")
+
+    def create_key(self, name: str) -> str:
+        """`dopsd keys create --name NAME`, as an operator runs it; returns the printed key."""
+        return self.create_key_with_secret(name)[0]
+
+    def create_key_with_secret(self, name: str) -> tuple[str, str]:
+        """`dopsd keys create --name NAME`; returns the printed key and webhook signing secret."""
+        out = subprocess.run(
+            [sys.executable, "-m", "dopsd", "keys", "create", "--name", name],
+            env=self.env, cwd=REPO, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        key, secret = out.stdout.strip().splitlines()[-2:]
+        return key, secret
+
+    def s3_keys(self, prefix: str = "jobs/") -> list[str]:
+        """Every object key under `prefix` in the stack's bucket, read straight from the S3 server."""
+        import boto3
+
+        client = boto3.client(
+            "s3", endpoint_url=self.env["DOPSD_S3_ENDPOINT_URL"], region_name="us-east-1",
+            aws_access_key_id=self.env["DOPSD_S3_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["DOPSD_S3_SECRET_ACCESS_KEY"],
+        )  # fmt: skip
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.env["DOPSD_S3_BUCKET"], Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def client(self, key: str | None) -> httpx.Client:
+        """An HTTP client for the API, authenticated with `key`."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    """PostgreSQL and Redis answer on loopback (started with the machine's commands if they were down)."""
+    stack.ensure_postgres_and_redis()
+
+
+@pytest.fixture(scope="session")
+def s3_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TcpProxy]:
+    """A SeaweedFS S3 server behind a proxy that a test can switch off (an outage) and on again."""
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    access, secret = "dopsd-test", secrets.token_urlsafe(16)
+    process, endpoint = stack.start_seaweedfs(
+        folder / "data", access_key=access, secret_key=secret, log=folder / "log"
+    )
+    proxy = TcpProxy(("127.0.0.1", int(endpoint.rsplit(":", 1)[1])))
+    proxy.credentials = (access, secret)  # type: ignore[attr-defined]
+    yield proxy
+    proxy.down()
+    stack.stop(process)
+
+
+@pytest.fixture(scope="session")
+def s3(s3_proxy: TcpProxy) -> dict[str, str]:
+    """Where the S3 server is (through the proxy) and how to sign in."""
+    access, secret = s3_proxy.credentials  # type: ignore[attr-defined]
+    return {"endpoint": f"http://127.0.0.1:{s3_proxy.port}", "access_key": access, "secret_key": secret}
+
+
+@pytest.fixture(scope="session")
+def database(services: None) -> Iterator[str]:
+    """A fresh PostgreSQL database at the migrations' head, shared by the stack's API and worker."""
+    yield from migrated_database("test")
+
+
+def migrated_database(purpose: str) -> Iterator[str]:
+    """Creates `dopsd_<purpose>_<pid>`, applies `alembic upgrade head`, yields its URL, drops it afterwards."""
+    name = f"dopsd_{purpose}_{os.getpid()}"
+    url = stack.create_database(name, recreate=True)
+    migrate(url)
+    yield url
+    stack.drop_database(name)
+
+
+def _flush_redis() -> None:
+    import redis
+
+    redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
+
+
+@pytest.fixture(scope="session")
+def prod_stack(database: str, s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API + one worker against PostgreSQL, Redis and SeaweedFS."""
+    _flush_redis()
+    logs = tmp_path_factory.mktemp("stack-logs")
+    port = stack.free_port()
+    env = stack.stack_env(
+        database_url=database, broker_url=f"redis://127.0.0.1:6379/{REDIS_DB}", s3_endpoint=s3["endpoint"],
+        access_key=s3["access_key"], secret_key=s3["secret_key"], public_url=f"http://127.0.0.1:{port}",
+        bucket=f"dopsd-test-{os.getpid()}",
+    )  # fmt: skip
+    env["DOPSD_PROGRESS_INTERVAL_S"] = "0.2"
+    env["DOPSD_MAX_FILE_BYTES"] = str(2 * 1024 * 1024)
+    # Short recovery clocks, so the fault tests see a dead worker's job come back within seconds.
+    env.update(
+        DOPSD_LEASE_S="5",
+        DOPSD_REAPER_INTERVAL_S="1",
+        DOPSD_DISPATCH_GRACE_S="8",
+        DOPSD_MAX_QUEUED_PER_KEY="6",
+        DOPSD_RATE_LIMIT_PER_MINUTE="1000",
+        DOPSD_WEBHOOK_ALLOW_PRIVATE="true",  # the tests' receivers listen on loopback
+        DOPSD_WEBHOOK_RETRY_DELAYS_S="[0.3, 0.6]",
+        DOPSD_WEBHOOK_POLL_INTERVAL_S="0.2",
+    )
+    api = stack.start_api(env, port, logs / "api.log")
+    running = Stack(f"http://127.0.0.1:{port}", env, database, logs)
+    running.restart_worker()
+    yield running
+    if running.worker is not None:
+        stack.stop(running.worker)
+    stack.stop(api)
+
+
+@pytest.fixture(scope="session")
+def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`dopsd serve` in embedded mode: SQLite, the filesystem broker, local artifacts, one worker process."""
+    home = tmp_path_factory.mktemp("embedded")
+    port = stack.free_port()
+    env = dict(os.environ)
+    for k in [k for k in env if k.startswith("DOPSD_")]:
+        del env[k]
+    env.update(
+        DOPSD_DEV_API_KEY="dev-test-key", DOPSD_PROGRESS_INTERVAL_S="0.2", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)
+    )
+    log = home / "serve.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dopsd", "serve", "--port", str(port)],
+        cwd=home, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    stack.wait_until(lambda: stack.http_ok(f"http://127.0.0.1:{port}/readyz"), "embedded service", timeout_s=90)
+    stack.wait_until(lambda: b" ready." in log.read_bytes(), "embedded worker", timeout_s=90)
+    yield Stack(f"http://127.0.0.1:{port}", env, f"sqlite:///{home}/var/dopsd.db", home)
+    stack.stop(process)
+    shutil.rmtree(home / "var", ignore_errors=True)
+
+
+def example_files(count: int = 2) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart `images` entries for the first `count` bundled example images."""
+    paths = sorted(EXAMPLES.glob("*.png"))[:count]
+    return [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+
+
+def quick_spec(**overrides: Any) -> dict[str, Any]:
+    """A tiny-preset spec that trains in a few seconds."""
+    spec: dict[str, Any] = {
+        "preset": "tiny-z-image",
+        "trigger": "sks",
+        "steps": 6,
+        "validation_prompts": ["a photo of [V]"],
+        "sample_seeds": [0],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = 120) -> dict[str, Any]:
+    """Polls a job until its status is one of `statuses`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} never reached {statuses}; last: {job['status']}")

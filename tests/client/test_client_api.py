@@ -15,7 +15,7 @@ import pytest
 from dopsd_client import DOPSDAPIError, DOPSDClient
 from dopsd_client.api import parse_sse
 from scripts import stack
-from tests.service.conftest import EXAMPLES, REPO, Stack, quick_spec
+from tests.conftest import EXAMPLES, REPO, Stack, quick_spec
 from tests.service.tcpproxy import TcpProxy
 
 

@@ -15,7 +15,7 @@ import boto3
 import pytest
 
 from dopsd_client import DOPSDClient
-from tests.service.conftest import EXAMPLES, REPO, Stack, quick_spec, wait_for_status
+from tests.conftest import EXAMPLES, REPO, Stack, quick_spec, wait_for_status
 
 
 DOPSD = Path(sys.executable).with_name("dopsd")

@@ -34,9 +34,7 @@ def test_vlm_captioner_describes_an_image_with_a_tiny_qwen3_vl() -> None:
     pipe = build_tiny_z_image_pipeline()
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(tiny_vlm_config(pipe.text_encoder.config, pipe.tokenizer))
-    captioner = VLMCaptioner(
-        model, pipe.tokenizer, qwen_image_processor(None, 32 * 32, 64 * 64), max_new_tokens=8
-    )
+    captioner = VLMCaptioner(model, pipe.tokenizer, qwen_image_processor(None, 32 * 32, 64 * 64), max_new_tokens=8)
     image = Image.new("RGB", (64, 48), (200, 40, 40))
     first = captioner.caption(image, "sks")
     assert "sks" in first and first.strip() == first

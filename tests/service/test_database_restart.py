@@ -25,7 +25,7 @@ from api.commands import migrate
 from core.db import make_engine
 from core.jobs import service
 from scripts import stack
-from tests.service.conftest import Stack, example_files, quick_spec, wait_for_status
+from tests.conftest import Stack, example_files, quick_spec, wait_for_status
 
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 
-from tests.service.conftest import Stack, example_files, quick_spec, wait_for_status
+from tests.conftest import Stack, example_files, quick_spec, wait_for_status
 
 
 @pytest.fixture(params=["production", "embedded"])

@@ -13,7 +13,7 @@ from core.db import make_engine, make_sessionmaker
 from core.errors import InvalidRequest
 from core.jobs import service
 from core.jobs.models import Job
-from tests.service.conftest import migrated_database
+from tests.conftest import migrated_database
 
 
 @pytest.fixture(scope="module")

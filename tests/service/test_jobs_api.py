@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service.conftest import REPO, Stack, example_files, quick_spec, wait_for_status
+from tests.conftest import REPO, Stack, example_files, quick_spec, wait_for_status
 
 
 @pytest.fixture(scope="module")

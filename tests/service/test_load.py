@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from bench.load import run_load
 from core.db import make_engine
 from core.jobs import service
-from tests.service.conftest import Stack
+from tests.conftest import Stack
 
 
 def test_short_load_run_has_no_errors(prod_stack: Stack) -> None:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from core.webhooks import WebhookTargetError, check_target
-from tests.service.conftest import Stack, example_files, quick_spec, wait_for_status
+from tests.conftest import Stack, example_files, quick_spec, wait_for_status
 
 
 class Receiver:

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service.conftest import Stack, example_files, quick_spec
+from tests.conftest import Stack, example_files, quick_spec
 
 
 REPO = Path(__file__).resolve().parents[2]
