@@ -21,7 +21,7 @@ from dopsd.data import (
     resolve_caption,
 )
 from dopsd.models.base import Cond, ModelFamily
-from dopsd.models.loading import load_family
+from dopsd.models.loading import load_family_for
 from dopsd.presets import get_preset
 from dopsd.sampling import SampleSet, render_previews
 from dopsd.trainer import resolve_device
@@ -50,17 +50,7 @@ def preview(
         )
     if family is None:
         device, dtype = resolve_device(cfg)
-        assert cfg.pretrained_model_name_or_path is not None
-        family = load_family(
-            preset,
-            base=cfg.pretrained_model_name_or_path,
-            teacher=cfg.teacher_encoder_path,
-            device=device,
-            dtype=dtype,
-            teacher_min_pixels=cfg.teacher_min_pixels or 0,
-            teacher_max_pixels=cfg.teacher_max_pixels or 0,
-            teacher_context=cfg.teacher_context or "vlm",
-        )
+        family = load_family_for(cfg, device=device, dtype=dtype)
     buckets = buckets_for_resolution(cfg.resolution)
     text_max, context_max = cfg.student_max_sequence_length, cfg.teacher_max_sequence_length
 

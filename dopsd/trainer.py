@@ -57,7 +57,7 @@ from dopsd.lora import (
 )
 from dopsd.lora_formats import COMFYUI_WEIGHT_NAME, write_comfyui_lora
 from dopsd.models.base import Cond, ModelFamily
-from dopsd.models.loading import load_family
+from dopsd.models.loading import load_family_for
 from dopsd.presets import Preset, get_preset
 from dopsd.rollout import distillation_rollout, teacher_student_gap
 from dopsd.sampling import SampleRenderer, SampleSet
@@ -153,17 +153,7 @@ def train(
         )
     device, dtype = resolve_device(cfg)
     if family is None:
-        assert cfg.pretrained_model_name_or_path is not None
-        family = load_family(
-            preset,
-            base=cfg.pretrained_model_name_or_path,
-            teacher=cfg.teacher_encoder_path,
-            device=device,
-            dtype=dtype,
-            teacher_min_pixels=cfg.teacher_min_pixels or 0,
-            teacher_max_pixels=cfg.teacher_max_pixels or 0,
-            teacher_context=cfg.teacher_context or "vlm",
-        )
+        family = load_family_for(cfg, device=device, dtype=dtype)
     load_s = time.perf_counter() - t_start
 
     # 1. Features, computed once per (image, caption); the encoders then leave the device.

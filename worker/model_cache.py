@@ -9,8 +9,7 @@ from collections.abc import Hashable
 
 from dopsd.config import DOPSDConfig
 from dopsd.models.base import ModelFamily
-from dopsd.models.loading import load_family
-from dopsd.presets import get_preset
+from dopsd.models.loading import load_family_for
 from dopsd.trainer import resolve_device
 
 
@@ -38,17 +37,7 @@ class ModelCache:
         family = self._entries.get(key)
         cached = family is not None
         if family is None:
-            assert config.pretrained_model_name_or_path is not None
-            family = load_family(
-                get_preset(config.preset),
-                base=config.pretrained_model_name_or_path,
-                teacher=config.teacher_encoder_path,
-                device=device,
-                dtype=dtype,
-                teacher_min_pixels=config.teacher_min_pixels or 0,
-                teacher_max_pixels=config.teacher_max_pixels or 0,
-                teacher_context=config.teacher_context or "vlm",
-            )
+            family = load_family_for(config, device=device, dtype=dtype)
             if self.capacity > 0:
                 self._entries[key] = family
                 while len(self._entries) > self.capacity:

@@ -11,13 +11,14 @@ from diffusers import Flux2KleinPipeline, ZImagePipeline
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from dopsd.config import DOPSDConfig
 from dopsd.errors import ModelLoadError
 from dopsd.models import tiny
 from dopsd.models.base import ModelFamily
 from dopsd.models.flux2_klein import Flux2KleinFamily
 from dopsd.models.qwen_teacher import QwenVLTeacherEncoder, copy_text_encoder_into_vlm
 from dopsd.models.z_image import ZImageFamily
-from dopsd.presets import Preset
+from dopsd.presets import Preset, get_preset
 
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,21 @@ def load_pipeline(family: str, base: str, *, dtype: torch.dtype) -> Any:
         return pipeline_class.from_pretrained(base, torch_dtype=dtype, local_files_only=Path(base).is_dir())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the {pipeline_class.__name__} from {base!r}: {exc}") from exc
+
+
+def load_family_for(config: DOPSDConfig, *, device: torch.device, dtype: torch.dtype) -> ModelFamily:
+    """The family a resolved config trains: its preset, base weights, teacher encoder and teacher context."""
+    assert config.pretrained_model_name_or_path is not None, "resolve the config first"
+    return load_family(
+        get_preset(config.preset),
+        base=config.pretrained_model_name_or_path,
+        teacher=config.teacher_encoder_path,
+        device=device,
+        dtype=dtype,
+        teacher_min_pixels=config.teacher_min_pixels or 0,
+        teacher_max_pixels=config.teacher_max_pixels or 0,
+        teacher_context=config.teacher_context or "vlm",
+    )
 
 
 def load_family(

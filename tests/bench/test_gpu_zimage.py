@@ -4,33 +4,19 @@ analytic FLOP count it reports MFU with."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from bench import gpu_zimage  # noqa: E402
+from bench import gpu_zimage
+from tests.bench.conftest import run_bench
 
 
 def test_quick_mode_runs_every_configuration_and_writes_json_lines(tmp_path: Path) -> None:
     """`bench/gpu_zimage.py --quick`: setup line, D-OPSD/SFT at two sizes, the batching lever, checkpointing off,
     the reference-style step and its cached twin; each also appended to the --out file."""
     out = tmp_path / "gpu_zimage.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "bench/gpu_zimage.py", "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    printed = run_bench("gpu_zimage.py", "--quick", "--out", str(out), timeout_s=180)
     assert printed == [json.loads(line) for line in out.read_text().splitlines()]
     assert printed[0]["event"] == "setup" and printed[-1]["event"] == "done"
     steps = [r for r in printed if "step_s" in r]

@@ -3,28 +3,16 @@ SeaweedFS, uvicorn, a Celery worker): every figure is reported, no request fails
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.bench.conftest import run_bench
 
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_mode_reports_dispatch_startup_polling_and_upload() -> None:
-    proc = subprocess.run(
-        [sys.executable, "bench/service.py", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1, proc.stdout
-    record = json.loads(lines[0])
+    (record,) = run_bench("service.py", "--quick")
     assert record["bench"] == "service" and record["quick"] is True
     dispatch = record["dispatch"]
     assert dispatch["jobs"] == 2 and len(dispatch["dispatch_server_ms"]) == 2

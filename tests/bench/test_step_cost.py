@@ -3,23 +3,15 @@ sequential roll-out computes."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from bench import step_cost  # noqa: E402
-from bench.common import batched_rollout, encode_pair, target_image  # noqa: E402
-from dopsd.config import DISTILL4_SIGMAS  # noqa: E402
-from dopsd.lora import add_adapters, make_lora_config, student_parameters, teacher_parameters  # noqa: E402
-from dopsd.rollout import distillation_rollout  # noqa: E402
+from bench import step_cost
+from bench.common import batched_rollout, encode_pair, target_image
+from dopsd.config import DISTILL4_SIGMAS
+from dopsd.lora import add_adapters, make_lora_config, student_parameters, teacher_parameters
+from dopsd.rollout import distillation_rollout
+from tests.bench.conftest import run_bench
 
 
 KEYS = {
@@ -32,18 +24,7 @@ KEYS = {
 def test_quick_mode_prints_one_json_line_with_the_three_step_times() -> None:
     """`bench/step_cost.py --quick`: one tiny-size record; D-OPSD (4 teacher + 4 student passes) costs more than SFT,
     and the reference-style step (encoders every step) reports its ratio to the cached-feature step."""
-    proc = subprocess.run(
-        [sys.executable, "bench/step_cost.py", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1, proc.stdout
-    record = json.loads(lines[0])
+    (record,) = run_bench("step_cost.py", "--quick")
     assert KEYS <= record.keys(), KEYS - record.keys()
     assert record["bench"] == "step_cost"
     assert record["size"] == "tiny"
