@@ -26,7 +26,11 @@ def send_once(app: FastAPI, client: httpx.Client) -> int:
         return public_event_data(type_, data, store, settings.presigned_url_ttl_s)
 
     return deliver_due(
-        app.state.sessionmaker, public_data=public, retry_delays_s=settings.webhook_retry_delays_s, client=client
+        app.state.sessionmaker,
+        public_data=public,
+        retry_delays_s=settings.webhook_retry_delays_s,
+        client=client,
+        allow_private=settings.webhook_allow_private,
     )
 
 

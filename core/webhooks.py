@@ -42,6 +42,10 @@ class WebhookTargetError(Exception):
     """The URL may not receive webhooks (bad scheme, unresolvable, or a private address)."""
 
 
+class WebhookHostUnresolved(WebhookTargetError):
+    """The webhook's host name does not resolve (now: a delivery retries later)."""
+
+
 def check_target(url: str, *, allow_private: bool) -> None:
     """Refuses URLs a webhook may not reach: not http(s), no host, or (unless allowed) a host that resolves to a
     loopback, private, link-local or otherwise non-public address (the service must not probe its own network)."""
@@ -53,7 +57,7 @@ def check_target(url: str, *, allow_private: bool) -> None:
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookTargetError(f"the webhook host {parts.hostname!r} does not resolve") from exc
+        raise WebhookHostUnresolved(f"the webhook host {parts.hostname!r} does not resolve") from exc
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]))
         if not address.is_global:
@@ -117,16 +121,18 @@ def deliver_due(
     public_data: Callable[[str, dict[str, Any]], dict[str, Any]],
     retry_delays_s: Sequence[float],
     client: httpx.Client,
+    allow_private: bool = False,
 ) -> int:
     """Sends every due delivery once; returns how many were attempted.
 
     `public_data(type, data)` turns stored event data into what clients see (signed URLs). A 2xx answer delivers;
-    anything else is retried after the next of `retry_delays_s`, and fails for good once they are used up.
+    anything else is retried after the next of `retry_delays_s`, and fails for good once they are used up. The
+    target is checked again before each attempt (its host may have moved to a private address since submission).
     """
     with session_scope(sessions) as session:
         ids = claim_due(session=session)
     for delivery_id in ids:
-        _attempt(sessions, delivery_id, public_data, retry_delays_s, client)
+        _attempt(sessions, delivery_id, public_data, retry_delays_s, client, allow_private)
     return len(ids)
 
 
@@ -136,6 +142,7 @@ def _attempt(
     public_data: Callable[[str, dict[str, Any]], dict[str, Any]],
     retry_delays_s: Sequence[float],
     client: httpx.Client,
+    allow_private: bool,
 ) -> None:
     with sessions() as session:
         delivery = session.get_one(WebhookDelivery, delivery_id)
@@ -145,10 +152,17 @@ def _attempt(
         body = json.dumps(message(event, job, public_data(event.type, event.data))) if event and job else None
         created = event.created_at if event else utcnow()
     record: dict[str, Any] = {"at": utcnow().isoformat(), "status_code": None, "error": None}
-    ok = False
-    if body is None or not secret:
-        record["error"] = "the job or its key is gone"
+    ok, final = False, False
+    try:
+        check_target(url, allow_private=allow_private)
+    except WebhookTargetError as exc:  # refused for good, or (unresolvable) tried again later
+        record["error"], final = str(exc), not isinstance(exc, WebhookHostUnresolved)
+        skip = True
     else:
+        skip = False
+    if body is None or not secret:
+        record["error"], final = "the job or its key is gone", True
+    elif not skip:
         headers = {
             **sign(secret, f"msg_{delivery.event_id}", created, body),
             "content-type": "application/json",
@@ -170,7 +184,7 @@ def _attempt(
         delivery.attempts = attempts
         if ok:
             delivery.status = "delivered"
-        elif body is None or not secret or len(attempts) > len(retry_delays_s):
+        elif final or len(attempts) > len(retry_delays_s):
             delivery.status = "failed"
         else:
             delivery.next_attempt_at = utcnow() + timedelta(seconds=retry_delays_s[len(attempts) - 1])

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,6 +14,7 @@ from core.db import make_engine, make_sessionmaker
 from core.errors import InvalidRequest
 from core.jobs import service
 from core.jobs.models import Job
+from core.webhooks import deliver_due, list_deliveries
 from tests.conftest import migrated_database
 
 
@@ -157,3 +159,23 @@ def test_concurrent_claims_respect_the_running_limit(sessions: sessionmaker[Sess
     for t in threads:
         t.join()
     assert sorted(results, key=lambda r: r is None)[:2] == [1, 1] and results.count(None) == 6
+
+
+def test_a_webhook_target_is_checked_again_at_delivery(sessions: sessionmaker[Session]) -> None:
+    """A host that moved to a private address after submission gets nothing: the delivery fails, no request."""
+    with sessions() as session:
+        owner, _ = service.create_api_key(session=session, name="hooks")
+        job = service.create_job(
+            session=session, job_id=uuid.uuid4(), owner_id=owner.id, preset="tiny-z-image", queue="train.z_image",
+            spec={}, config={"max_train_steps": 5}, images=[], webhook_url="http://127.0.0.1:9/hook",
+            webhook_events=["queued"],
+        )  # fmt: skip
+        session.commit()
+        job_id = job.id
+    sent: list[httpx.Request] = []
+    client = httpx.Client(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
+    attempted = deliver_due(sessions, public_data=lambda _t, d: d, retry_delays_s=[0.1], client=client)
+    assert attempted >= 1 and sent == []
+    with sessions() as session:
+        (delivery,) = list_deliveries(session=session, job_id=job_id)
+        assert delivery.status == "failed" and "loopback" in delivery.attempts[0]["error"]
