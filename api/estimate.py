@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.jobs.models import Job, JobEvent
+from core.jobs.states import JobStatus
 from dopsd.presets import Preset
 
 
@@ -22,13 +23,19 @@ HISTORY = 20
 
 
 def observed_step_seconds(*, session: Session, preset: str) -> float | None:
-    """The median seconds per training step of the preset's last succeeded training jobs, if any ran."""
-    rows = session.scalars(
-        select(JobEvent.data)
-        .join(Job, Job.id == JobEvent.job_id)
-        .where(Job.preset == preset, Job.kind == "training", JobEvent.type == "succeeded")
-        .order_by(JobEvent.id.desc())
+    """The median seconds per training step of the preset's last succeeded training jobs, if any ran.
+
+    The jobs are chosen on the job table first, so their `succeeded` events are read by job id (indexed) instead
+    of scanning an event log that holds every progress event ever written.
+    """
+    recent = (
+        select(Job.id)
+        .where(Job.preset == preset, Job.kind == "training", Job.status == JobStatus.SUCCEEDED.value)
+        .order_by(Job.finished_at.desc())
         .limit(HISTORY)
+    )
+    rows = session.scalars(
+        select(JobEvent.data).where(JobEvent.job_id.in_(recent.scalar_subquery()), JobEvent.type == "succeeded")
     )
     per_step = [float(d["train_s"]) / int(d["steps"]) for d in rows if d.get("train_s") and d.get("steps")]
     return statistics.median(per_step) if per_step else None
@@ -43,16 +50,11 @@ def _step_seconds(session: Session, preset: Preset, config: dict[str, Any]) -> f
     return preset.step_seconds * scale * int(config["train_batch_size"]) * int(config["gradient_accumulation_steps"])
 
 
-def estimate_gpu_seconds(
-    *, session: Session, preset: Preset, config: dict[str, Any], kind: str = "training", images: int = 1
-) -> float:
-    """Model load + training steps + sample renders (or, for a preview, one image per reference image and
-    prompt) for a resolved config."""
+def estimate_gpu_seconds(*, session: Session, preset: Preset, config: dict[str, Any]) -> float:
+    """Model load + training steps + sample renders for a resolved training config."""
     step_s = _step_seconds(session, preset, config)
     image_s = int(config["sample_steps"]) * step_s / FORWARDS_PER_STEP
     prompts, seeds = len(config.get("validation_prompts") or []), len(config.get("sample_seeds") or [])
-    if kind == "preview":
-        return round(preset.load_seconds + prompts * images * image_s, 1)
     steps = int(config["max_train_steps"])
     every = int(config.get("sample_every") or 0)
     renders = (steps // every if every else 0) + 1

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         description="Waits before each retry of a failed webhook delivery (about two hours in all).",
     )
     webhook_poll_interval_s: float = Field(1.0, gt=0, description="How often the API sends due webhooks.")
-    log_format: Literal["json", "text"] = Field("json", description="Worker and API log lines: JSON or plain.")
+    log_format: Literal["json", "text"] = Field("json", description="Worker log lines: JSON or plain.")
 
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:

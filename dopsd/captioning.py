@@ -116,14 +116,16 @@ def auto_captions(
     teacher_path: str | None,
     device: torch.device,
     dtype: torch.dtype,
-    image_processor: Any = None,
+    min_pixels: int,
+    max_pixels: int,
 ) -> dict[str, str]:
-    """A caption for each image: the preset's VLM describes it (real presets), or the template (tiny ones)."""
+    """A caption for each image: the preset's VLM describes it (real presets; images sized as the teacher sees
+    them, `min_pixels`..`max_pixels`), or the template (tiny ones)."""
     if preset.is_tiny or teacher_path is None:
         return {name: template_caption(trigger) for name in images}
     from dopsd.models.loading import qwen_image_processor
 
-    processor = image_processor or qwen_image_processor(teacher_path, 512 * 512, 768 * 768)
+    processor = qwen_image_processor(teacher_path, min_pixels, max_pixels)
     captioner = VLMCaptioner.load(teacher_path, device=device, dtype=dtype, image_processor=processor)
     try:
         result = {name: captioner.caption(image, trigger) for name, image in images.items()}

@@ -84,8 +84,21 @@ _Z_IMAGE_TURBO = Preset(
     load_seconds=120.0,
 )
 
-# Chosen so that `dopsd train --preset tiny-z-image --steps 30` visibly closes the teacher-student gap on CPU in
-# seconds (tests assert a fall of at least 30%): a higher learning rate and a small rank suit the toy model.
+# The toy models' training settings, chosen so that `dopsd train --preset tiny-z-image --steps 30` visibly closes
+# the teacher-student gap on CPU in seconds (tests assert a fall of at least 30%): a higher learning rate and a
+# small rank suit a toy model, and 64 px images with a small teacher image keep every step cheap.
+_TINY_TRAINING: dict[str, Any] = {
+    "learning_rate": 2e-3,
+    "rank": 8,
+    "lora_alpha": 16.0,
+    "resolution": 64,
+    "max_train_steps": 50,
+    "checkpointing_steps": 0,
+    "sample_every": 0,
+    "teacher_min_pixels": 32 * 32,
+    "teacher_max_pixels": 64 * 64,
+}
+
 _TINY_Z_IMAGE = Preset(
     name="tiny-z-image",
     family="z_image",
@@ -97,15 +110,7 @@ _TINY_Z_IMAGE = Preset(
     min_image_side=32,
     native_sample_steps=8,
     defaults={
-        "learning_rate": 2e-3,
-        "rank": 8,
-        "lora_alpha": 16.0,
-        "resolution": 64,
-        "max_train_steps": 50,
-        "checkpointing_steps": 0,
-        "sample_every": 0,
-        "teacher_min_pixels": 32 * 32,
-        "teacher_max_pixels": 64 * 64,
+        **_TINY_TRAINING,
         "rollout_schedule": "distill4",
         "teacher_context": "vlm",
         "student_max_sequence_length": 512,
@@ -165,15 +170,7 @@ _TINY_FLUX2_KLEIN = Preset(
     text_encoder_layers=(1, 2, 3),
     defaults={
         **_KLEIN_DEFAULTS,
-        "learning_rate": 2e-3,
-        "rank": 8,
-        "lora_alpha": 16.0,
-        "resolution": 64,
-        "max_train_steps": 50,
-        "checkpointing_steps": 0,
-        "sample_every": 0,
-        "teacher_min_pixels": 32 * 32,
-        "teacher_max_pixels": 64 * 64,
+        **_TINY_TRAINING,
         # The pipeline pads prompts to this many tokens and feeds every row to the transformer: 64 instead of
         # 512 keeps the toy model fast on a CPU without changing any code path.
         "student_max_sequence_length": 64,

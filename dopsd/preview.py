@@ -13,9 +13,9 @@ from PIL import Image
 
 from dopsd.config import DOPSDConfig
 from dopsd.data import (
-    ConceptDataset,
     buckets_for_resolution,
-    load_concept_dataset,
+    image_files,
+    load_image,
     nearest_bucket,
     resize_to_cover,
     resolve_caption,
@@ -32,22 +32,19 @@ def preview(
     out_dir: Path,
     *,
     family: ModelFamily | None = None,
-    dataset: ConceptDataset | None = None,
 ) -> SampleSet:
     """Renders one zero-shot image per reference image and validation prompt (first sample seed) into `out_dir`,
-    with a contact sheet; `family` lets a worker pass an already loaded model."""
+    with a contact sheet; `family` lets a worker pass an already loaded model. Captions play no part: the prompts
+    are the text, so images need none."""
     cfg = config.resolved()
     assert cfg.resolution is not None and cfg.sample_steps is not None and cfg.validation_prompts is not None
     assert cfg.student_max_sequence_length is not None
     preset = get_preset(cfg.preset)
-    if dataset is None:
-        dataset = load_concept_dataset(
-            cfg.instance_data_dir,
-            trigger=cfg.trigger,
-            default_caption=cfg.default_caption,
-            captions=cfg.captions,
-            min_side=preset.min_image_side,
-        )
+    assert cfg.instance_data_dir is not None
+    references = [
+        (p.name, load_image(p, min_side=preset.min_image_side, name=p.name))
+        for p in image_files(cfg.instance_data_dir)
+    ]
     if family is None:
         device, dtype = resolve_device(cfg)
         family = load_family_for(cfg, device=device, dtype=dtype)
@@ -63,7 +60,7 @@ def preview(
     try:
         return render_previews(
             family,
-            references=[(item.name, item.image) for item in dataset.items],
+            references=references,
             prompts=[resolve_caption(p, cfg.trigger) for p in cfg.validation_prompts],
             seed=cfg.sample_seeds[0],
             width=cfg.resolution,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +44,7 @@ class SampleSet:
     final: bool
     images: list[SampleImage]
     contact_sheet: Path
-    folder: Path = field(repr=False, default=Path())
+    folder: Path
 
 
 def contact_sheet(rows: Sequence[tuple[str, Sequence[Image.Image]]], *, title: str) -> Image.Image:

@@ -113,7 +113,14 @@ def _with_auto_captions(cfg: DOPSDConfig, preset: Preset) -> DOPSDConfig:
     folder = Path(cfg.instance_data_dir)
     images = {n: load_image(folder / n, min_side=preset.min_image_side, name=n) for n in missing}
     made = auto_captions(
-        images, trigger=cfg.trigger, preset=preset, teacher_path=cfg.teacher_encoder_path, device=device, dtype=dtype
+        images,
+        trigger=cfg.trigger,
+        preset=preset,
+        teacher_path=cfg.teacher_encoder_path,
+        device=device,
+        dtype=dtype,
+        min_pixels=cfg.teacher_min_pixels or 0,
+        max_pixels=cfg.teacher_max_pixels or 0,
     )
     logger.info("made captions for %d image(s) without one", len(made))
     return dataclasses.replace(cfg, captions={**(cfg.captions or {}), **{n: [c] for n, c in made.items()}})

@@ -48,6 +48,8 @@ class JobReporter(TrainerCallback):
         self.lease_lost = False
         self._last_write = 0.0
         self._claimed_at = time.monotonic()
+        # Output files already in storage (samples, as they were made), named relative to the output folder.
+        self.uploaded_outputs: list[dict[str, object]] = []
 
     def gpu_seconds(self) -> float:
         """Seconds this attempt has held the worker (its GPU) since the claim."""
@@ -142,7 +144,9 @@ class JobReporter(TrainerCallback):
     def announce_samples(self, samples: SampleSet, relative_prefix: str) -> None:
         """Uploads `samples.folder` under the job's outputs at `relative_prefix`, then writes its `sample` event."""
         prefix = output_key(self.job_id, relative_prefix)
-        keys = {r["name"]: r["key"] for r in upload_tree(self.store, samples.folder, prefix)}
+        records = upload_tree(self.store, samples.folder, prefix)
+        self.uploaded_outputs += [{**r, "name": relative_prefix + r["name"]} for r in records]
+        keys = {r["name"]: r["key"] for r in records}
         images = [
             {
                 "name": relative_prefix + image.path.name,

@@ -222,7 +222,7 @@ def _run_claimed(
 
         samples = preview(config, out / "preview", family=family)
         reporter.announce_samples(samples, "preview/")
-        records = upload_tree(store, out, output_key(job_id, ""))
+        records = upload_tree(store, out, output_key(job_id, ""), skip=("preview",)) + reporter.uploaded_outputs
         metrics: dict[str, Any] = {"images": len(samples.images), "render_s": round(time.perf_counter() - started, 3)}
     else:
         from dopsd.trainer import train
@@ -230,7 +230,9 @@ def _run_claimed(
         result = train(config, [reporter], family=family)
         if not reporter.renew_lease():
             raise TrainingCancelled(result.metrics["steps"])
-        records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints",))
+        # Samples went up as they were rendered; checkpoints live under their own prefix.
+        records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints", "samples"))
+        records += reporter.uploaded_outputs
         gap = result.metrics["teacher_student_gap"]
         metrics = {
             "steps": result.metrics["steps"],

@@ -172,7 +172,7 @@ async def submit(
             allow_private=settings.webhook_allow_private,
         )
         if dry_run:
-            return _dry_run(session, validated, kind)
+            return _dry_run(session, validated)
         request_hash = _request_hash(validated, kind)
         if idempotency_key:
             replay = _idempotent_replay(session, principal.id, idempotency_key, request_hash, settings, response)
@@ -229,14 +229,12 @@ async def submit(
 MAX_PREVIEW_IMAGES = 8
 
 
-def _dry_run(session: Session, validated: ValidatedJob, kind: str) -> DryRunPublic:
+def _dry_run(session: Session, validated: ValidatedJob) -> DryRunPublic:
     queue = queue_for_family(validated.preset.family)
     return DryRunPublic(
         config=validated.config,
         images=[ImagePublic(name=u.safe_name, size=u.size) for u, _, _ in validated.images],
-        estimated_gpu_seconds=estimate_gpu_seconds(
-            session=session, preset=validated.preset, config=validated.config, kind=kind, images=len(validated.images)
-        ),
+        estimated_gpu_seconds=estimate_gpu_seconds(session=session, preset=validated.preset, config=validated.config),
         queue_position=service.queued_in(session=session, queue=queue) + 1,
     )
 

@@ -624,7 +624,17 @@ function viewNew(signal) {
     return li;
   }
 
-  function updateFile(f) {
+  /** Marks the file an API error names (an image error's `details.file`) as refused, with the API's reason. */
+function markRefusedFile(e) {
+  if (!(e instanceof ApiError && e.details && e.details.file)) return;
+  const f = draft.files.find((x) => x.name === e.details.file);
+  if (!f) return;
+  f.status = "refused";
+  f.reason = sentence(e.details.reason);
+  updateFile(f);
+}
+
+function updateFile(f) {
     if (f.li && f.li.isConnected) renderFile(f);
     setNote();
   }
@@ -777,14 +787,7 @@ function viewNew(signal) {
         ));
     } catch (e) {
       if (local.signal.aborted) return;
-      if (e instanceof ApiError && e.details && e.details.file) {
-        const f = draft.files.find((x) => x.name === e.details.file);
-        if (f) {
-          f.status = "refused";
-          f.reason = sentence(e.details.reason);
-          updateFile(f);
-        }
-      }
+      markRefusedFile(e);
       estimate.replaceChildren(errorBox(describeError(e)));
     } finally {
       estimate.classList.remove("busy");
@@ -901,14 +904,7 @@ function viewNew(signal) {
       if (signal.aborted) return;
       if (e instanceof ApiError && e.status === 409) draft.idempotencyKey = null;
       submitError.replaceChildren(errorBox(describeError(e)));
-      if (e instanceof ApiError && e.details && e.details.file) {
-        const f = draft.files.find((x) => x.name === e.details.file);
-        if (f) {
-          f.status = "refused";
-          f.reason = sentence(e.details.reason);
-          updateFile(f);
-        }
-      }
+      markRefusedFile(e);
     } finally {
       submitButton.disabled = false;
       submitButton.textContent = "Start training";
