@@ -1,5 +1,6 @@
-"""Service commands added to the `dopsd` CLI: `keys create|revoke|list`, `migrate`, and `serve` (embedded mode:
-API + one real Celery worker process, on SQLite, the filesystem broker and a local artifact folder)."""
+"""Service commands added to the `dopsd` CLI: `keys create|revoke|list`, `migrate`, `maintain` (the reaper,
+retention and webhook sender as their own process, the production shape) and `serve` (embedded mode: API + one
+real Celery worker process, on SQLite, the filesystem broker and a local artifact folder)."""
 
 from __future__ import annotations
 
@@ -43,13 +44,13 @@ def _sessions() -> Any:
 
 
 def _keys(ns: argparse.Namespace) -> int:
+    from core import api_keys
     from core.db import session_scope
-    from core.jobs import service
     from core.jobs.models import ApiKey
 
     with session_scope(_sessions()) as session:
         if ns.keys_command == "create":
-            record, key = service.create_api_key(session=session, name=ns.name)
+            record, key = api_keys.create_api_key(session=session, name=ns.name)
             print(key)
             print(record.webhook_secret)
             print(
@@ -58,7 +59,7 @@ def _keys(ns: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         elif ns.keys_command == "revoke":
-            count = service.revoke_api_key(session=session, prefix_or_name=ns.key)
+            count = api_keys.revoke_api_key(session=session, prefix_or_name=ns.key)
             print(f"revoked {count} key(s)")
             return 0 if count else 1
         else:
@@ -71,6 +72,34 @@ def _keys(ns: argparse.Namespace) -> int:
 def _migrate(_: argparse.Namespace) -> int:
     migrate()
     print("database at head")
+    return 0
+
+
+def _maintain(_: argparse.Namespace) -> int:
+    """Runs maintenance until SIGTERM or SIGINT, then lets the passes in flight end and exits 0."""
+    import signal
+    import threading
+
+    from api.maintenance import service_maintenance
+    from core.config import get_settings
+    from core.db import make_engine, make_sessionmaker
+    from core.logs import configure_logging
+    from core.storage import make_store
+
+    settings = get_settings()
+    configure_logging(settings.log_format)
+    engine = make_engine(settings.database_url)
+    maintenance = service_maintenance(settings, make_sessionmaker(engine), make_store(settings))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    maintenance.start()
+    every = f"reaper every {settings.reaper_interval_s:g} s, webhooks every {settings.webhook_poll_interval_s:g} s"
+    print(f"maintenance running ({every}); stop with SIGTERM", flush=True)
+    stop.wait()
+    maintenance.stop()
+    engine.dispose()
+    print("maintenance stopped", flush=True)
     return 0
 
 
@@ -137,6 +166,11 @@ def register(sub: Any) -> None:
 
     mig = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     mig.set_defaults(func=_migrate)
+
+    maintain = sub.add_parser(
+        "maintain", help="run the reaper, retention and the webhook sender until SIGTERM (production shape)"
+    )
+    maintain.set_defaults(func=_maintain)
 
     serve = sub.add_parser("serve", help="run the API and one worker process (embedded mode by default)")
     serve.add_argument("--host", default="127.0.0.1")

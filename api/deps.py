@@ -9,11 +9,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from core import api_keys
 from core.config import Settings
 from core.errors import Unauthorized
-from core.jobs import service
 from core.jobs.models import ApiKey
-from core.storage import LocalStore, S3Store
+from core.storage import ArtifactStore
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -31,9 +31,9 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_store(request: Request) -> LocalStore | S3Store:
+def get_store(request: Request) -> ArtifactStore:
     """The artifact store."""
-    store: LocalStore | S3Store = request.app.state.store
+    store: ArtifactStore = request.app.state.store
     return store
 
 
@@ -41,7 +41,7 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <api k
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-StoreDep = Annotated[LocalStore | S3Store, Depends(get_store)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
 def get_principal(
@@ -52,7 +52,7 @@ def get_principal(
     """The key of the caller (every /v1 route requires one), within its request rate."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized("send `Authorization: Bearer <api key>`")
-    key = service.authenticate(session=session, key=credentials.credentials)
+    key = api_keys.authenticate(session=session, key=credentials.credentials)
     request.app.state.rate_limiter.check(key.id)
     return key
 

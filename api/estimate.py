@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.events import EventType, TrainingSucceededPayload, succeeded_payload
 from core.jobs.models import Job, JobEvent
 from core.jobs.states import JobStatus
 from dopsd.presets import Preset
@@ -30,14 +31,19 @@ def observed_step_seconds(*, session: Session, preset: str) -> float | None:
     """
     recent = (
         select(Job.id)
-        .where(Job.preset == preset, Job.kind == "training", Job.status == JobStatus.SUCCEEDED.value)
+        .where(Job.preset == preset, Job.kind == "training", Job.status == JobStatus.SUCCEEDED)
         .order_by(Job.finished_at.desc())
         .limit(HISTORY)
     )
     rows = session.scalars(
-        select(JobEvent.data).where(JobEvent.job_id.in_(recent.scalar_subquery()), JobEvent.type == "succeeded")
+        select(JobEvent.data).where(
+            JobEvent.job_id.in_(recent.scalar_subquery()), JobEvent.type == EventType.SUCCEEDED
+        )
     )
-    per_step = [float(d["train_s"]) / int(d["steps"]) for d in rows if d.get("train_s") and d.get("steps")]
+    outcomes = [succeeded_payload(data) for data in rows]
+    per_step = [
+        o.train_s / o.steps for o in outcomes if isinstance(o, TrainingSucceededPayload) and o.train_s and o.steps
+    ]
     return statistics.median(per_step) if per_step else None
 
 

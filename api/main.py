@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,15 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.maintenance import service_maintenance
 from api.metrics import install_metrics
 from api.ratelimit import RateLimiter
-from api.reaper import reaper_loop
 from api.routes import api_router
 from api.routes.web import router as web_router
-from api.webhook_sender import webhook_loop
+from core import api_keys
 from core.config import Settings, get_settings
 from core.db import make_engine, make_sessionmaker, session_scope
-from core.jobs import service
 from core.storage import S3Store, make_store
 
 
@@ -43,12 +41,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         if settings.dev_api_key is not None:
             with session_scope(app.state.sessionmaker) as session:
-                service.ensure_api_key(session=session, name="dev", key=settings.dev_api_key.get_secret_value())
-        reaper = asyncio.create_task(reaper_loop(app))
-        webhooks = asyncio.create_task(webhook_loop(app))
+                api_keys.ensure_api_key(session=session, name="dev", key=settings.dev_api_key.get_secret_value())
+        # Embedded mode runs maintenance here; the production shape runs it as `dopsd maintain`.
+        maintenance = (
+            service_maintenance(settings, app.state.sessionmaker, app.state.store)
+            if settings.api_runs_maintenance
+            else None
+        )
+        if maintenance is not None:
+            maintenance.start()
         yield
-        reaper.cancel()
-        webhooks.cancel()
+        if maintenance is not None:
+            maintenance.stop()
         engine.dispose()
 
     app = FastAPI(

@@ -6,60 +6,28 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from api.public_events import EventPublic
+from api.spec_fields import job_spec_fields
+from core.events import EventType
 
 
-AdapterFormat = Literal["diffusers", "comfyui"]
-ADAPTER_FORMATS: tuple[AdapterFormat, ...] = ("diffusers", "comfyui")
+# The training fields, generated from the declarations of `dopsd.config.DOPSDConfig` (see api.spec_fields).
+_TrainingSpec = create_model("_TrainingSpec", __config__=ConfigDict(extra="forbid"), **job_spec_fields())
 
 
-class JobSpec(BaseModel):
+class JobSpec(_TrainingSpec):  # its training fields are generated: read them with api.spec_fields.training_values
     """What a client may set for a training job (the `spec` form field, as JSON). `[V]` marks the trigger word."""
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = Field("tiny-z-image", description="Model preset; see GET /v1/presets.")
-    trigger: str = Field("sks", min_length=1, max_length=50, description="The word that names the concept.")
-    captions: dict[str, list[str]] = Field(
-        default_factory=dict, description="Uploaded file name -> captions (several allowed)."
-    )
-    default_caption: str | None = Field("a photo of [V]", max_length=1000)
-    steps: int | None = Field(None, ge=1, le=10_000, description="Optimizer steps (preset default if unset).")
-    learning_rate: float | None = Field(None, gt=0, le=1e-2)
-    rank: int | None = Field(None, ge=1, le=256)
-    lora_alpha: float | None = Field(None, gt=0, le=1024)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    resolution: int | None = Field(None, ge=64, le=2048, multiple_of=16)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    train_batch_size: int = Field(1, ge=1, le=16)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=64)
-    max_grad_norm: float = Field(1.0, ge=0, le=100)
-    adam_weight_decay: float = Field(0.0, ge=0, le=1)
-    loss_space: Literal["x0", "velocity"] = "x0"
-    teacher_mode: Literal["ema", "frozen", "live"] = "ema"
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
-    rollout_schedule: Literal["distill4", "native"] | None = None
-    teacher_context: Literal["vlm", "edit"] | None = None
-    checkpointing_steps: int | None = Field(None, ge=0, le=10_000)
-    sample_every: int | None = Field(None, ge=0, le=10_000)
-    validation_prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] | None = Field(None, max_length=16)
-    sample_seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(
-        default_factory=lambda: [0, 1], min_length=1, max_length=8
-    )
-    sample_steps: int | None = Field(None, ge=1, le=100)
-    output_formats: list[AdapterFormat] = Field(
-        default_factory=lambda: list(ADAPTER_FORMATS),
-        min_length=1,
-        max_length=2,
-        description="Adapter files to write: diffusers (`load_lora_weights`) and/or ComfyUI's LoRA loader.",
-    )
     webhook_url: Annotated[str, Field(min_length=8, max_length=2000, pattern=r"^https?://")] | None = Field(
         None, description="Standard Webhooks POSTs of this job's events, signed with the key's secret."
     )
-    webhook_events: (
-        list[Literal["queued", "started", "progress", "checkpoint", "sample", "succeeded", "failed", "canceled"]]
-        | None
-    ) = Field(None, max_length=8, description="Event types to POST (default: started, sample and the outcome).")
+    webhook_events: list[EventType] | None = Field(
+        None, max_length=8, description="Event types to POST (default: started, sample and the outcome)."
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -115,13 +83,6 @@ class JobPublic(BaseModel):
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     next_cursor: str | None
-
-
-class EventPublic(BaseModel):
-    id: int
-    type: str
-    created_at: datetime
-    data: dict[str, Any]
 
 
 class EventsPublic(BaseModel):

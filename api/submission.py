@@ -11,6 +11,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from api.schemas import JobSpec
+from api.spec_fields import training_values
 from api.uploads import ParsedUpload, UploadedFile
 from core.errors import InvalidImage, InvalidRequest, InvalidSpec
 from dopsd.config import DOPSDConfig
@@ -49,54 +50,30 @@ def parse_spec(raw: str | None) -> JobSpec:
 
 
 def build_config(spec: JobSpec, files: list[UploadedFile]) -> tuple[Preset, dict[str, Any]]:
-    """The resolved `DOPSDConfig` of a job, as a dict; captions are re-keyed to the stored file names."""
+    """The resolved `DOPSDConfig` of a job, as a dict (resolved here, once: the worker and the trainer take it as
+    it is); captions are re-keyed to the stored file names."""
+    values = training_values(spec)
     try:
-        preset = get_preset(spec.preset)
+        preset = get_preset(values["preset"])
     except ValueError as exc:
         raise InvalidSpec(str(exc), code="unknown_preset") from exc
     by_name = {f.filename.replace("\\", "/").rsplit("/", 1)[-1]: f for f in files}
-    unknown = sorted(set(spec.captions) - set(by_name))
+    unknown = sorted(set(values["captions"]) - set(by_name))
     if unknown:
         raise InvalidSpec(f"`captions` names files that were not uploaded: {', '.join(unknown)}", code="unknown_file")
-    captions = {by_name[name].safe_name: caps for name, caps in spec.captions.items()}
+    captions = {by_name[name].safe_name: caps for name, caps in values["captions"].items()}
+    default_caption, trigger = values["default_caption"], values["trigger"]
     for f in files:
         # No caption and no default caption: the worker writes one (see dopsd.captioning).
-        templates = captions.get(f.safe_name) or ([spec.default_caption] if spec.default_caption is not None else [])
+        templates = captions.get(f.safe_name) or ([default_caption] if default_caption is not None else [])
         for caption in templates:
             try:
-                resolve_caption(caption, spec.trigger)
+                resolve_caption(caption, trigger)
             except DataError as exc:
                 raise InvalidSpec(f"{f.safe_name}: {exc.reason}", code=exc.code) from exc
-    values: dict[str, Any] = {
-        "preset": spec.preset,
-        "trigger": spec.trigger,
-        "default_caption": spec.default_caption,
-        "captions": captions or None,
-        "max_train_steps": spec.steps,
-        "learning_rate": spec.learning_rate,
-        "rank": spec.rank,
-        "lora_alpha": spec.lora_alpha,
-        "lora_dropout": spec.lora_dropout,
-        "resolution": spec.resolution,
-        "seed": spec.seed,
-        "train_batch_size": spec.train_batch_size,
-        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
-        "max_grad_norm": spec.max_grad_norm,
-        "adam_weight_decay": spec.adam_weight_decay,
-        "loss_space": spec.loss_space,
-        "teacher_mode": spec.teacher_mode,
-        "ema_decay": spec.ema_decay,
-        "rollout_schedule": spec.rollout_schedule,
-        "teacher_context": spec.teacher_context,
-        "checkpointing_steps": spec.checkpointing_steps,
-        "sample_every": spec.sample_every,
-        "validation_prompts": spec.validation_prompts,
-        "sample_seeds": spec.sample_seeds,
-        "sample_steps": spec.sample_steps,
-        "output_formats": tuple(spec.output_formats),
-    }
+    values["captions"] = captions or None
     try:
-        config = DOPSDConfig(**values).resolved()
+        config = DOPSDConfig.for_preset(**values)
     except ValueError as exc:
         raise InvalidSpec(str(exc).removeprefix("invalid DOPSDConfig: ")) from exc
     return preset, config.to_dict()

@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     max_job_s: int = Field(6 * 3600, description="Hard time limit of one training job.")
     lease_s: int = Field(600, ge=5, description="How long a running job stays its worker's without a heartbeat.")
     max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it fails for good.")
-    reaper_interval_s: float = Field(15.0, gt=0, description="How often the API re-queues and re-dispatches jobs.")
+    reaper_interval_s: float = Field(
+        15.0, gt=0, description="How often maintenance re-queues and re-dispatches jobs (and applies retention)."
+    )
     dispatch_grace_s: float = Field(
         60.0, gt=0, description="A queued job not taken within this time is dispatched again (lost messages)."
     )
@@ -69,7 +71,14 @@ class Settings(BaseSettings):
         [5, 30, 120, 600, 1800, 4500],
         description="Waits before each retry of a failed webhook delivery (about two hours in all).",
     )
-    webhook_poll_interval_s: float = Field(1.0, gt=0, description="How often the API sends due webhooks.")
+    webhook_poll_interval_s: float = Field(1.0, gt=0, description="How often maintenance sends due webhooks.")
+    maintenance_in_api: bool | None = Field(
+        None,
+        description=(
+            "Whether the API process runs maintenance (reaper, retention, webhook sender) itself. Unset: yes in "
+            "development (embedded mode), no in production, where `dopsd maintain` runs it as its own process."
+        ),
+    )
     log_format: Literal["json", "text"] = Field("json", description="Worker log lines: JSON or plain.")
 
     @model_validator(mode="after")
@@ -82,6 +91,13 @@ class Settings(BaseSettings):
         if self.storage_backend == "s3" and not self.s3_endpoint_url:
             raise ValueError("DOPSD_S3_ENDPOINT_URL is required with DOPSD_STORAGE_BACKEND=s3")
         return self
+
+    @property
+    def api_runs_maintenance(self) -> bool:
+        """Whether the API starts maintenance inside itself (`maintenance_in_api`, or else: not in production)."""
+        if self.maintenance_in_api is not None:
+            return self.maintenance_in_api
+        return self.environment != "production"
 
     @property
     def is_sqlite(self) -> bool:

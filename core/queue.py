@@ -26,12 +26,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport: dict[str, Any] = {"visibility_timeout": settings.max_job_s + 3600}
     if settings.broker_url.startswith("filesystem"):
         folder = settings.broker_dir.resolve()
-        for sub in ("out", "processed"):
+        for sub in ("out", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport.update(
             data_folder_in=str(folder / "out"),
             data_folder_out=str(folder / "out"),
             processed_folder=str(folder / "processed"),
+            control_folder=str(folder / "control"),  # kombu's default is ./control in the working directory
             store_processed=False,
         )
     return {

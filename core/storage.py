@@ -244,7 +244,7 @@ class S3Store:
         )
 
 
-def make_store(settings: Settings) -> LocalStore | S3Store:
+def make_store(settings: Settings) -> ArtifactStore:
     """The store the settings describe."""
     if settings.storage_backend == "s3":
         return S3Store(settings)

@@ -1,7 +1,7 @@
 """Signed webhooks (Standard Webhooks): which targets are allowed, which events a job announces, and the
 delivery outbox — claiming due deliveries, signing, recording every attempt, backing off on failure.
 
-Deliveries are rows written with their event (`service.add_event`), so a crash loses none; any process that runs
+Deliveries are rows written with their event (`core.events.add_event`), so a crash loses none; any process that runs
 `deliver_due` (every API replica does) may send them, and a claim is a conditional UPDATE, so none is sent twice
 at once.
 """
@@ -26,13 +26,12 @@ from standardwebhooks.webhooks import Webhook
 
 from core.db import session_scope
 from core.errors import InvalidSpec
+from core.events import DEFAULT_WEBHOOK_EVENTS, EventType
 from core.jobs.models import ApiKey, Job, JobEvent, WebhookDelivery, utcnow
 
 
 logger = logging.getLogger(__name__)
 
-EVENT_TYPES = ("queued", "started", "progress", "checkpoint", "sample", "succeeded", "failed", "canceled")
-DEFAULT_EVENTS = ("started", "sample", "succeeded", "failed", "canceled")
 CLAIM_S = 60  # a claimed delivery is someone's to send for this long; then anyone may retry it
 TIMEOUT_S = 10.0
 USER_AGENT = "dopsd-webhooks/1"
@@ -67,14 +66,14 @@ def check_target(url: str, *, allow_private: bool) -> None:
 
 
 def validate_webhook(url: str | None, events: Sequence[str] | None, *, allow_private: bool) -> list[str] | None:
-    """The event filter of a job's webhook (default `DEFAULT_EVENTS`); `InvalidSpec` for a refused target."""
+    """The event filter of a job's webhook (default `DEFAULT_WEBHOOK_EVENTS`); `InvalidSpec` for a refused target."""
     if url is None:
         return None
     try:
         check_target(url, allow_private=allow_private)
     except WebhookTargetError as exc:
         raise InvalidSpec(str(exc), code="webhook_url_refused") from exc
-    return list(dict.fromkeys(events or DEFAULT_EVENTS))
+    return [EventType(e).value for e in dict.fromkeys(events or DEFAULT_WEBHOOK_EVENTS)]
 
 
 def message(event: JobEvent, job: Job, data: dict[str, Any]) -> dict[str, Any]:

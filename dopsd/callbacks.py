@@ -25,6 +25,7 @@ class StepState:
     learning_rate: float
     elapsed_s: float
     eta_s: float
+    grad_norm: float | None = None  # of the student's gradient, before clipping (None where not measured)
 
 
 @dataclass

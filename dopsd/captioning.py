@@ -18,8 +18,10 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3VLForConditionalGeneration
 
+from dopsd.config import DOPSDConfig
+from dopsd.data import image_files, load_image
 from dopsd.errors import ModelLoadError
-from dopsd.presets import Preset
+from dopsd.presets import Preset, get_preset
 
 
 logger = logging.getLogger(__name__)
@@ -136,3 +138,28 @@ def auto_captions(
     for name, caption in result.items():
         logger.info("caption of %s: %s", name, caption)
     return result
+
+
+def with_auto_captions(cfg: DOPSDConfig, *, device: torch.device, dtype: torch.dtype) -> DOPSDConfig:
+    """`cfg` with a made caption for every image of `instance_data_dir` that has none (for runs with no default
+    caption to fall back on); the captions end up in `config.json` like the user's own."""
+    if cfg.instance_data_dir is None:
+        return cfg  # nothing to caption: loading the dataset reports the missing folder
+    preset = get_preset(cfg.preset)
+    missing = uncaptioned([p.name for p in image_files(cfg.instance_data_dir)], cfg.captions)
+    if not missing:
+        return cfg
+    folder = Path(cfg.instance_data_dir)
+    images = {n: load_image(folder / n, min_side=preset.min_image_side, name=n) for n in missing}
+    made = auto_captions(
+        images,
+        trigger=cfg.trigger,
+        preset=preset,
+        teacher_path=cfg.teacher_encoder_path,
+        device=device,
+        dtype=dtype,
+        min_pixels=cfg.teacher_min_pixels,
+        max_pixels=cfg.teacher_max_pixels,
+    )
+    logger.info("made captions for %d image(s) without one", len(made))
+    return cfg.with_changes(captions={**(cfg.captions or {}), **{n: [c] for n, c in made.items()}})

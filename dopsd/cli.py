@@ -1,66 +1,51 @@
 """`dopsd` command line: `train`, `models list`, `models export`.
 
-Every `DOPSDConfig` field is a flag (`--learning-rate 1e-4`), plus short forms for the common ones. Precedence:
-field defaults < preset defaults < `--config FILE` < flags. Bad input ends with one `error:` line and exit 2.
+Every `DOPSDConfig` setting is a flag (`--learning-rate 1e-4`), plus the short forms it declares (`--lr`).
+Precedence: field defaults < preset defaults < `--config FILE` < flags. Bad input ends with one `error:` line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
 import sys
-import types
 import typing
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from dopsd.config import DOPSDConfig
+from dopsd.config import DOPSDConfig, Setting, settings
 from dopsd.presets import PRESETS, get_preset
 
 
-# Short forms people type, mapped to config fields.
-_ALIASES = {
-    "instance_data_dir": ["--images"],
-    "default_caption": ["--caption"],
-    "max_train_steps": ["--steps"],
-    "output_dir": ["--out"],
-    "resume_from": ["--resume"],
-    "pretrained_model_name_or_path": ["--base"],
-    "teacher_encoder_path": ["--teacher-encoder"],
-    "learning_rate": ["--lr"],
-}
 _SKIP = {"captions"}  # given as a file with --captions
 
 
+def _flag_kwargs(s: Setting) -> dict[str, Any]:
+    """argparse options of a setting's flag: its type (or choices, `nargs` for lists, on/off for booleans)."""
+    kwargs: dict[str, Any] = {"dest": s.name, "default": argparse.SUPPRESS, "help": s.help}
+    base = s.value_type
+    if base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(base) in (list, tuple):  # `--sample-seeds 0 1`, `--output-formats diffusers comfyui`
+        kwargs["nargs"] = "+"
+        item = typing.get_args(base)[0]
+        kwargs.update({"choices": s.choices} if s.choices is not None else {"type": item})
+    elif s.choices is not None:
+        kwargs["choices"] = s.choices
+    else:
+        kwargs["type"] = base
+    return kwargs
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(DOPSDConfig)
-    for f in dataclasses.fields(DOPSDConfig):
-        if f.name in _SKIP:
-            continue
-        flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
-        kind = hints[f.name]
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        base = args[0] if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else kind
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help")}
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is typing.Literal:
-            kwargs["choices"] = typing.get_args(base)
-        elif typing.get_origin(base) in (list, tuple):  # `--sample-seeds 0 1`, `--output-formats diffusers comfyui`
-            item = typing.get_args(base)[0]
-            kwargs["nargs"] = "+"
-            if typing.get_origin(item) is typing.Literal:
-                kwargs["choices"] = typing.get_args(item)
-            else:
-                kwargs["type"] = item
-        else:
-            kwargs["type"] = base
-        parser.add_argument(*flags, **kwargs)
+    """A flag per `DOPSDConfig` setting (`--learning-rate`), plus its declared short forms (`--lr`)."""
+    for s in settings():
+        if s.name not in _SKIP:
+            parser.add_argument(f"--{s.name.replace('_', '-')}", *s.declaration.aliases, **_flag_kwargs(s))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,11 +79,11 @@ def _config_from_args(ns: argparse.Namespace) -> DOPSDConfig:
     values: dict[str, Any] = {}
     if ns.config is not None:
         values.update(json.loads(ns.config.read_text()))
-    field_names = {f.name for f in dataclasses.fields(DOPSDConfig)}
+    field_names = {s.name for s in settings()}
     values.update({k: v for k, v in vars(ns).items() if k in field_names})
     if ns.captions_file is not None:
         values["captions"] = load_captions_file(ns.captions_file)
-    return DOPSDConfig.from_dict(values)
+    return DOPSDConfig.for_preset(**values)
 
 
 def _train(ns: argparse.Namespace) -> int:

@@ -1,17 +1,31 @@
-"""`DOPSDConfig`: every knob of a D-OPSD training run, with the method's defaults and validation.
+"""`DOPSDConfig`: every knob of a D-OPSD training run, each declared once, resolved against a preset once, frozen.
 
-Importable without torch: the API validates job specs with it before anything is queued.
+A field is one annotated line of `DOPSDConfig`: its name and type, and in `setting(...)` its help text, bounds,
+default (or `preset=True`: the preset supplies it) and, with `public=Public(...)`, its place in the REST API's job
+spec. Everything else follows from those lines: the validation (`validation_errors`), the API's `JobSpec`
+(`api.schemas`, built from `public_settings()`), the `dopsd train` flags (`dopsd.cli`) and the REST client's
+options (`dopsd_client/spec_fields.json`, written by `write_client_spec_fields`).
+
+A `DOPSDConfig` is always complete: build one with `DOPSDConfig.for_preset(preset, **given)`, which fills every
+preset-defaulted field the caller left unset, or read a saved one back with `from_dict` / `load`. Importable
+without torch or pydantic: the API validates job specs with it before anything is queued.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
-from dataclasses import dataclass, field
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, dataclass_transform
 
-from dopsd.presets import TEACHER_CONTEXTS, get_preset
+from dopsd.presets import DEFAULT_PRESET, DEFAULT_VALIDATION_PROMPTS, TEACHER_CONTEXTS, get_preset
 
 
 LossSpace = Literal["x0", "velocity"]
@@ -25,242 +39,390 @@ Device = Literal["auto", "cpu", "cuda"]
 # The released code's 4-step training roll-out, in sigma (1 = noise): model time t = 0, .1, .25, .5, then clean.
 DISTILL4_SIGMAS: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5, 0.0)
 
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+CLIENT_SPEC_FILE = Path(__file__).resolve().parent.parent / "dopsd_client" / "spec_fields.json"
 
 
-@dataclass
-class DOPSDConfig:
-    """Configuration of one D-OPSD LoRA training run.
+# -- the vocabulary of a declaration ----------------------------------------------------------------------------------
 
-    Fields left as `None` take the preset's default (see `dopsd.presets`); `resolved()` fills them in.
 
-    > Model and data
+@dataclass(frozen=True)
+class Bounds:
+    """Limits on a number (`ge`, `gt`, `le`, `lt`, `multiple_of`) or on a length (`min_length`, `max_length`: the
+    characters of a string or the items of a list). The names are pydantic's, so the API passes them on as is."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    multiple_of: int | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+
+    def tightened_by(self, other: Bounds) -> Bounds:
+        """These bounds where `other` sets a bound in their place: a lower bound of `other` (`ge` or `gt`) replaces
+        both of ours, an upper bound both upper ones, the rest one by one (the API's job spec tightens the library's
+        limits this way: `rank >= 1` in the library, `1 <= rank <= 256` in the service)."""
+        lower = (other.ge, other.gt) if (other.ge, other.gt) != (None, None) else (self.ge, self.gt)
+        upper = (other.le, other.lt) if (other.le, other.lt) != (None, None) else (self.le, self.lt)
+        return Bounds(
+            ge=lower[0],
+            gt=lower[1],
+            le=upper[0],
+            lt=upper[1],
+            multiple_of=other.multiple_of if other.multiple_of is not None else self.multiple_of,
+            min_length=other.min_length if other.min_length is not None else self.min_length,
+            max_length=other.max_length if other.max_length is not None else self.max_length,
+        )
+
+    def as_kwargs(self) -> dict[str, float]:
+        """The bounds that are set, as keyword arguments (of pydantic's `Field`, or a JSON document)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def violation(self, value: Any) -> str | None:
+        """What `value` breaks (`must be >= 1`), or `None` when it keeps every bound."""
+        if isinstance(value, str | list | tuple | dict):
+            unit = "character" if isinstance(value, str) else "item"
+            if self.min_length is not None and len(value) < self.min_length:
+                return f"must have at least {_count(self.min_length, unit)}"
+            if self.max_length is not None and len(value) > self.max_length:
+                return f"must have at most {_count(self.max_length, unit)}"
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return None
+        low_ok = (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+        high_ok = (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        if not (low_ok and high_ok):
+            return f"must be {self._range()}"
+        if self.multiple_of is not None and value % self.multiple_of:
+            return f"must be a multiple of {self.multiple_of}"
+        return None
+
+    def _range(self) -> str:
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        if low is not None and high is not None:
+            return f"in {low}, {high}"
+        if low is not None:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        assert high is not None
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+
+
+def _count(n: int, unit: str) -> str:
+    return f"{n} {unit}" + ("" if n == 1 else "s")
+
+
+def _num(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclass(frozen=True)
+class Public:
+    """A setting's place in the REST API's job spec (`api.schemas.JobSpec`).
+
     Args:
-        preset: name of the model preset.
-        pretrained_model_name_or_path: local folder (or hub id) of the diffusers base pipeline; overrides the preset.
-        teacher_encoder_path: local folder (or hub id) of the VLM used as teacher encoder; overrides the preset.
-        instance_data_dir: folder of the concept's reference images.
-        trigger: the word that names the concept; replaces `[V]` in captions.
-        default_caption: caption for images without their own captions.
-        captions: file name -> captions (several per image allowed).
-        output_dir: where the adapter, config, metrics, samples and checkpoints go.
+        name: the spec's name when it differs from the config's (`steps` for `max_train_steps`).
+        description: the API document's text (it speaks to API users); `None` leaves the field without one.
+        bounds: the service's limits, tightening the setting's own (see `Bounds.tightened_by`).
+        items: the service's limits on the items of a list.
+        type: the spec's type when it differs from the config's (the default: preset-defaulted fields take
+            `None` for "the preset's", tuples are lists).
+        default_factory: the spec's default when it differs (e.g. `{}` where the config holds `None`).
+    """
 
-    > Optimisation
-        max_train_steps, learning_rate, train_batch_size, gradient_accumulation_steps, adam_*, max_grad_norm, seed.
+    name: str | None = None
+    description: str | None = None
+    bounds: Bounds = Bounds()
+    items: Bounds = Bounds()
+    type: Any = None
+    default_factory: Callable[[], Any] | None = None
 
-    > LoRA
-        rank, lora_alpha, lora_dropout.
-        output_formats: adapter files to write. `diffusers` is `pytorch_lora_weights.safetensors` (diffusers'
-            module names, loads with `load_lora_weights`); `comfyui` adds `pytorch_lora_weights_comfyui.safetensors`
-            (the original models' names, kohya `lora_down`/`lora_up`/`alpha` keys, for ComfyUI's LoRA loader). The
-            diffusers file is always written, since the ComfyUI file is converted from it.
 
-    > Method (the D-OPSD loss, teacher and roll-out)
-        loss_space, teacher_mode, ema_decay, rollout_schedule, student_max_sequence_length,
-        teacher_max_sequence_length, teacher_min_pixels, teacher_max_pixels.
+@dataclass(frozen=True)
+class Declaration:
+    """What `setting(...)` says about one field (its name and type are the `DOPSDConfig` attribute's)."""
 
-    > Run control
-        resolution, checkpointing_steps, checkpoints_total_limit, resume_from, sample_every, validation_prompts,
-        sample_seeds, sample_steps, gap_eval_seeds, mixed_precision, device, gradient_checkpointing.
+    help: str
+    preset: bool
+    bounds: Bounds
+    items: Bounds
+    public: Public | None
+    aliases: tuple[str, ...]
+
+
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def setting(
+    *,
+    help: str,
+    default: Any = _NO_DEFAULT,
+    default_factory: Callable[[], Any] | None = None,
+    preset: bool = False,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    multiple_of: int | None = None,
+    min_length: int | None = None,
+    max_length: int | None = None,
+    items: Bounds = Bounds(),
+    public: Public | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """Declares a `DOPSDConfig` field: its help text, default (`preset=True`: the preset's; the field is then
+    required in a resolved config), bounds, the bounds of its list items, its job spec entry and extra flags."""
+    if preset == (default is not _NO_DEFAULT or default_factory is not None):
+        raise TypeError("a setting has either a default or `preset=True`")
+    declaration = Declaration(
+        help=help,
+        preset=preset,
+        bounds=Bounds(ge, gt, le, lt, multiple_of, min_length, max_length),
+        items=items,
+        public=public,
+        aliases=aliases,
+    )
+    metadata = {"setting": declaration}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_T = typing.TypeVar("_T")
+
+
+@dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(setting,))
+def _config_class(cls: type[_T]) -> type[_T]:
+    """`dataclass(frozen=True, kw_only=True)`, with `setting` known to type checkers as its field specifier."""
+    return dataclass(frozen=True, kw_only=True)(cls)
+
+
+# -- the declaration --------------------------------------------------------------------------------------------------
+
+
+@_config_class
+class DOPSDConfig:
+    """The resolved configuration of one D-OPSD LoRA training run: every field set, validated, frozen.
+
+    Build one with `DOPSDConfig.for_preset(preset, **given)` (unset preset-defaulted fields take the preset's
+    values, see `dopsd.presets`), read one back with `from_dict` / `load`, change run paths with `with_changes`.
+    The fields and what each one does are the declarations below (`dopsd train --help` prints them too).
+    `output_formats`: `diffusers` is `pytorch_lora_weights.safetensors` (diffusers' module names, loads with
+    `load_lora_weights`, always written since the others are converted from it); `comfyui` adds
+    `pytorch_lora_weights_comfyui.safetensors` (the original models' names, kohya keys, ComfyUI's LoRA loader).
     """
 
     # Model and data
-    preset: str = field(default="tiny-z-image", metadata=_help("Model preset (`dopsd models list`)."))
-    pretrained_model_name_or_path: str | None = field(
-        default=None, metadata=_help("Local folder or hub id of the base diffusers pipeline (overrides the preset).")
+    preset: str = setting(
+        default=DEFAULT_PRESET,
+        help="Model preset (`dopsd models list`).",
+        public=Public(description="Model preset; see GET /v1/presets."),
     )
-    teacher_encoder_path: str | None = field(
-        default=None, metadata=_help("Local folder or hub id of the teacher VLM (overrides the preset).")
+    pretrained_model_name_or_path: str = setting(
+        preset=True,
+        help="Local folder or hub id of the base diffusers pipeline (default: the preset's).",
+        aliases=("--base",),
     )
-    instance_data_dir: str | None = field(default=None, metadata=_help("Folder with the concept's reference images."))
-    trigger: str = field(default="sks", metadata=_help("Trigger word that replaces `[V]` in captions."))
-    default_caption: str | None = field(
-        default="a photo of [V]", metadata=_help("Caption for images without their own captions.")
+    teacher_encoder_path: str | None = setting(
+        preset=True,
+        help="Local folder or hub id of the teacher VLM (default: the preset's).",
+        aliases=("--teacher-encoder",),
     )
-    captions: dict[str, list[str]] | None = field(
-        default=None, metadata=_help("Mapping of image file name to a list of captions.")
+    instance_data_dir: str | None = setting(
+        default=None, help="Folder with the concept's reference images.", aliases=("--images",)
     )
-    output_dir: str = field(default="dopsd-output", metadata=_help("Output folder."))
+    trigger: str = setting(
+        default="sks",
+        help="Trigger word that replaces `[V]` in captions.",
+        public=Public(description="The word that names the concept.", bounds=Bounds(min_length=1, max_length=50)),
+    )
+    default_caption: str | None = setting(
+        default="a photo of [V]",
+        help="Caption for images without their own captions.",
+        public=Public(bounds=Bounds(max_length=1000)),
+        aliases=("--caption",),
+    )
+    captions: dict[str, list[str]] | None = setting(
+        default=None,
+        help="Mapping of image file name to a list of captions.",
+        public=Public(
+            description="Uploaded file name -> captions (several allowed).",
+            type=dict[str, list[str]],
+            default_factory=dict,
+        ),
+    )
+    output_dir: str = setting(default="dopsd-output", help="Output folder.", aliases=("--out",))
 
     # Optimisation (released: AdamW (0.9, 0.999), eps 1e-8, wd 0, constant lr, no warmup, clip 1.0)
-    max_train_steps: int | None = field(default=None, metadata=_help("Optimizer steps (preset default if unset)."))
-    learning_rate: float | None = field(default=None, metadata=_help("Constant learning rate (preset default)."))
-    train_batch_size: int = field(default=1, metadata=_help("Roll-outs per micro-batch."))
-    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
-    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1."))
-    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
-    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW epsilon."))
-    adam_weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
-    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 disables)."))
-    seed: int = field(default=0, metadata=_help("Seed of the LoRA init, the data order and the roll-out noise."))
+    max_train_steps: int = setting(
+        preset=True,
+        ge=1,
+        help="Optimizer steps (preset default).",
+        public=Public(
+            name="steps", description="Optimizer steps (preset default if unset).", bounds=Bounds(le=10_000)
+        ),
+        aliases=("--steps",),
+    )
+    learning_rate: float = setting(
+        preset=True,
+        gt=0,
+        help="Constant learning rate (preset default).",
+        public=Public(bounds=Bounds(le=1e-2)),
+        aliases=("--lr",),
+    )
+    train_batch_size: int = setting(
+        default=1, ge=1, help="Roll-outs per micro-batch.", public=Public(bounds=Bounds(le=16))
+    )
+    gradient_accumulation_steps: int = setting(
+        default=1, ge=1, help="Micro-batches per optimizer step.", public=Public(bounds=Bounds(le=64))
+    )
+    adam_beta1: float = setting(default=0.9, ge=0, lt=1, help="AdamW beta1.")
+    adam_beta2: float = setting(default=0.999, ge=0, lt=1, help="AdamW beta2.")
+    adam_epsilon: float = setting(default=1e-8, gt=0, help="AdamW epsilon.")
+    adam_weight_decay: float = setting(
+        default=0.0, ge=0, help="AdamW weight decay.", public=Public(bounds=Bounds(le=1))
+    )
+    max_grad_norm: float = setting(
+        default=1.0, ge=0, help="Gradient clipping norm (0 disables).", public=Public(bounds=Bounds(le=100))
+    )
+    seed: int = setting(
+        default=0,
+        help="Seed of the LoRA init, the data order and the roll-out noise.",
+        public=Public(bounds=Bounds(ge=0, le=2**31 - 1)),
+    )
 
     # LoRA (released: rank 64, alpha 128, gaussian init)
-    rank: int | None = field(default=None, metadata=_help("LoRA rank (preset default)."))
-    lora_alpha: float | None = field(default=None, metadata=_help("LoRA alpha (preset default)."))
-    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
-    output_formats: tuple[OutputFormat, ...] = field(
+    rank: int = setting(preset=True, ge=1, help="LoRA rank (preset default).", public=Public(bounds=Bounds(le=256)))
+    lora_alpha: float = setting(
+        preset=True, gt=0, help="LoRA alpha (preset default).", public=Public(bounds=Bounds(le=1024))
+    )
+    lora_dropout: float = setting(default=0.0, ge=0, lt=1, help="LoRA dropout.", public=Public())
+    output_formats: tuple[OutputFormat, ...] = setting(
         default=("diffusers", "comfyui"),
-        metadata=_help(
-            "Adapter files to write: `diffusers` (always written: the source of the others) and `comfyui` "
-            "(pytorch_lora_weights_comfyui.safetensors, ComfyUI's key names)."
+        min_length=1,
+        help="Adapter files to write: `diffusers` (always written: the source of the others) and `comfyui` "
+        "(pytorch_lora_weights_comfyui.safetensors, ComfyUI's key names).",
+        public=Public(
+            description="Adapter files to write: diffusers (`load_lora_weights`) and/or ComfyUI's LoRA loader.",
+            bounds=Bounds(max_length=2),
         ),
     )
 
     # Method
-    loss_space: LossSpace = field(
-        default="x0", metadata=_help("`x0`: MSE of x0 predictions (released code); `velocity`: paper's v-MSE.")
+    loss_space: LossSpace = setting(
+        default="x0",
+        help="`x0`: MSE of x0 predictions (released code); `velocity`: paper's v-MSE.",
+        public=Public(),
     )
-    teacher_mode: TeacherMode = field(
-        default="ema", metadata=_help("`ema` adapter (default), `frozen` base model, or `live` copy of the student.")
+    teacher_mode: TeacherMode = setting(
+        default="ema",
+        help="`ema` adapter (default), `frozen` base model, or `live` copy of the student.",
+        public=Public(),
     )
-    ema_decay: float = field(default=0.9999, metadata=_help("Decay of the EMA teacher adapter."))
-    rollout_schedule: RolloutSchedule | None = field(
-        default=None,
-        metadata=_help("`distill4`: sigmas 1, .9, .75, .5 -> 0 (Z-Image); `native`: the model's own (FLUX.2)."),
+    ema_decay: float = setting(default=0.9999, ge=0, lt=1, help="Decay of the EMA teacher adapter.", public=Public())
+    rollout_schedule: RolloutSchedule = setting(
+        preset=True,
+        help="`distill4`: sigmas 1, .9, .75, .5 -> 0 (Z-Image); `native`: the model's own (FLUX.2).",
+        public=Public(),
     )
-    teacher_context: TeacherContext | None = field(
-        default=None,
-        metadata=_help("`vlm`: Qwen3-VL features of (image + caption); `edit`: FLUX.2's reference-image branch."),
+    teacher_context: TeacherContext = setting(
+        preset=True,
+        help="`vlm`: Qwen3-VL features of (image + caption); `edit`: FLUX.2's reference-image branch.",
+        public=Public(),
     )
-    student_max_sequence_length: int | None = field(
-        default=None, metadata=_help("Token length of the caption features (the pipeline's own, 512).")
+    student_max_sequence_length: int = setting(
+        preset=True, ge=16, help="Token length of the caption features (the pipeline's own, 512)."
     )
-    teacher_max_sequence_length: int = field(
-        default=1024, metadata=_help("Token limit of the teacher context (image tokens included).")
+    teacher_max_sequence_length: int = setting(
+        default=1024, ge=16, help="Token limit of the teacher context (image tokens included)."
     )
-    teacher_min_pixels: int | None = field(default=None, metadata=_help("Min pixels of the teacher's image input."))
-    teacher_max_pixels: int | None = field(default=None, metadata=_help("Max pixels of the teacher's image input."))
+    teacher_min_pixels: int = setting(preset=True, ge=0, help="Min pixels of the teacher's image input.")
+    teacher_max_pixels: int = setting(preset=True, ge=0, help="Max pixels of the teacher's image input.")
 
     # Run control
-    resolution: int | None = field(default=None, metadata=_help("Side of the square bucket; others keep its area."))
-    checkpointing_steps: int | None = field(default=None, metadata=_help("Checkpoint every N steps (0: never)."))
-    checkpoints_total_limit: int = field(default=2, metadata=_help("Checkpoints kept on disk (oldest removed)."))
-    resume_from: str | None = field(
-        default=None, metadata=_help("Checkpoint folder, or an output folder (its latest checkpoint), to resume.")
+    resolution: int = setting(
+        preset=True,
+        ge=16,
+        multiple_of=16,
+        help="Side of the square bucket; others keep its area.",
+        public=Public(bounds=Bounds(ge=64, le=2048)),
     )
-    sample_every: int | None = field(default=None, metadata=_help("Render samples every N steps (0: at end only)."))
-    validation_prompts: list[str] | None = field(
-        default=None, metadata=_help("Sample prompts (`[V]` allowed); default: built from the trigger word.")
+    checkpointing_steps: int = setting(
+        preset=True, ge=0, help="Checkpoint every N steps (0: never).", public=Public(bounds=Bounds(le=10_000))
     )
-    sample_seeds: list[int] = field(default_factory=lambda: [0, 1], metadata=_help("Seeds of the sample images."))
-    sample_steps: int | None = field(default=None, metadata=_help("Sampling steps (the model's native few-step)."))
-    gap_eval_seeds: int = field(default=2, metadata=_help("Held-out noise seeds for the teacher-student gap."))
-    mixed_precision: MixedPrecision = field(default="auto", metadata=_help("`bf16` on CUDA by default; `no`."))
-    device: Device = field(default="auto", metadata=_help("`auto` picks CUDA when present."))
-    gradient_checkpointing: bool | None = field(default=None, metadata=_help("Default: on for CUDA, off on CPU."))
+    checkpoints_total_limit: int = setting(default=2, ge=1, help="Checkpoints kept on disk (oldest removed).")
+    resume_from: str | None = setting(
+        default=None,
+        help="Checkpoint folder, or an output folder (its latest checkpoint), to resume.",
+        aliases=("--resume",),
+    )
+    sample_every: int = setting(
+        preset=True,
+        ge=0,
+        help="Render samples every N steps (0: at end only).",
+        public=Public(bounds=Bounds(le=10_000)),
+    )
+    validation_prompts: list[str] = setting(
+        preset=True,
+        items=Bounds(min_length=1),
+        help="Sample prompts (`[V]` allowed); default: built from the trigger word.",
+        public=Public(bounds=Bounds(max_length=16), items=Bounds(max_length=1000)),
+    )
+    sample_seeds: list[int] = setting(
+        default_factory=lambda: [0, 1],
+        min_length=1,
+        items=Bounds(ge=0, lt=2**63),
+        help="Seeds of the sample images.",
+        public=Public(bounds=Bounds(max_length=8), items=Bounds(le=2**32 - 1)),
+    )
+    sample_steps: int = setting(
+        preset=True,
+        ge=1,
+        help="Sampling steps (the model's native few-step).",
+        public=Public(bounds=Bounds(le=100)),
+    )
+    gap_eval_seeds: int = setting(default=2, ge=0, help="Held-out noise seeds for the teacher-student gap.")
+    mixed_precision: MixedPrecision = setting(default="auto", help="`bf16` on CUDA by default; `no`.")
+    device: Device = setting(default="auto", help="`auto` picks CUDA when present.")
+    gradient_checkpointing: bool | None = setting(default=None, help="Default: on for CUDA, off on CPU.")
 
     def __post_init__(self) -> None:
-        if isinstance(self.output_formats, list):  # JSON and the CLI give a list; keep the field a tuple
-            self.output_formats = tuple(self.output_formats)
-        errors = self._validate()
+        errors = validation_errors(self)
         if errors:
             raise ValueError("invalid DOPSDConfig: " + "; ".join(errors))
-
-    def _validate(self) -> list[str]:
-        errors: list[str] = []
-
-        def positive(name: str, value: float | None, strict: bool = True) -> None:
-            if value is not None and (value <= 0 if strict else value < 0):
-                errors.append(f"`{name}` must be {'> 0' if strict else '>= 0'}, got {value!r}")
-
-        try:
-            preset = get_preset(self.preset)
-            allowed_contexts = TEACHER_CONTEXTS[preset.family]
-            if self.teacher_context is not None and self.teacher_context not in allowed_contexts:
-                errors.append(
-                    f"`teacher_context` {self.teacher_context!r} is not available for {preset.name}; "
-                    f"use one of {', '.join(allowed_contexts)}"
-                )
-        except ValueError as exc:
-            errors.append(str(exc))
-        for name in ("max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps"):
-            positive(name, getattr(self, name))
-        for name in ("rank", "lora_alpha", "resolution", "sample_steps", "adam_epsilon"):
-            positive(name, getattr(self, name))
-        for name in ("adam_weight_decay", "max_grad_norm", "lora_dropout", "checkpointing_steps", "sample_every"):
-            positive(name, getattr(self, name), strict=False)
-        positive("checkpoints_total_limit", self.checkpoints_total_limit)
-        positive("gap_eval_seeds", self.gap_eval_seeds, strict=False)
-        for name in ("adam_beta1", "adam_beta2", "ema_decay"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                errors.append(f"`{name}` must be in [0, 1), got {value!r}")
-        if self.lora_dropout >= 1.0:
-            errors.append(f"`lora_dropout` must be < 1, got {self.lora_dropout!r}")
-        if self.resolution is not None and self.resolution % 16:
-            errors.append(f"`resolution` must be a multiple of 16, got {self.resolution}")
-        for name, allowed in (
-            ("loss_space", LossSpace),
-            ("teacher_mode", TeacherMode),
-            ("rollout_schedule", RolloutSchedule),
-            ("teacher_context", TeacherContext),
-            ("mixed_precision", MixedPrecision),
-            ("device", Device),
-        ):
-            options = allowed.__args__  # type: ignore[attr-defined]
-            if getattr(self, name) is not None and getattr(self, name) not in options:
-                errors.append(f"`{name}` must be one of {', '.join(options)}, got {getattr(self, name)!r}")
-        if not self.trigger.strip() or any(c.isspace() for c in self.trigger.strip()):
-            errors.append(f"`trigger` must be one word, got {self.trigger!r}")
-        if self.default_caption is not None and not self.default_caption.strip():
-            errors.append("`default_caption` must not be empty")
-        if self.captions is not None:
-            for name, caps in self.captions.items():
-                if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-                    errors.append(f"`captions[{name!r}]` must be a non-empty list of non-empty strings")
-        if (self.student_max_sequence_length or 16) < 16 or self.teacher_max_sequence_length < 16:
-            errors.append("`student_max_sequence_length` and `teacher_max_sequence_length` must be >= 16")
-        if (
-            self.teacher_min_pixels is not None
-            and self.teacher_max_pixels is not None
-            and self.teacher_min_pixels > self.teacher_max_pixels
-        ):
-            errors.append("`teacher_min_pixels` must not exceed `teacher_max_pixels`")
-        if not self.sample_seeds:
-            errors.append("`sample_seeds` must list at least one seed")
-        elif not all(isinstance(s, int) and 0 <= s < 2**63 for s in self.sample_seeds):
-            errors.append(f"`sample_seeds` must be integers in [0, 2**63), got {self.sample_seeds!r}")
-        formats = OutputFormat.__args__  # type: ignore[attr-defined]
-        if not isinstance(self.output_formats, tuple):
-            errors.append(f"`output_formats` must be a list of {', '.join(formats)}, got {self.output_formats!r}")
-        elif not self.output_formats:
-            errors.append(f"`output_formats` must list at least one of {', '.join(formats)}")
-        elif unknown_formats := [f for f in self.output_formats if f not in formats]:
-            errors.append(f"`output_formats` must be a subset of {', '.join(formats)}, got {unknown_formats!r}")
-        if self.validation_prompts is not None and not all(p.strip() for p in self.validation_prompts):
-            errors.append("`validation_prompts` must not contain empty prompts")
-        return errors
-
-    def resolved(self) -> DOPSDConfig:
-        """A copy with every unset field filled from the preset (and validated again)."""
-        preset = get_preset(self.preset)
-        updates: dict[str, Any] = {
-            name: value for name, value in preset.defaults.items() if getattr(self, name, None) is None
-        }
-        if self.sample_steps is None:
-            updates["sample_steps"] = preset.native_sample_steps
-        if self.validation_prompts is None:
-            updates["validation_prompts"] = default_validation_prompts()
-        if self.pretrained_model_name_or_path is None:
-            updates["pretrained_model_name_or_path"] = preset.base_model
-        if self.teacher_encoder_path is None:
-            updates["teacher_encoder_path"] = preset.teacher_encoder
-        return dataclasses.replace(self, **updates)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return dataclasses.asdict(self)
+        for s in settings():  # JSON and the CLI give lists for tuples and ints for floats: store the declared type
+            object.__setattr__(self, s.name, s.normalise(getattr(self, s.name)))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DOPSDConfig:
-        """Builds a config from a dict; unknown keys are an error that names them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DOPSDConfig fields: {', '.join(unknown)}")
+    def for_preset(cls, preset: str = DEFAULT_PRESET, **given: Any) -> DOPSDConfig:
+        """The config of a run of `preset`: the `given` fields, and for every preset-defaulted one left unset (or
+        `None`) the preset's value. Raises `ValueError` naming unknown fields and every invalid value."""
+        _refuse_unknown(given)
+        defaults = get_preset(preset).config_defaults()
+        values = dict(given)
+        for s in settings():
+            if s.declaration.preset and values.get(s.name) is None:
+                values[s.name] = copy.deepcopy(defaults[s.name])
+        return cls(preset=preset, **values)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DOPSDConfig:
+        """The config a `to_dict` (a job row, a `config.json`) holds, as it is; unknown or missing keys are an
+        error that names them."""
+        _refuse_unknown(data)
+        missing = [s.name for s in settings() if s.declaration.preset and s.name not in data]
+        if missing:
+            raise ValueError(f"missing DOPSDConfig fields: {', '.join(missing)} (build it with for_preset)")
         return cls(**data)
+
+    def with_changes(self, **changes: Any) -> DOPSDConfig:
+        """A copy with some fields replaced (validated again, not resolved again): e.g. a worker's run paths."""
+        _refuse_unknown(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (what job rows and `config.json` hold)."""
+        return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
         """Writes the config as pretty JSON (saved beside every output)."""
@@ -268,15 +430,232 @@ class DOPSDConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> DOPSDConfig:
-        """Reads a config written by `save` (or by hand)."""
+        """Reads a config written by `save`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def default_validation_prompts() -> list[str]:
     """Held-out prompts that keep `[V]` and change scene, light and view, as the authors evaluate."""
-    return [
-        "a photo of [V]",
-        "[V] on a beach at sunset",
-        "a watercolor painting of [V]",
-        "[V] in a snowy forest, seen from above",
-    ]
+    return list(DEFAULT_VALIDATION_PROMPTS)
+
+
+# -- reading the declaration ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One declared field of `DOPSDConfig`: name, type, default and what `setting(...)` said about it."""
+
+    name: str
+    type: Any
+    default: Any  # dataclasses.MISSING for preset-defaulted fields
+    default_factory: Any  # dataclasses.MISSING unless the default is made afresh
+    declaration: Declaration
+
+    @property
+    def help(self) -> str:
+        """The setting's help text."""
+        return self.declaration.help
+
+    @property
+    def spec_name(self) -> str:
+        """The name of the setting in the job spec (its config name unless `Public.name` says otherwise)."""
+        public = self.declaration.public
+        return public.name if public is not None and public.name else self.name
+
+    @property
+    def value_type(self) -> Any:
+        """The type without `None` (`int` for `int | None`)."""
+        return _without_none(self.type)
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        """The allowed values of a `Literal` type, or of the items of a list or tuple of one."""
+        base = self.value_type
+        if typing.get_origin(base) in (list, tuple):
+            base = typing.get_args(base)[0]
+        return typing.get_args(base) if typing.get_origin(base) is Literal else None
+
+    def default_value(self) -> Any:
+        """A fresh copy of the default (`dataclasses.MISSING` for a preset-defaulted field)."""
+        if self.default_factory is not dataclasses.MISSING:
+            return self.default_factory()
+        return copy.deepcopy(self.default)
+
+    def normalise(self, value: Any) -> Any:
+        """A valid value in the declared type: lists become tuples for tuple fields, ints floats for float ones."""
+        base = self.value_type
+        if value is None:
+            return None
+        if typing.get_origin(base) is tuple and isinstance(value, list):
+            return tuple(value)
+        if base is float and isinstance(value, int):
+            return float(value)
+        return value
+
+
+@functools.cache
+def settings() -> tuple[Setting, ...]:
+    """Every declared field, in declaration order."""
+    hints = typing.get_type_hints(DOPSDConfig)
+    return tuple(
+        Setting(f.name, hints[f.name], f.default, f.default_factory, f.metadata["setting"])
+        for f in dataclasses.fields(DOPSDConfig)
+    )
+
+
+def public_settings() -> tuple[Setting, ...]:
+    """The fields a client of the REST API may set, in declaration order."""
+    return tuple(s for s in settings() if s.declaration.public is not None)
+
+
+def config_values_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A job spec's values under their config names (`steps` -> `max_train_steps`), ready for `for_preset`."""
+    by_spec_name = {s.spec_name: s.name for s in public_settings()}
+    unknown = sorted(set(spec) - set(by_spec_name))
+    if unknown:
+        raise ValueError(f"unknown job spec fields: {', '.join(unknown)}")
+    return {by_spec_name[k]: v for k, v in spec.items()}
+
+
+def _refuse_unknown(data: Mapping[str, Any]) -> None:
+    known = {s.name for s in settings()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown DOPSDConfig fields: {', '.join(unknown)}")
+
+
+def _without_none(tp: Any) -> Any:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
+    return tp
+
+
+# -- validation from the declaration ----------------------------------------------------------------------------------
+
+
+def _kind_error(value: Any, tp: Any) -> str | None:
+    """What `value` should be to have type `tp` (`an integer`), or `None` when it has it."""
+    if typing.get_origin(tp) is Literal:
+        options = typing.get_args(tp)
+        return None if value in options else "one of " + ", ".join(map(str, options))
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if tp is str:
+        return None if isinstance(value, str) else "a string"
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, list | tuple) or any(_kind_error(v, item) for v in value):
+            return "a list of " + _plural(item)
+        return None
+    if origin is dict:
+        return None if isinstance(value, dict) else "an object"
+    return None
+
+
+def _plural(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "values from " + ", ".join(map(str, typing.get_args(tp)))
+    return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(tp, "values")
+
+
+def _field_errors(s: Setting, value: Any) -> list[str]:
+    if value is None:
+        return [] if s.value_type != s.type else [f"`{s.name}` must be set"]
+    kind = _kind_error(value, s.value_type)
+    if kind is not None:
+        return [f"`{s.name}` must be {kind}, got {value!r}"]
+    errors = []
+    if (broken := s.declaration.bounds.violation(value)) is not None:
+        errors.append(f"`{s.name}` {broken}, got {value!r}")
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if (broken := s.declaration.items.violation(item)) is not None:
+                errors.append(f"`{s.name}[{i}]` {broken}, got {item!r}")
+    return errors
+
+
+def validation_errors(cfg: DOPSDConfig) -> list[str]:
+    """Every problem of `cfg`, each naming its field: the declared types, choices and bounds, then the rules
+    that span fields (the teacher context of the preset's family, min <= max pixels, the captions' shape)."""
+    errors = [e for s in settings() for e in _field_errors(s, getattr(cfg, s.name))]
+    try:
+        preset = get_preset(cfg.preset)
+    except ValueError as exc:
+        errors.append(str(exc))
+    else:
+        allowed_contexts = TEACHER_CONTEXTS[preset.family]
+        if cfg.teacher_context in typing.get_args(TeacherContext) and cfg.teacher_context not in allowed_contexts:
+            errors.append(
+                f"`teacher_context` {cfg.teacher_context!r} is not available for {preset.name}; "
+                f"use one of {', '.join(allowed_contexts)}"
+            )
+    if isinstance(cfg.trigger, str) and (not cfg.trigger.strip() or any(c.isspace() for c in cfg.trigger.strip())):
+        errors.append(f"`trigger` must be one word, got {cfg.trigger!r}")
+    if isinstance(cfg.default_caption, str) and not cfg.default_caption.strip():
+        errors.append("`default_caption` must not be empty")
+    if isinstance(cfg.captions, dict):
+        for name, caps in cfg.captions.items():
+            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+                errors.append(f"`captions[{name!r}]` must be a non-empty list of non-empty strings")
+    pixels = (cfg.teacher_min_pixels, cfg.teacher_max_pixels)
+    if all(isinstance(p, int) for p in pixels) and pixels[0] > pixels[1]:
+        errors.append("`teacher_min_pixels` must not exceed `teacher_max_pixels`")
+    if isinstance(cfg.validation_prompts, list) and not all(
+        isinstance(p, str) and p.strip() for p in cfg.validation_prompts
+    ):
+        errors.append("`validation_prompts` must not contain empty prompts")
+    return errors
+
+
+# -- the REST client's copy of the public fields ----------------------------------------------------------------------
+
+
+def _json_type(tp: Any) -> str:
+    base = _without_none(tp)
+    origin = typing.get_origin(base)
+    if origin is Literal:
+        return _json_type(type(typing.get_args(base)[0]))
+    if origin in (list, tuple):
+        return "array"
+    if origin is dict:
+        return "object"
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}[base]
+
+
+def client_spec_fields() -> list[dict[str, Any]]:
+    """The public job spec fields as the REST client needs them (it may not import this package): spec name,
+    JSON type (and item type), choices, help and extra flags. `dopsd_client/spec_fields.json` holds this list."""
+    fields = []
+    for s in public_settings():
+        public = s.declaration.public
+        assert public is not None
+        base = s.value_type
+        entry: dict[str, Any] = {"name": s.spec_name, "type": _json_type(base)}
+        if typing.get_origin(base) in (list, tuple):
+            entry["items"] = _json_type(typing.get_args(base)[0])
+        if s.choices is not None:
+            entry["choices"] = list(s.choices)
+        entry["help"] = public.description or s.help
+        entry["aliases"] = [a for a in s.declaration.aliases if a != "--" + s.spec_name.replace("_", "-")]
+        fields.append(entry)
+    return fields
+
+
+def client_spec_json() -> str:
+    """The text of `dopsd_client/spec_fields.json`."""
+    return json.dumps({"fields": client_spec_fields()}, indent=2) + "\n"
+
+
+def write_client_spec_fields(path: Path = CLIENT_SPEC_FILE) -> Path:
+    """Regenerates the client's copy of the public fields after a declaration changed:
+    `python -c "from dopsd.config import write_client_spec_fields; write_client_spec_fields()"`."""
+    path.write_text(client_spec_json())
+    return path

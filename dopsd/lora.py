@@ -11,7 +11,7 @@ import copy
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,6 @@ def add_adapters(transformer: torch.nn.Module, config: LoraConfig, *, with_teach
         p.data = p.data.float()
 
 
-def _adapter_params(transformer: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
-    marker = f".{adapter}."
-    return [(n, p) for n, p in transformer.named_parameters() if "lora_" in n and marker in n]
-
-
 def remove_adapters(transformer: torch.nn.Module) -> None:
     """Deletes the student and teacher adapters, leaving the base model as it was loaded (for model caching)."""
     names = [a for a in (STUDENT_ADAPTER, TEACHER_ADAPTER) if a in getattr(transformer, "peft_config", {})]
@@ -70,22 +65,96 @@ def remove_adapters(transformer: torch.nn.Module) -> None:
             transformer.delete_adapters(names)  # type: ignore[operator]
 
 
-def student_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+def _adapter_params(transformer: torch.nn.Module, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
+    marker = f".{adapter}."
+    return [(n, p) for n, p in transformer.named_parameters() if "lora_" in n and marker in n]
+
+
+def _without_adapter(name: str, adapter: str) -> str:
+    """`layers.0.to_q.lora_A.student.weight` -> `layers.0.to_q.lora_A.weight`: the name both adapters share."""
+    parts = name.split(".")
+    kept = [p for i, p in enumerate(parts) if not (p == adapter and i > 0 and parts[i - 1].startswith("lora_"))]
+    return ".".join(kept)
+
+
+class AdapterParameters(tuple[torch.nn.Parameter, ...]):
+    """One adapter's LoRA parameters: a tuple the optimizer and gradient clipping take as is, which also knows
+    each parameter's adapter-free name (`names`), so the EMA can pair teacher and student by name."""
+
+    names: tuple[str, ...]
+
+    def __new__(cls, named: Iterable[tuple[str, torch.nn.Parameter]]) -> AdapterParameters:
+        pairs = list(named)
+        self = super().__new__(cls, (p for _, p in pairs))
+        self.names = tuple(n for n, _ in pairs)
+        return self
+
+    def named(self) -> dict[str, torch.nn.Parameter]:
+        """Adapter-free name -> parameter."""
+        return dict(zip(self.names, self, strict=True))
+
+
+def adapter_parameters(transformer: torch.nn.Module, adapter: str) -> AdapterParameters:
+    """`adapter`'s LoRA parameters in module order, named without the adapter segment."""
+    return AdapterParameters((_without_adapter(n, adapter), p) for n, p in _adapter_params(transformer, adapter))
+
+
+def student_parameters(transformer: torch.nn.Module) -> AdapterParameters:
     """The student's LoRA parameters, in a fixed order: all the optimizer ever sees."""
-    return [p for _, p in _adapter_params(transformer, STUDENT_ADAPTER)]
+    return adapter_parameters(transformer, STUDENT_ADAPTER)
 
 
-def teacher_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The teacher adapter's parameters, in the same order as `student_parameters`."""
-    return [p for _, p in _adapter_params(transformer, TEACHER_ADAPTER)]
+def teacher_parameters(transformer: torch.nn.Module) -> AdapterParameters:
+    """The teacher adapter's parameters, named like the student's (empty without an EMA teacher)."""
+    return adapter_parameters(transformer, TEACHER_ADAPTER)
+
+
+def _named(params: AdapterParameters | Mapping[str, torch.Tensor], role: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(params, AdapterParameters):
+        return params.named()
+    if isinstance(params, Mapping):
+        return params
+    raise TypeError(f"ema_update pairs parameters by name: pass the {role}'s `AdapterParameters` or a name mapping")
 
 
 @torch.no_grad()
-def ema_update(teacher: list[torch.nn.Parameter], student: list[torch.nn.Parameter], decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student, after every optimizer step."""
+def ema_update(
+    teacher: AdapterParameters | Mapping[str, torch.Tensor],
+    student: AdapterParameters | Mapping[str, torch.Tensor],
+    decay: float,
+) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, after every optimizer step.
+
+    Pairs the tensors by name, strictly: a name on one side only, or a shape that differs, raises `ValueError`
+    naming them (pairing by position would silently average unrelated layers if the orders ever differed).
+    """
+    t_named, s_named = _named(teacher, "teacher"), _named(student, "student")
+    problems = [f"missing in student: {n}" for n in t_named if n not in s_named]
+    problems += [f"missing in teacher: {n}" for n in s_named if n not in t_named]
+    problems += [
+        f"shape mismatch: {n} (teacher {tuple(t.shape)}, student {tuple(s_named[n].shape)})"
+        for n, t in t_named.items()
+        if n in s_named and t.shape != s_named[n].shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ValueError(f"teacher and student adapters do not pair up by name: {shown}")
+    names = list(t_named)
+    if not names:
+        return
+    targets = [t_named[n].data for n in names]
     torch._foreach_lerp_(
-        [t.data for t in teacher], [s.data.to(t.dtype) for s, t in zip(student, teacher, strict=False)], 1 - decay
+        targets, [s_named[n].data.to(t.dtype) for n, t in zip(names, targets, strict=True)], 1 - decay
     )
+
+
+def teacher_adapter_for(mode: str) -> str | None:
+    """The adapter that plays the teacher in `teacher_mode` `mode`: `ema` the EMA adapter, `frozen` none (the base
+    model), `live` the student itself (run without gradient)."""
+    adapters: dict[str, str | None] = {"ema": TEACHER_ADAPTER, "frozen": None, "live": STUDENT_ADAPTER}
+    if mode not in adapters:
+        raise ValueError(f"unknown teacher mode {mode!r}; use one of {', '.join(adapters)}")
+    return adapters[mode]
 
 
 @contextlib.contextmanager

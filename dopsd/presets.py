@@ -26,7 +26,8 @@ class Preset:
         native_sample_steps: the number of denoising steps the distilled model was made for.
         text_encoder_layers: hidden-state layers whose concatenation is the text feature (FLUX.2); empty when
             the family uses its pipeline's fixed choice (Z-Image: the second to last).
-        defaults: values for `DOPSDConfig` fields the user left unset.
+        defaults: training values for `DOPSDConfig` fields the user left unset (`config_defaults()` adds the
+            weights, sampling steps and prompts).
         step_seconds: the expected wall time of one D-OPSD step at the default resolution on the preset's device
             (an estimate for users, replaced by the service's own history once jobs of the preset ran).
         load_seconds: the expected time to load the models on a cold worker.
@@ -51,6 +52,25 @@ class Preset:
         """Whether the model is built in code (no weights, no download, CPU-sized)."""
         return self.base_model.startswith("tiny://")
 
+    def config_defaults(self) -> dict[str, Any]:
+        """The value of every preset-defaulted `DOPSDConfig` field: the weights, the native sampling steps, the
+        held-out prompts and the training `defaults`. `DOPSDConfig.for_preset` takes each one the user left unset."""
+        return {
+            "pretrained_model_name_or_path": self.base_model,
+            "teacher_encoder_path": self.teacher_encoder,
+            "sample_steps": self.native_sample_steps,
+            "validation_prompts": list(DEFAULT_VALIDATION_PROMPTS),
+            **self.defaults,
+        }
+
+
+# Held-out prompts that keep `[V]` and change scene, light and view, as the authors evaluate.
+DEFAULT_VALIDATION_PROMPTS: tuple[str, ...] = (
+    "a photo of [V]",
+    "[V] on a beach at sunset",
+    "a watercolor painting of [V]",
+    "[V] in a snowy forest, seen from above",
+)
 
 # Released D-OPSD hyperparameters for Z-Image-Turbo (the method page): rank 64 / alpha 128, lr 1e-4 constant,
 # 2,000 steps, checkpoints every 500, samples every 100, teacher images at 512^2..768^2 pixels.
@@ -177,6 +197,7 @@ _TINY_FLUX2_KLEIN = Preset(
     },
 )
 
+DEFAULT_PRESET = "tiny-z-image"
 PRESETS: dict[str, Preset] = {
     p.name: p for p in (_Z_IMAGE_TURBO, _TINY_Z_IMAGE, _FLUX2_KLEIN_4B, _FLUX2_KLEIN_9B, _TINY_FLUX2_KLEIN)
 }

@@ -36,11 +36,10 @@ def preview(
     """Renders one zero-shot image per reference image and validation prompt (first sample seed) into `out_dir`,
     with a contact sheet; `family` lets a worker pass an already loaded model. Captions play no part: the prompts
     are the text, so images need none."""
-    cfg = config.resolved()
-    assert cfg.resolution is not None and cfg.sample_steps is not None and cfg.validation_prompts is not None
-    assert cfg.student_max_sequence_length is not None
+    cfg = config
+    if cfg.instance_data_dir is None:
+        raise ValueError("a preview needs `instance_data_dir`, the folder of the reference images")
     preset = get_preset(cfg.preset)
-    assert cfg.instance_data_dir is not None
     references = [
         (p.name, load_image(p, min_side=preset.min_image_side, name=p.name))
         for p in image_files(cfg.instance_data_dir)

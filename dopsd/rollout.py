@@ -7,9 +7,29 @@ from collections.abc import Sequence
 
 import torch
 
+from dopsd.config import DISTILL4_SIGMAS
 from dopsd.lora import active_adapter
 from dopsd.losses import compute_velocity_distillation_loss, compute_x0_distillation_loss
 from dopsd.models.base import Cond, ModelFamily
+
+
+ROLLOUT_SCHEDULES = ("distill4", "native", "released")
+
+
+def rollout_sigmas(family: ModelFamily, schedule: str, *, width: int, height: int, native_steps: int) -> list[float]:
+    """The sigmas (1 = noise, ending with 0) a training roll-out of a `width` x `height` bucket walks.
+
+    `distill4`: 1, .9, .75, .5 -> 0 at every size; `native`: the family's pipeline schedule at `native_steps`;
+    `released`: the authors' released training script's schedule for the family (Z-Image: distill4; klein:
+    `set_timesteps(4, mu)` without explicit sigmas).
+    """
+    if schedule == "distill4":
+        return list(DISTILL4_SIGMAS)
+    if schedule == "native":
+        return family.native_sigmas(native_steps, width, height)
+    if schedule == "released":
+        return family.released_sigmas(width, height)
+    raise ValueError(f"unknown roll-out schedule {schedule!r}; use one of {', '.join(ROLLOUT_SCHEDULES)}")
 
 
 def distillation_rollout(

@@ -2,12 +2,12 @@
 
 Reads like the method page: cache the student and teacher features once, free the encoders, then per step roll
 the student out for K steps from noise, pull it toward the teacher at every state, clip, AdamW, EMA the teacher.
+`train` prepares the run (captions, data, model, features, adapters); `_train_loop` is the loop, top to bottom;
+`dopsd.outputs` writes what the run leaves behind.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import random
 import time
@@ -18,48 +18,46 @@ from typing import Any
 
 import torch
 
-from dopsd import __version__
 from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
-from dopsd.captioning import auto_captions, uncaptioned
+from dopsd.captioning import with_auto_captions
 from dopsd.checkpoint import (
     TrainerState,
+    dataset_digest,
     load_checkpoint,
     random_state_from_json,
     random_state_to_json,
     save_checkpoint,
 )
-from dopsd.config import DISTILL4_SIGMAS, DOPSDConfig
+from dopsd.config import DOPSDConfig
 from dopsd.data import (
     ConceptDataset,
     buckets_for_resolution,
-    image_files,
     load_concept_dataset,
-    load_image,
     nearest_bucket,
     resize_to_cover,
     resolve_caption,
 )
 from dopsd.errors import TrainingCancelled
 from dopsd.lora import (
-    LORA_WEIGHT_NAME,
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
+    AdapterParameters,
     active_adapter,
     adapter_state,
     add_adapters,
-    add_file_metadata,
     ema_update,
     load_adapter_state,
     make_lora_config,
     remove_adapters,
     student_parameters,
+    teacher_adapter_for,
     teacher_parameters,
 )
-from dopsd.lora_formats import COMFYUI_WEIGHT_NAME, write_comfyui_lora
 from dopsd.models.base import Cond, ModelFamily
 from dopsd.models.loading import load_family_for
-from dopsd.presets import Preset, get_preset
-from dopsd.rollout import distillation_rollout, teacher_student_gap
+from dopsd.outputs import run_metrics, write_adapter, write_metrics, write_other_formats
+from dopsd.presets import get_preset
+from dopsd.rollout import distillation_rollout, rollout_sigmas, teacher_student_gap
 from dopsd.sampling import SampleRenderer, SampleSet
 
 
@@ -67,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 GAP_SEED_OFFSET = 1_000_003  # held-out noise for the gap metric never coincides with training noise
 MAX_GAP_PAIRS = 8
+FEATURE_CHUNK = 8  # captions (or prompts) encoded per batch: 64 images with several captions each stay in memory
 
 
 @dataclass(frozen=True)
@@ -97,35 +96,6 @@ def resolve_device(config: DOPSDConfig) -> tuple[torch.device, torch.dtype]:
     return device, (torch.bfloat16 if bf16 else torch.float32)
 
 
-def _teacher_adapter(mode: str) -> str | None:
-    return {"ema": TEACHER_ADAPTER, "frozen": None, "live": STUDENT_ADAPTER}[mode]
-
-
-def _with_auto_captions(cfg: DOPSDConfig, preset: Preset) -> DOPSDConfig:
-    """`cfg` with a made caption for every image that has none (there is no default caption to fall back on);
-    the captions end up in `config.json` like the user's own."""
-    assert cfg.instance_data_dir is not None
-    names = [p.name for p in image_files(cfg.instance_data_dir)]
-    missing = uncaptioned(names, cfg.captions)
-    if not missing:
-        return cfg
-    device, dtype = resolve_device(cfg)
-    folder = Path(cfg.instance_data_dir)
-    images = {n: load_image(folder / n, min_side=preset.min_image_side, name=n) for n in missing}
-    made = auto_captions(
-        images,
-        trigger=cfg.trigger,
-        preset=preset,
-        teacher_path=cfg.teacher_encoder_path,
-        device=device,
-        dtype=dtype,
-        min_pixels=cfg.teacher_min_pixels or 0,
-        max_pixels=cfg.teacher_max_pixels or 0,
-    )
-    logger.info("made captions for %d image(s) without one", len(made))
-    return dataclasses.replace(cfg, captions={**(cfg.captions or {}), **{n: [c] for n, c in made.items()}})
-
-
 def train(
     config: DOPSDConfig,
     callbacks: Sequence[TrainerCallback] = (),
@@ -135,44 +105,67 @@ def train(
 ) -> TrainingResult:
     """Trains a student LoRA with D-OPSD and writes adapter, config, metrics and samples to `output_dir`.
 
-    `family` lets a long-lived worker pass an already loaded model (its adapters are removed again at the end);
-    `dataset` lets a caller pass images it already validated. Raises `TrainingCancelled` when a callback stops the
-    run (after checkpointing), `DataError` for bad input, `CheckpointError` for a bad resume.
+    `config` is taken as it is (a resolved `DOPSDConfig`). `family` lets a long-lived worker pass an already loaded
+    model (its adapters are removed again at the end); `dataset` lets a caller pass images it already validated.
+    Raises `TrainingCancelled` when a callback stops the run (after checkpointing), `DataError` for bad input,
+    `CheckpointError` for a bad resume.
     """
-    cfg = config.resolved()
+    cfg = config
+    device, dtype = resolve_device(cfg)
     if dataset is None and cfg.default_caption is None:
-        cfg = _with_auto_captions(cfg, get_preset(cfg.preset))
-    assert cfg.max_train_steps is not None and cfg.learning_rate is not None and cfg.resolution is not None
-    assert cfg.rank is not None and cfg.lora_alpha is not None and cfg.sample_steps is not None
-    assert cfg.student_max_sequence_length is not None
-    preset = get_preset(cfg.preset)
+        cfg = with_auto_captions(cfg, device=device, dtype=dtype)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-
     if dataset is None:
         dataset = load_concept_dataset(
             cfg.instance_data_dir,
             trigger=cfg.trigger,
             default_caption=cfg.default_caption,
             captions=cfg.captions,
-            min_side=preset.min_image_side,
+            min_side=get_preset(cfg.preset).min_image_side,
         )
-    device, dtype = resolve_device(cfg)
     if family is None:
         family = load_family_for(cfg, device=device, dtype=dtype)
     load_s = time.perf_counter() - t_start
 
-    # 1. Features, computed once per (image, caption); the encoders then leave the device.
+    # Features, computed once per (image, caption) and per prompt; the encoders then leave the device.
+    pairs = _encode_pairs(cfg, family, dataset)
+    renderer = _sample_renderer(cfg, family, dataset, pairs)
+    family.release_encoders()
+
+    # Adapters: the student (trained) and, for an EMA teacher, its copy; both start as the base model.
+    torch.manual_seed(cfg.seed)
+    lora_config = make_lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, family.lora_target_modules)
+    add_adapters(family.transformer, lora_config, with_teacher=cfg.teacher_mode == "ema")
+    try:
+        return _train_loop(cfg, family, dataset, pairs, renderer, lora_config.to_dict(), callbacks, out, load_s)
+    finally:
+        remove_adapters(family.transformer)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _encode_student(family: ModelFamily, texts: Sequence[str], max_length: int) -> list[Cond]:
+    """The student's text features of `texts`, `FEATURE_CHUNK` at a time."""
+    return [
+        cond
+        for i in range(0, len(texts), FEATURE_CHUNK)
+        for cond in family.encode_student(texts[i : i + FEATURE_CHUNK], max_length)
+    ]
+
+
+def _encode_pairs(cfg: DOPSDConfig, family: ModelFamily, dataset: ConceptDataset) -> list[_Pair]:
+    """Every (image, caption) pair of the dataset with its bucket, student features and teacher context."""
     buckets = buckets_for_resolution(cfg.resolution)
     item_buckets = [nearest_bucket(it.image.width, it.image.height, buckets) for it in dataset.items]
     captions = sorted({c for _, c in dataset.pairs})
-    student_feats = dict(zip(captions, family.encode_student(captions, cfg.student_max_sequence_length), strict=True))
-    pairs = [
+    student = dict(zip(captions, _encode_student(family, captions, cfg.student_max_sequence_length), strict=True))
+    return [
         _Pair(
             item=i,
             bucket=item_buckets[i],
-            student=student_feats[caption],
+            student=student[caption],
             teacher=family.encode_teacher(
                 resize_to_cover(dataset.items[i].image, item_buckets[i]),
                 caption,
@@ -182,15 +175,19 @@ def train(
         )
         for i, caption in dataset.pairs
     ]
-    assert cfg.validation_prompts is not None
+
+
+def _sample_renderer(
+    cfg: DOPSDConfig, family: ModelFamily, dataset: ConceptDataset, pairs: list[_Pair]
+) -> SampleRenderer:
+    """The renderer of the run's samples: the validation prompts (encoded now, while the encoders are loaded) and
+    each training image's teacher context."""
     prompts = [resolve_caption(p, cfg.trigger) for p in cfg.validation_prompts]
-    prompt_conds = family.encode_student(prompts, cfg.student_max_sequence_length)
-    family.release_encoders()
     first_pair_of_item = {p.item: p for p in reversed(pairs)}
-    renderer = SampleRenderer(
+    return SampleRenderer(
         family,
         prompts=prompts,
-        prompt_conds=prompt_conds,
+        prompt_conds=_encode_student(family, prompts, cfg.student_max_sequence_length),
         teacher_samples=[(dataset.items[i].name, first_pair_of_item[i].teacher) for i in range(len(dataset.items))],
         seeds=cfg.sample_seeds,
         width=cfg.resolution,
@@ -198,17 +195,142 @@ def train(
         num_steps=cfg.sample_steps,
     )
 
-    # 2. Adapters and optimizer: the optimizer holds the student's LoRA parameters and nothing else.
-    transformer = family.transformer
-    torch.manual_seed(cfg.seed)
-    lora_config = make_lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, family.lora_target_modules)
-    add_adapters(transformer, lora_config, with_teacher=cfg.teacher_mode == "ema")
-    try:
-        return _train_loop(cfg, family, dataset, pairs, renderer, lora_config.to_dict(), callbacks, out, load_s)
-    finally:
-        remove_adapters(transformer)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+
+def _sigmas(cfg: DOPSDConfig, family: ModelFamily, bucket: tuple[int, int]) -> list[float]:
+    """The roll-out schedule of a bucket (`rollout_schedule`)."""
+    width, height = bucket
+    return rollout_sigmas(family, cfg.rollout_schedule, width=width, height=height, native_steps=cfg.sample_steps)
+
+
+class _GapProbe:
+    """The teacher-student gap on held-out noise: fixed seeds, never drawn from the training generator, over at
+    most `MAX_GAP_PAIRS` training pairs spread over the dataset."""
+
+    def __init__(self, cfg: DOPSDConfig, family: ModelFamily, pairs: list[_Pair], teacher_adapter: str | None):
+        self.cfg, self.family, self.teacher_adapter = cfg, family, teacher_adapter
+        probed = pairs[:: max(1, len(pairs) // MAX_GAP_PAIRS)][:MAX_GAP_PAIRS]
+        self.cases = [
+            (p, torch.randn((1, *family.latent_shape(*p.bucket)), generator=torch.Generator().manual_seed(seed)))
+            for seed in range(GAP_SEED_OFFSET, GAP_SEED_OFFSET + cfg.gap_eval_seeds)
+            for p in probed
+        ]
+        self.definition = (
+            "mean x0 MSE between student and teacher along the student's roll-out, "
+            f"{cfg.gap_eval_seeds} held-out noise seeds x {len(probed) if self.cases else 0} training pairs"
+        )
+
+    def measure(self) -> float | None:
+        """The mean gap over the held-out cases (`None` without any), LoRA dropout off."""
+        if not self.cases:
+            return None
+        self.family.transformer.eval()
+        by_bucket: dict[tuple[int, int], list[tuple[_Pair, torch.Tensor]]] = {}
+        for p, noise in self.cases:
+            by_bucket.setdefault(p.bucket, []).append((p, noise))
+        values = []
+        for bucket, cases in by_bucket.items():
+            gap = teacher_student_gap(
+                self.family,
+                noises=[n.to(self.family.device) for _, n in cases],
+                student_conds=[p.student for p, _ in cases],
+                teacher_conds=[p.teacher for p, _ in cases],
+                sigmas=_sigmas(self.cfg, self.family, bucket),
+                teacher_adapter=self.teacher_adapter,
+            )
+            values.extend([gap] * len(cases))
+        return sum(values) / len(values)
+
+
+class _Batches:
+    """Micro-batches of training pairs: a random pair, then more from its bucket (one latent shape per batch)."""
+
+    def __init__(self, pairs: list[_Pair], batch_size: int, seed: int) -> None:
+        self.pairs, self.batch_size, self.rng = pairs, batch_size, random.Random(seed)
+        self.by_bucket: dict[tuple[int, int], list[_Pair]] = {}
+        for p in pairs:
+            self.by_bucket.setdefault(p.bucket, []).append(p)
+
+    def next(self) -> list[_Pair]:
+        """The next micro-batch."""
+        first = self.rng.choice(self.pairs)
+        same = self.by_bucket[first.bucket]
+        return [first] + [self.rng.choice(same) for _ in range(self.batch_size - 1)]
+
+
+@dataclass
+class _Run:
+    """What the loop's side tasks (checkpoints, samples, resume) need of the run."""
+
+    cfg: DOPSDConfig
+    transformer: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    noise_rng: torch.Generator
+    batches: _Batches
+    renderer: SampleRenderer
+    callbacks: Sequence[TrainerCallback]
+    out: Path
+    dataset_sha256: str
+    has_teacher: bool
+
+    def resume(self) -> TrainerState:
+        """Restores adapters, optimizer and every RNG from `resume_from`, so the run goes on exactly as an
+        uninterrupted one would; refuses a checkpoint of another run (`CheckpointError`)."""
+        assert self.cfg.resume_from is not None
+        ckpt = load_checkpoint(self.cfg.resume_from, self.cfg, self.dataset_sha256)
+        load_adapter_state(self.transformer, STUDENT_ADAPTER, ckpt.student)
+        if ckpt.teacher is not None and self.has_teacher:
+            load_adapter_state(self.transformer, TEACHER_ADAPTER, ckpt.teacher)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.noise_rng.set_state(ckpt.noise_rng)
+        if ckpt.torch_rng is not None:
+            torch.set_rng_state(ckpt.torch_rng)
+        self.batches.rng.setstate(random_state_from_json(ckpt.state.data_rng))
+        logger.info("resumed from %s at step %d", ckpt.path, ckpt.state.step)
+        return ckpt.state
+
+    def checkpoint(self, state: TrainerState) -> Path:
+        """Writes a checkpoint of `state` (atomically) and tells the callbacks."""
+        state.data_rng = random_state_to_json(self.batches.rng)
+        path = save_checkpoint(
+            self.out / "checkpoints",
+            state=state,
+            student=adapter_state(self.transformer, STUDENT_ADAPTER),
+            teacher=adapter_state(self.transformer, TEACHER_ADAPTER) if self.has_teacher else None,
+            optimizer=self.optimizer,
+            noise_rng=self.noise_rng,
+            config=self.cfg,
+            keep=self.cfg.checkpoints_total_limit,
+            dataset_sha256=self.dataset_sha256,
+        )
+        for cb in self.callbacks:
+            cb.on_checkpoint(state.step, path)
+        return path
+
+    def samples(self, step: int, final: bool = False) -> SampleSet:
+        """Renders the sample images of `step` and tells the callbacks."""
+        self.transformer.eval()
+        samples = self.renderer.render(self.out / "samples" / f"step-{step:08d}", step, final=final)
+        for cb in self.callbacks:
+            cb.on_samples(samples)
+        return samples
+
+
+def _clip_gradients(params: AdapterParameters, max_norm: float) -> float:
+    """Clips the student's gradient to `max_norm` (0: no clipping) and returns its norm before clipping."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+def _ask_callbacks(callbacks: Sequence[TrainerCallback], state: StepState) -> TrainerControl:
+    """Reports a step to every callback; their answers combined (any stop, any save)."""
+    control = TrainerControl()
+    for cb in callbacks:
+        answer = cb.on_step_end(state)
+        if answer is not None:
+            control.should_stop |= answer.should_stop
+            control.should_save |= answer.should_save
+    return control
 
 
 def _train_loop(
@@ -222,10 +344,9 @@ def _train_loop(
     out: Path,
     load_s: float,
 ) -> TrainingResult:
-    assert cfg.max_train_steps is not None and cfg.learning_rate is not None and cfg.resolution is not None
+    # Optimizer: AdamW over the student's LoRA parameters and nothing else, at a constant rate (as released).
     transformer = family.transformer
-    params = student_parameters(transformer)
-    teacher_params = teacher_parameters(transformer)
+    params, teacher_params = student_parameters(transformer), teacher_parameters(transformer)
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.learning_rate,
@@ -234,97 +355,34 @@ def _train_loop(
         weight_decay=cfg.adam_weight_decay,
         fused=family.device.type == "cuda",
     )
-    use_checkpointing = cfg.gradient_checkpointing
-    if use_checkpointing is None:
-        use_checkpointing = family.device.type == "cuda"
-    if use_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    teacher_adapter = _teacher_adapter(cfg.teacher_mode)
+    on_cuda = family.device.type == "cuda"
+    if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and on_cuda):
+        transformer.enable_gradient_checkpointing()  # recomputes activations in the backward pass to save memory
+    teacher_adapter = teacher_adapter_for(cfg.teacher_mode)
+    gap = _GapProbe(cfg, family, pairs, teacher_adapter)
+    run = _Run(
+        cfg=cfg,
+        transformer=transformer,
+        optimizer=optimizer,
+        noise_rng=torch.Generator().manual_seed(cfg.seed),
+        batches=_Batches(pairs, cfg.train_batch_size, cfg.seed),
+        renderer=renderer,
+        callbacks=callbacks,
+        out=out,
+        dataset_sha256=dataset_digest(dataset),
+        has_teacher=bool(teacher_params),
+    )
 
-    def sigmas_for(bucket: tuple[int, int]) -> list[float]:
-        if cfg.rollout_schedule == "native":
-            assert cfg.sample_steps is not None
-            return family.native_sigmas(cfg.sample_steps, *bucket)
-        return list(DISTILL4_SIGMAS)
-
-    # Held-out noise for the gap metric: fixed seeds, never drawn from the training generator.
-    gap_pairs = pairs[:: max(1, len(pairs) // MAX_GAP_PAIRS)][:MAX_GAP_PAIRS]
-    gap_cases = [
-        (p, torch.randn((1, *family.latent_shape(*p.bucket)), generator=torch.Generator().manual_seed(seed)))
-        for seed in range(GAP_SEED_OFFSET, GAP_SEED_OFFSET + cfg.gap_eval_seeds)
-        for p in gap_pairs
-    ]
-
-    def measure_gap() -> float | None:
-        if not gap_cases:
-            return None
-        transformer.eval()  # no LoRA dropout in measurements
-        by_bucket: dict[tuple[int, int], list[tuple[_Pair, torch.Tensor]]] = {}
-        for p, noise in gap_cases:
-            by_bucket.setdefault(p.bucket, []).append((p, noise))
-        values = []
-        for bucket, cases in by_bucket.items():
-            gap = teacher_student_gap(
-                family,
-                noises=[n.to(family.device) for _, n in cases],
-                student_conds=[p.student for p, _ in cases],
-                teacher_conds=[p.teacher for p, _ in cases],
-                sigmas=sigmas_for(bucket),
-                teacher_adapter=teacher_adapter,
-            )
-            values.extend([gap] * len(cases))
-        return sum(values) / len(values)
-
-    data_rng = random.Random(cfg.seed)
-    noise_rng = torch.Generator().manual_seed(cfg.seed)
-    state = TrainerState(step=0, data_rng=None)
+    # Start, or resume where a checkpoint left off. A fresh run measures the gap it is about to close.
     if cfg.resume_from:
-        ckpt = load_checkpoint(cfg.resume_from, cfg)
-        load_adapter_state(transformer, STUDENT_ADAPTER, ckpt.student)
-        if ckpt.teacher is not None and teacher_params:
-            load_adapter_state(transformer, TEACHER_ADAPTER, ckpt.teacher)
-        optimizer.load_state_dict(ckpt.optimizer)
-        noise_rng.set_state(ckpt.noise_rng)
-        if ckpt.torch_rng is not None:
-            torch.set_rng_state(ckpt.torch_rng)
-        data_rng.setstate(random_state_from_json(ckpt.state.data_rng))
-        state = ckpt.state
-        logger.info("resumed from %s at step %d", ckpt.path, state.step)
+        state = run.resume()
     else:
-        state.metrics["gap_before"] = measure_gap()
+        state = TrainerState(step=0, data_rng=None)
+        state.metrics["gap_before"] = gap.measure()
 
-    by_bucket: dict[tuple[int, int], list[_Pair]] = {}
-    for p in pairs:
-        by_bucket.setdefault(p.bucket, []).append(p)
-
-    def next_batch() -> list[_Pair]:
-        first = data_rng.choice(pairs)
-        same = by_bucket[first.bucket]
-        return [first] + [data_rng.choice(same) for _ in range(cfg.train_batch_size - 1)]
-
-    def checkpoint() -> Path:
-        state.data_rng = random_state_to_json(data_rng)
-        path = save_checkpoint(
-            out / "checkpoints",
-            state=state,
-            student=adapter_state(transformer, STUDENT_ADAPTER),
-            teacher=adapter_state(transformer, TEACHER_ADAPTER) if teacher_params else None,
-            optimizer=optimizer,
-            noise_rng=noise_rng,
-            config=cfg,
-            keep=cfg.checkpoints_total_limit,
-        )
-        for cb in callbacks:
-            cb.on_checkpoint(state.step, path)
-        return path
-
-    def render_samples(step: int, final: bool = False) -> SampleSet:
-        transformer.eval()
-        samples = renderer.render(out / "samples" / f"step-{step:08d}", step, final=final)
-        for cb in callbacks:
-            cb.on_samples(samples)
-        return samples
-
+    # The loop. One optimizer step: roll the student out from fresh noise along the schedule and pull its
+    # prediction toward the teacher's at every state (accumulated over micro-batches), clip, AdamW, then move the
+    # EMA teacher a (1 - decay) step toward the student.
     total = cfg.max_train_steps
     for cb in callbacks:
         cb.on_train_begin(total, state.step)
@@ -335,96 +393,71 @@ def _train_loop(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = next_batch()
+            batch = run.batches.next()
             shape = (len(batch), *family.latent_shape(*batch[0].bucket))
-            noise = torch.randn(shape, generator=noise_rng).to(family.device)
-            step_loss += (
-                distillation_rollout(
-                    family,
-                    noise=noise,
-                    student_conds=[p.student for p in batch],
-                    teacher_conds=[p.teacher for p in batch],
-                    sigmas=sigmas_for(batch[0].bucket),
-                    teacher_adapter=teacher_adapter,
-                    loss_space=cfg.loss_space,
-                    loss_scale=1.0 / cfg.gradient_accumulation_steps,
-                )
-                / cfg.gradient_accumulation_steps
+            noise = torch.randn(shape, generator=run.noise_rng).to(family.device)
+            loss = distillation_rollout(
+                family,
+                noise=noise,
+                student_conds=[p.student for p in batch],
+                teacher_conds=[p.teacher for p in batch],
+                sigmas=_sigmas(cfg, family, batch[0].bucket),
+                teacher_adapter=teacher_adapter,
+                loss_space=cfg.loss_space,
+                loss_scale=1.0 / cfg.gradient_accumulation_steps,
             )
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            step_loss += loss / cfg.gradient_accumulation_steps
+        grad_norm = _clip_gradients(params, cfg.max_grad_norm)
         optimizer.step()
         if teacher_params:
             ema_update(teacher_params, params, cfg.ema_decay)
         state.step += 1
         state.loss_history.append(step_loss)
+        state.grad_norm_history.append(grad_norm)
 
+        # Report the step; the callbacks may ask for a checkpoint, or to stop (after one). Then the cadences.
         elapsed = time.perf_counter() - t_loop
-        done = state.step - start_step
-        step_state = StepState(
-            step=state.step,
-            total_steps=total,
-            loss=step_loss,
-            learning_rate=cfg.learning_rate,
-            elapsed_s=elapsed,
-            eta_s=elapsed / done * (total - state.step),
+        control = _ask_callbacks(
+            callbacks,
+            StepState(
+                step=state.step,
+                total_steps=total,
+                loss=step_loss,
+                learning_rate=cfg.learning_rate,
+                elapsed_s=elapsed,
+                eta_s=elapsed / (state.step - start_step) * (total - state.step),
+                grad_norm=grad_norm,
+            ),
         )
-        control = TrainerControl()
-        for cb in callbacks:
-            answer = cb.on_step_end(step_state)
-            if answer is not None:
-                control.should_stop |= answer.should_stop
-                control.should_save |= answer.should_save
         due = cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0 and state.step < total
         if control.should_save or control.should_stop or due:
-            path = checkpoint()
+            path = run.checkpoint(state)
             if control.should_stop:
                 raise TrainingCancelled(state.step, str(path))
         if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
-            render_samples(state.step)
+            run.samples(state.step)
 
-    transformer.eval()
-    # 3. Outputs: adapter (diffusers format + our header metadata), config, samples, metrics.
+    # Outputs. The adapter (and config.json) first: what follows can still fail (the gap, the final samples,
+    # the format conversion) and must not lose the trained weights. metrics.json last, once everything is known.
     train_s = time.perf_counter() - t_loop
-    state.metrics["gap_after"] = measure_gap()
-    final_samples = render_samples(state.step, final=True)
-    cfg.save(out / "config.json")
-    adapter_path = out / LORA_WEIGHT_NAME
-    family.save_lora_weights(str(out), adapter_state(transformer, STUDENT_ADAPTER), lora_metadata)
-    add_file_metadata(
-        adapter_path,
-        {
-            "dopsd.method": "D-OPSD (arXiv 2605.05204)",
-            "dopsd.version": __version__,
-            "dopsd.base_model": str(cfg.pretrained_model_name_or_path),
-            "dopsd.preset": cfg.preset,
-            "dopsd.family": family.name,
-            "dopsd.trigger": cfg.trigger,
-            "dopsd.rank": str(cfg.rank),
-            "dopsd.alpha": str(cfg.lora_alpha),
-            "dopsd.steps": str(state.step),
-        },
+    transformer.eval()
+    student = adapter_state(transformer, STUDENT_ADAPTER)
+    adapter_path = write_adapter(out, family, student, lora_metadata, cfg, state.step)
+    state.metrics["gap_after"] = gap.measure()
+    final_samples = run.samples(state.step, final=True)
+    write_other_formats(adapter_path, cfg, family)
+    metrics = run_metrics(
+        steps=state.step,
+        loss=state.loss_history,
+        grad_norm=state.grad_norm_history,
+        gap_before=state.metrics.get("gap_before"),
+        gap_after=state.metrics["gap_after"],
+        gap_definition=gap.definition,
+        timing_s={"load": load_s, "train": train_s, "per_step": train_s / max(1, state.step - start_step)},
+        captions={it.name: list(it.captions) for it in dataset.items},
+        samples=[str(p.path.relative_to(out)) for p in final_samples.images],
     )
-    if "comfyui" in cfg.output_formats:  # converted from the diffusers file, so that one is always written
-        write_comfyui_lora(adapter_path, out / COMFYUI_WEIGHT_NAME, family.name)
-    gap_before, gap_after = state.metrics.get("gap_before"), state.metrics.get("gap_after")
-    metrics = {
-        "steps": state.step,
-        "loss": state.loss_history,
-        "final_loss": state.loss_history[-1] if state.loss_history else None,
-        "teacher_student_gap": {
-            "before": gap_before,
-            "after": gap_after,
-            "relative_change": (gap_after - gap_before) / gap_before if gap_before and gap_after is not None else None,
-            "definition": "mean x0 MSE between student and teacher along the student's roll-out, "
-            f"{cfg.gap_eval_seeds} held-out noise seeds x {len({id(p) for p, _ in gap_cases})} training pairs",
-        },
-        "timing_s": {"load": load_s, "train": train_s, "per_step": train_s / max(1, state.step - start_step)},
-        "images": [it.name for it in dataset.items],
-        "captions": {it.name: list(it.captions) for it in dataset.items},
-        "samples": [str(p.path.relative_to(out)) for p in final_samples.images],
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(out, metrics)
     for cb in callbacks:
         cb.on_train_end(out)
     return TrainingResult(out, adapter_path, metrics)

@@ -15,8 +15,9 @@ import argparse
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,24 +27,31 @@ from dopsd_client.api import ADAPTER_NAME, TERMINAL_STATUSES, DOPSDAPIError, DOP
 EXIT_JOB_FAILED = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
-FORMATS = ("diffusers", "comfyui")
-# Job spec field -> the flag's destination (the flags a command does not have are skipped).
-SPEC_FLAGS = {
-    "preset": "preset",
+
+
+def _load_spec_fields() -> dict[str, dict[str, Any]]:
+    """The job spec's training fields (name, JSON type, choices, help, extra flags): `spec_fields.json`, generated
+    from the trainer's declarations (`dopsd.config.write_client_spec_fields`), since the client imports no
+    project code."""
+    text = resources.files("dopsd_client").joinpath("spec_fields.json").read_text(encoding="utf-8")
+    return {f["name"]: f for f in json.loads(text)["fields"]}
+
+
+SPEC_FIELDS = _load_spec_fields()
+# Spec fields whose flags are written out below: required (`--trigger`), a file (`--captions`), or repeatable
+# (`--prompt`, `--sample-seed`, `--format`); field -> the flag's destination. Every other spec field gets a
+# generated flag (`--steps`, `--learning-rate`/`--lr`, `--teacher-mode` ...) whose destination is its name.
+HAND_WRITTEN = {
     "trigger": "trigger",
-    "default_caption": "caption",
-    "steps": "steps",
-    "learning_rate": "learning_rate",
-    "rank": "rank",
-    "lora_alpha": "lora_alpha",
-    "resolution": "resolution",
-    "seed": "seed",
+    "captions": "captions",
     "validation_prompts": "prompt",
     "sample_seeds": "sample_seed",
-    "sample_every": "sample_every",
     "output_formats": "format",
-    "webhook_url": "webhook_url",
 }
+SHARED_FIELDS = ("preset", "default_caption")  # the generated flags previews take too; the rest are training's
+SERVICE_FLAGS = {"webhook_url": "webhook_url"}  # spec fields of the service, not of the trainer
+FORMATS = tuple(SPEC_FIELDS["output_formats"]["choices"])
+_FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
 
 
 def _out(text: str = "") -> None:
@@ -101,7 +109,8 @@ def build_spec(ns: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(captions, dict):
             raise ValueError(f"{ns.captions}: captions must be a JSON object: file name -> caption or list")
         spec["captions"] = {name: [c] if isinstance(c, str) else list(c) for name, c in captions.items()}
-    for field, dest in SPEC_FLAGS.items():
+    dests = {name: HAND_WRITTEN.get(name, name) for name in SPEC_FIELDS if name != "captions"}
+    for field, dest in {**dests, **SERVICE_FLAGS}.items():
         value = getattr(ns, dest, None)
         if value is not None:
             spec[field] = value
@@ -478,12 +487,30 @@ def run(ns: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+def _add_spec_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """A flag per job spec field in `names` (`--learning-rate`, and its extra forms: `--lr`), typed and with the
+    choices and help of the field's declaration."""
+    for name in names:
+        field = SPEC_FIELDS[name]
+        kwargs: dict[str, Any] = {"dest": name, "help": field["help"]}
+        if field.get("choices"):
+            kwargs["choices"] = field["choices"]
+        else:
+            kwargs["type"] = _FLAG_TYPES[field["type"]]
+        parser.add_argument(f"--{name.replace('_', '-')}", *field["aliases"], **kwargs)
+
+
+def _training_fields() -> list[str]:
+    """The spec fields with a generated flag on `submit` only."""
+    scalar = [n for n, f in SPEC_FIELDS.items() if f["type"] in _FLAG_TYPES]
+    return [n for n in scalar if n not in HAND_WRITTEN and n not in SHARED_FIELDS]
+
+
 def _add_input_flags(parser: argparse.ArgumentParser) -> None:
     """The images, the concept and the sampling flags that jobs and previews share."""
     parser.add_argument("--images", nargs="+", required=True, type=Path, help="image files, or folders of them")
     parser.add_argument("--trigger", required=True, help="the word that names the concept (replaces [V])")
-    parser.add_argument("--preset", help="model preset (GET /v1/presets; default tiny-z-image)")
-    parser.add_argument("--caption", help='caption of every image, e.g. "a photo of [V]"')
+    _add_spec_flags(parser, SHARED_FIELDS)
     parser.add_argument("--captions", type=Path, help="JSON file: image file name -> caption or list of captions")
     parser.add_argument(
         "--prompt", action="append", metavar="PROMPT", help="a validation prompt for the samples (repeatable)"
@@ -505,13 +532,7 @@ def register(sub: Any) -> None:
 
     submit = commands.add_parser("submit", help="submit a training job (optionally wait and download)")
     _add_input_flags(submit)
-    submit.add_argument("--steps", type=int, help="optimizer steps (the preset's default if unset)")
-    submit.add_argument("--sample-every", type=int, help="steps between samples (0: only at the end)")
-    submit.add_argument("--learning-rate", "--lr", type=float)
-    submit.add_argument("--rank", type=int)
-    submit.add_argument("--lora-alpha", type=float)
-    submit.add_argument("--resolution", type=int)
-    submit.add_argument("--seed", type=int)
+    _add_spec_flags(submit, _training_fields())
     submit.add_argument(
         "--format", action="append", choices=FORMATS, help="adapter format(s) to produce and download (repeatable)"
     )

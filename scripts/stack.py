@@ -1,5 +1,6 @@
 """The production-shaped stack on this machine, all on loopback: PostgreSQL and Redis (already running here, or
-started), a SeaweedFS S3 server, the API (uvicorn) and one Celery worker process.
+started), a SeaweedFS S3 server, the API (uvicorn), one Celery worker process and `dopsd maintain` (the reaper,
+retention and webhook sender, in their own process: the API there runs none of them).
 
 `python scripts/stack.py up|down|env` (what `make stack` / `make stack-down` run). The tests use the same
 functions to start the real servers they run against.
@@ -181,6 +182,16 @@ def start_worker(env: dict[str, str], log: Path, name: str = "worker") -> subpro
     return process
 
 
+def start_maintain(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`dopsd maintain`: the reaper, retention and the webhook sender as their own process."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dopsd", "maintain"],
+        cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    wait_until(lambda: b"maintenance running" in log.read_bytes(), "dopsd maintain", timeout_s=60)
+    return process
+
+
 def stop(process: subprocess.Popen[bytes] | int, timeout_s: float = 20) -> None:
     """SIGTERM to the process group, SIGKILL after `timeout_s`."""
     pid = process if isinstance(process, int) else process.pid
@@ -224,7 +235,8 @@ def stack_env(*, database_url: str, broker_url: str, s3_endpoint: str, access_ke
 
 
 def up() -> None:
-    """`make stack`: starts SeaweedFS, the API on 127.0.0.1:8000 and one worker; prints the environment."""
+    """`make stack`: starts SeaweedFS, the API on 127.0.0.1:8000, one worker and maintenance; prints the
+    environment."""
     import secrets
 
     from api.commands import migrate
@@ -244,11 +256,13 @@ def up() -> None:
         access_key=access_key, secret_key=secret_key, public_url="http://127.0.0.1:8000",
     )  # fmt: skip
     env["DOPSD_SIGNING_KEY"] = secrets.token_urlsafe(32)
+    env["DOPSD_MAINTENANCE_IN_API"] = "false"  # `dopsd maintain` runs it
     started: dict[str, int] = {"s3": weed.pid}
     try:
         migrate(database_url)
         started["api"] = start_api(env, 8000, STATE / "api.log").pid
         started["worker"] = start_worker(env, STATE / "worker.log").pid
+        started["maintain"] = start_maintain(env, STATE / "maintain.log").pid
     except BaseException:
         for pid in started.values():
             stop(pid)
@@ -256,8 +270,8 @@ def up() -> None:
     (STATE / "pids.json").write_text(json.dumps(started))
     exported = {k: v for k, v in env.items() if k.startswith("DOPSD_")}
     (STATE / "env").write_text("".join(f"export {k}={v}\n" for k, v in exported.items()))
-    print("stack up: API http://127.0.0.1:8000 (docs at /docs), worker, PostgreSQL db `dopsd`, Redis db 0,")
-    print(f"SeaweedFS S3 {endpoint}. Logs in {STATE}. For `dopsd keys create`: source {STATE / 'env'}")
+    print("stack up: API http://127.0.0.1:8000 (docs at /docs), worker, maintenance, PostgreSQL db `dopsd`,")
+    print(f"Redis db 0, SeaweedFS S3 {endpoint}. Logs in {STATE}. For `dopsd keys create`: source {STATE / 'env'}")
 
 
 def down() -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import events
 from core.db import session_scope
-from core.jobs import service
-from core.storage import checkpoint_prefix, output_key
+from core.jobs import worker_side
+from core.storage import ArtifactStore, checkpoint_prefix, output_key
 from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
 from dopsd.sampling import SampleSet
 from worker.dbretry import retry_db
@@ -24,6 +25,15 @@ from worker.uploads import upload_tree
 
 
 logger = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """This worker's lease on the job ran out and the job was handed on (requeued, or taken by another worker).
+    Whoever holds it now writes its outcome; the stopped worker leaves the job as it is."""
+
+    def __init__(self, job_id: uuid.UUID) -> None:
+        super().__init__(f"job {job_id}: lease lost")
+        self.job_id = job_id
 
 
 class JobReporter(TrainerCallback):
@@ -35,7 +45,7 @@ class JobReporter(TrainerCallback):
         *,
         worker_id: str,
         sessions: sessionmaker[Session],
-        store: object,
+        store: ArtifactStore,
         interval_s: float,
         lease_s: int,
     ) -> None:
@@ -45,7 +55,6 @@ class JobReporter(TrainerCallback):
         self.store = store
         self.interval_s = interval_s
         self.lease_s = lease_s
-        self.lease_lost = False
         self._last_write = 0.0
         self._claimed_at = time.monotonic()
         # Output files already in storage (samples, as they were made), named relative to the output folder.
@@ -55,27 +64,26 @@ class JobReporter(TrainerCallback):
         """Seconds this attempt has held the worker (its GPU) since the claim."""
         return time.monotonic() - self._claimed_at
 
-    def renew_lease(self) -> bool:
-        """Heartbeat: keeps the job this worker's; False (and `lease_lost`) once another worker took it over."""
+    def renew_lease(self) -> None:
+        """Heartbeat: keeps the job this worker's; raises `LeaseLost` once it is not (raised from a trainer callback,
+        it stops training at once, with no checkpoint written over the new holder's)."""
 
         def renew() -> bool:
             with session_scope(self.sessions) as session:
-                return service.renew_lease(
+                return worker_side.renew_lease(
                     session=session, job_id=self.job_id, worker_id=self.worker_id, lease_s=self.lease_s
                 )
 
-        ok = retry_db(renew, what=f"job {self.job_id} heartbeat")
-        if not ok:
-            self.lease_lost = True
+        if not retry_db(renew, what=f"job {self.job_id} heartbeat"):
             logger.warning("job %s: lease lost; stopping without touching the job", self.job_id)
-        return ok
+            raise LeaseLost(self.job_id)
 
-    def _event(self, type_: str, data: dict[str, object]) -> None:
+    def _event(self, payload: events.EventPayload) -> None:
         def write() -> None:
             with session_scope(self.sessions) as session:
-                service.add_event(session=session, job_id=self.job_id, type=type_, data=data)
+                events.add_event(session=session, job_id=self.job_id, payload=payload)
 
-        retry_db(write, what=f"job {self.job_id} {type_} event")
+        retry_db(write, what=f"job {self.job_id} {payload.event_type} event")
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -86,8 +94,9 @@ class JobReporter(TrainerCallback):
         def beat() -> None:
             while not stop.wait(self.lease_s / 3):
                 try:
-                    if not self.renew_lease():
-                        return
+                    self.renew_lease()
+                except LeaseLost:  # the job thread stops at its own next renewal
+                    return
                 except Exception:  # a failed beat is retried at the next one; the lease covers two misses
                     logger.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
 
@@ -101,18 +110,18 @@ class JobReporter(TrainerCallback):
             thread.join(timeout=5)
 
     def on_train_begin(self, total_steps: int, start_step: int) -> None:
-        self._event("training", {"total_steps": total_steps, "start_step": start_step})
+        self._event(events.TrainingPayload(total_steps=total_steps, start_step=start_step))
 
     def on_step_end(self, state: StepState) -> TrainerControl:
         now = time.monotonic()
         write = now - self._last_write >= self.interval_s or state.step == state.total_steps
-        if write and not self.renew_lease():
-            return TrainerControl(should_stop=True)
+        if write:
+            self.renew_lease()
 
         def report() -> bool:
             with session_scope(self.sessions) as session:
                 if write:
-                    return service.record_progress(
+                    return worker_side.record_progress(
                         session=session,
                         job_id=self.job_id,
                         step=state.step,
@@ -123,7 +132,7 @@ class JobReporter(TrainerCallback):
                         elapsed_s=state.elapsed_s,
                     )
                 # Between progress writes, still look for a cancel every step (one indexed read).
-                return service.cancel_requested(session=session, job_id=self.job_id)
+                return worker_side.cancel_requested(session=session, job_id=self.job_id)
 
         stop = retry_db(report, what=f"job {self.job_id} progress")
         if write:
@@ -131,10 +140,10 @@ class JobReporter(TrainerCallback):
         return TrainerControl(should_stop=stop)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        self.renew_lease()  # checkpoints go up only while the job is still this worker's
         prefix = f"{checkpoint_prefix(self.job_id)}{path.name}/"
         upload_tree(self.store, path, prefix)
-        self._event("checkpoint", {"step": step})
-        self.renew_lease()
+        self._event(events.CheckpointPayload(step=step))
 
     def on_samples(self, samples: SampleSet) -> None:
         """Uploads a step's samples and announces them as a `sample` event (keys; the API signs URLs on read)."""
@@ -148,22 +157,21 @@ class JobReporter(TrainerCallback):
         self.uploaded_outputs += [{**r, "name": relative_prefix + r["name"]} for r in records]
         keys = {r["name"]: r["key"] for r in records}
         images = [
-            {
-                "name": relative_prefix + image.path.name,
-                "kind": image.kind,
-                "prompt": image.prompt,
-                "seed": image.seed,
-                "source": image.source,
-                "key": keys[image.path.name],
-            }
+            events.SampleImage(
+                name=relative_prefix + image.path.name,
+                kind=image.kind,
+                prompt=image.prompt,
+                seed=image.seed,
+                source=image.source,
+                key=keys[image.path.name],
+            )
             for image in samples.images
         ]
         self._event(
-            "sample",
-            {
-                "step": samples.step,
-                "final": samples.final,
-                "images": images,
-                "contact_sheet_key": keys[samples.contact_sheet.name],
-            },
+            events.SamplePayload(
+                step=samples.step,
+                final=samples.final,
+                images=images,
+                contact_sheet_key=keys[samples.contact_sheet.name],
+            )
         )

@@ -9,20 +9,22 @@ import os
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import get_settings
+from core import events
+from core.config import Settings, get_settings
 from core.db import make_engine, make_sessionmaker, session_scope
 from core.errors import NotFound, ServiceUnavailable
-from core.jobs import service
+from core.jobs import worker_side
 from core.jobs.models import Job
+from core.jobs.states import JobStatus
 from core.storage import (
     ADAPTER_FILES,
-    LocalStore,
-    S3Store,
+    ArtifactStore,
     checkpoint_prefix,
     job_prefix,
     make_store,
@@ -34,40 +36,44 @@ from dopsd.data import DataError
 from dopsd.errors import CheckpointError, ModelLoadError, TrainingCancelled
 from worker.dbretry import retry_db
 from worker.model_cache import ModelCache
-from worker.reporting import JobReporter
+from worker.reporting import JobReporter, LeaseLost
 from worker.uploads import download_prefix, upload_tree, with_retries
 
 
 logger = logging.getLogger(__name__)
 
-_process: dict[str, Any] = {}
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What a pool process makes once and keeps between jobs: its settings, database sessions, artifact store
+    and cache of loaded base models. Made on first use, never at import: engines and clients must not cross a
+    fork."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    models: ModelCache
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerResources:
+        """Connects to what `settings` describe (lazily: nothing is opened until the first query or transfer)."""
+        return cls(
+            settings=settings,
+            sessions=make_sessionmaker(make_engine(settings.database_url)),
+            store=make_store(settings),
+            models=ModelCache(settings.worker_model_cache),
+        )
+
+
+@functools.cache
+def process_resources() -> WorkerResources:
+    """This process's resources, made on first use."""
+    return WorkerResources.from_settings(get_settings())
 
 
 def reset_process_state() -> None:
-    """Forgets engines and clients made before a fork (called in each new pool process)."""
-    _process.clear()
-
-
-def _sessions() -> sessionmaker[Session]:
-    if "sessions" not in _process:
-        _process["sessions"] = make_sessionmaker(make_engine(get_settings().database_url))
-    factory: sessionmaker[Session] = _process["sessions"]
-    return factory
-
-
-def _store() -> LocalStore | S3Store:
-    if "store" not in _process:
-        _process["store"] = make_store(get_settings())
-    store: LocalStore | S3Store = _process["store"]
-    return store
-
-
-def model_cache() -> ModelCache:
-    """This process's cache of loaded base models."""
-    if "models" not in _process:
-        _process["models"] = ModelCache(get_settings().worker_model_cache)
-    cache: ModelCache = _process["models"]
-    return cache
+    """Forgets resources made before a fork (called in each new pool process)."""
+    process_resources.cache_clear()
 
 
 def _artifact_kind(name: str) -> str:
@@ -80,14 +86,14 @@ def _artifact_kind(name: str) -> str:
     return name.rsplit(".", 1)[0]  # config, metrics
 
 
-def _fetch_inputs(store: LocalStore | S3Store, job: Job, folder: Path) -> None:
+def _fetch_inputs(store: ArtifactStore, job: Job, folder: Path) -> None:
     folder.mkdir(parents=True)
     for image in job.images:
         key, target = str(image["key"]), folder / str(image["name"])
         with_retries(functools.partial(store.get_file, key, target), what=f"download of {key}")
 
 
-def _fetch_latest_checkpoint(store: LocalStore | S3Store, job_id: uuid.UUID, out: Path) -> Path | None:
+def _fetch_latest_checkpoint(store: ArtifactStore, job_id: uuid.UUID, out: Path) -> Path | None:
     """Downloads the job's checkpoints from storage (a redelivered job resumes instead of starting over)."""
     prefix = checkpoint_prefix(job_id)
     download_prefix(store, prefix, out / "checkpoints")
@@ -102,7 +108,7 @@ def _fail(
 
     def write() -> None:
         with session_scope(sessions) as session:
-            service.fail_job(
+            worker_side.fail_job(
                 session=session, job_id=job_id, code=code, message=message, worker_id=worker_id, gpu_seconds=gpu_s
             )
 
@@ -110,12 +116,13 @@ def _fail(
 
 
 def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
-    """Runs one job to a terminal state; a job that is not claimable (a duplicate delivery) is left alone."""
-    settings = get_settings()
-    sessions, store = _sessions(), _store()
+    """Runs one job to a terminal state; a job that is not claimable (a duplicate delivery) is left alone, and so
+    is one whose lease this worker lost (its outcome is the new holder's to write)."""
+    resources = process_resources()
+    settings, sessions = resources.settings, resources.sessions
     worker_id = f"{worker_id}:{os.getpid()}"
     with sessions() as session:
-        attempt = service.claim_job(
+        attempt = worker_side.claim_job(
             session=session,
             job_id=job_id,
             worker_id=worker_id,
@@ -139,42 +146,40 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
         job_id,
         worker_id=worker_id,
         sessions=sessions,
-        store=store,
+        store=resources.store,
         interval_s=settings.progress_interval_s,
         lease_s=settings.lease_s,
     )
     try:
         with tempfile.TemporaryDirectory(prefix=f"dopsd-job-{job_id}-") as tmp, reporter.heartbeat():
-            _run_claimed(job_id, Path(tmp), sessions, store, reporter)
+            _run_claimed(job_id, Path(tmp), resources, reporter)
+    except LeaseLost:
+        logger.warning("job %s: stopped after losing its lease; left to the worker that holds it now", job_id)
+    except TrainingCancelled as exc:
+        _cancel(resources, job_id, exc.step, worker_id, reporter.gpu_seconds())
     except Exception as exc:
-        gpu_s = reporter.gpu_seconds()
-        if reporter.lease_lost:  # the job was handed to another worker: its outcome is that worker's to write
-            logger.warning("job %s: stopped after losing its lease (%s)", job_id, type(exc).__name__)
-            return
         code, message = _classify(exc, settings.max_job_s)
-        if code == "canceled":
-            assert isinstance(exc, TrainingCancelled)
-            step = exc.step
+        if code == "internal":
+            logger.exception("job %s: unexpected error", job_id)
+        _fail(sessions, job_id, code, message, worker_id, reporter.gpu_seconds())
 
-            def cancel() -> bool:
-                with session_scope(sessions) as session:
-                    return service.mark_canceled(
-                        session=session, job_id=job_id, step=step, worker_id=worker_id, gpu_seconds=gpu_s
-                    )
 
-            if retry_db(cancel, what=f"job {job_id} cancel"):
-                store.delete_prefix(job_prefix(job_id))  # it was deleted: nothing of it may stay
-            logger.info("job %s: canceled at step %d", job_id, step)
-        else:
-            if code == "internal":
-                logger.exception("job %s: unexpected error", job_id)
-            _fail(sessions, job_id, code, message, worker_id, gpu_s)
+def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id: str, gpu_s: float) -> None:
+    """Records a stop its owner asked for; a deleted job's stored objects go too (nothing of it may stay)."""
+
+    def cancel() -> bool:
+        with session_scope(resources.sessions) as session:
+            return worker_side.mark_canceled(
+                session=session, job_id=job_id, step=step, worker_id=worker_id, gpu_seconds=gpu_s
+            )
+
+    if retry_db(cancel, what=f"job {job_id} cancel"):
+        resources.store.delete_prefix(job_prefix(job_id))
+    logger.info("job %s: canceled at step %d", job_id, step)
 
 
 def _classify(exc: Exception, max_job_s: int) -> tuple[str, str]:
     """The stable error code and readable message of a failure: the one place failures are classified."""
-    if isinstance(exc, TrainingCancelled):
-        return "canceled", ""
     if isinstance(exc, DataError):
         return "bad_input", str(exc)
     if isinstance(exc, (ModelLoadError, CheckpointError)):
@@ -188,9 +193,8 @@ def _classify(exc: Exception, max_job_s: int) -> tuple[str, str]:
     return "internal", f"internal error ({type(exc).__name__})"
 
 
-def _run_claimed(
-    job_id: uuid.UUID, tmp: Path, sessions: sessionmaker[Session], store: LocalStore | S3Store, reporter: JobReporter
-) -> None:
+def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, reporter: JobReporter) -> None:
+    sessions, store = resources.sessions, resources.store
     with sessions() as session:
         job = session.get_one(Job, job_id)
         config_values, images, kind = dict(job.config), list(job.images), job.kind
@@ -206,15 +210,15 @@ def _run_claimed(
             "resume_from": str(resume) if resume else None,
         }
     )
-    family, load_s, cached = model_cache().get(config)
-    if not reporter.renew_lease():  # loading real weights takes a while
-        raise TrainingCancelled(0)
+    family, load_s, cached = resources.models.get(config)
+    reporter.renew_lease()  # loading real weights takes a while
     with session_scope(sessions) as session:
-        service.add_event(
+        events.add_event(
             session=session,
             job_id=job_id,
-            type="model_loaded",
-            data={"load_s": round(load_s, 3), "cached": cached, "resumed_from_step": _step_of(resume)},
+            payload=events.ModelLoadedPayload(
+                load_s=round(load_s, 3), cached=cached, resumed_from_step=_step_of(resume)
+            ),
         )
     started = time.perf_counter()
     if kind == "preview":
@@ -228,8 +232,7 @@ def _run_claimed(
         from dopsd.trainer import train
 
         result = train(config, [reporter], family=family)
-        if not reporter.renew_lease():
-            raise TrainingCancelled(result.metrics["steps"])
+        reporter.renew_lease()
         # Samples went up as they were rendered; checkpoints live under their own prefix.
         records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints", "samples"))
         records += reporter.uploaded_outputs
@@ -247,7 +250,7 @@ def _run_claimed(
 
     def finish() -> bool:
         with session_scope(sessions) as session:
-            return service.finish_job(
+            return worker_side.finish_job(
                 session=session,
                 job_id=job_id,
                 worker_id=reporter.worker_id,
@@ -260,7 +263,8 @@ def _run_claimed(
         # Not ours any more (lease lost), or a cancel/delete came in while finishing.
         with sessions() as session:
             job_now = session.get_one(Job, job_id)
-            reporter.lease_lost = job_now.worker_id != reporter.worker_id or job_now.status != "running"
+            if job_now.worker_id != reporter.worker_id or job_now.job_status is not JobStatus.RUNNING:
+                raise LeaseLost(job_id)
         raise TrainingCancelled(steps)
     logger.info("job %s: succeeded", job_id)
 

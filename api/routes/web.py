@@ -1,11 +1,13 @@
 """The web page: `api/web/` served as static files at `/app/`, and `/` redirecting there.
 
 The page is a client of the public REST API like any other (it sends the API key as a Bearer header); these
-routes need no key and stay out of the OpenAPI schema.
+routes need no key and stay out of the OpenAPI schema. The page is a set of ES modules (`app.js` the entry),
+which a browser runs only when served with a JavaScript content type.
 """
 
 from __future__ import annotations
 
+import mimetypes
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -14,6 +16,10 @@ from fastapi.staticfiles import StaticFiles
 
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+# StaticFiles takes the type from `mimetypes`, which also reads the host's tables (a Windows registry may say
+# text/plain for .js, and a browser then refuses the modules): say it here, as RFC 9239 does.
+mimetypes.add_type("text/javascript", ".js")
 
 router = APIRouter(include_in_schema=False)
 

@@ -1,1 +1,2 @@
-"""The training-job domain: states, ORM models, the spec clients send, and the service functions."""
+"""The training-job domain: states and transitions, ORM models, and the job functions by side (client, worker,
+recovery, idempotency)."""

@@ -101,6 +101,10 @@ class ModelFamily(ABC):
     def native_sigmas(self, num_steps: int, width: int, height: int) -> list[float]:
         """The sampling schedule of the family's pipeline (ending with 0), as its scheduler computes it."""
 
+    @abstractmethod
+    def released_sigmas(self, width: int, height: int) -> list[float]:
+        """The training roll-out schedule of the authors' released script for this family (ending with 0)."""
+
     # Sampling with the unchanged pipeline, so samples are what users will get at inference.
     @torch.no_grad()
     def generate(

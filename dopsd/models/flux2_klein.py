@@ -29,11 +29,20 @@ from dopsd.models.base import ModelFamily
 from dopsd.models.qwen_teacher import QwenVLTeacherEncoder
 
 
-# The edit-branch teacher's instruction, appended to the caption (the authors' wording, restated).
+# The edit-branch teacher's instruction, verbatim as the released klein scripts pass it (`edit_sys_prompt`), and
+# joined to the caption as they join it: f"{caption} {instruction}".strip().
 CONSISTENCY_INSTRUCTION = (
-    "Keep the main subject, the background and the composition consistent with the reference image."
+    "Make the main subject (facial/ip details), background, and overall composition consistent with the reference "
+    "image."
 )
+RELEASED_ROLLOUT_STEPS = 4  # the released script's `num_training_steps` for klein
 REFERENCE_TIME_COORDINATE = 10  # `_prepare_image_ids`: the first reference image sits at T = 10
+
+
+def teacher_edit_prompt(caption: str) -> str:
+    """The edit-branch teacher's prompt: the caption and the fixed consistency instruction, as the released code
+    builds it."""
+    return f"{caption} {CONSISTENCY_INSTRUCTION}".strip()
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,7 @@ class Flux2KleinFamily(ModelFamily):
         self, image: Image.Image, caption: str, *, text_max_length: int, context_max_length: int
     ) -> KleinCond:
         if self.teacher_context == "edit":
-            prompt = f"{caption.rstrip()} {CONSISTENCY_INSTRUCTION}"
+            prompt = teacher_edit_prompt(caption)
             embeds = self._text_features([prompt], text_max_length)[0]
             tokens, ids = self._reference_tokens(image)
             return KleinCond(embeds, tokens, ids, image)
@@ -170,11 +179,27 @@ class Flux2KleinFamily(ModelFamily):
     ) -> torch.Tensor:
         return latents + (sigma_next - sigma) * prediction
 
-    def native_sigmas(self, num_steps: int, width: int, height: int) -> list[float]:
+    def _image_seq_len(self, width: int, height: int) -> int:
         _, h, w = self.latent_shape(width, height)
+        return h * w
+
+    def native_sigmas(self, num_steps: int, width: int, height: int) -> list[float]:
+        """`Flux2KleinPipeline`'s schedule: explicit sigmas linspace(1, 1/n, n) shifted by the empirical mu."""
         scheduler = copy.deepcopy(self.pipeline.scheduler)
         sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-        scheduler.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(image_seq_len=h * w, num_steps=num_steps))
+        mu = compute_empirical_mu(image_seq_len=self._image_seq_len(width, height), num_steps=num_steps)
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+        return [float(s) for s in scheduler.sigmas]
+
+    def released_sigmas(self, width: int, height: int) -> list[float]:
+        """The released klein script's roll-out: `scheduler.set_timesteps(4, mu=...)` with the empirical mu and no
+        explicit sigmas, so the scheduler's own timesteps (1000 .. 1 linearly) are shifted: at 1 MP about 1, .952,
+        .832, .0098 -> 0, against the pipeline's 1, .967, .908, .767 -> 0."""
+        scheduler = copy.deepcopy(self.pipeline.scheduler)
+        steps = RELEASED_ROLLOUT_STEPS
+        scheduler.set_timesteps(
+            steps, mu=compute_empirical_mu(image_seq_len=self._image_seq_len(width, height), num_steps=steps)
+        )
         return [float(s) for s in scheduler.sigmas]
 
     def generate_one(

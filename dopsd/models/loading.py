@@ -58,17 +58,16 @@ def load_pipeline(family: str, base: str, *, dtype: torch.dtype) -> Any:
 
 
 def load_family_for(config: DOPSDConfig, *, device: torch.device, dtype: torch.dtype) -> ModelFamily:
-    """The family a resolved config trains: its preset, base weights, teacher encoder and teacher context."""
-    assert config.pretrained_model_name_or_path is not None, "resolve the config first"
+    """The family a config trains: its preset, base weights, teacher encoder and teacher context."""
     return load_family(
         get_preset(config.preset),
         base=config.pretrained_model_name_or_path,
         teacher=config.teacher_encoder_path,
         device=device,
         dtype=dtype,
-        teacher_min_pixels=config.teacher_min_pixels or 0,
-        teacher_max_pixels=config.teacher_max_pixels or 0,
-        teacher_context=config.teacher_context or "vlm",
+        teacher_min_pixels=config.teacher_min_pixels,
+        teacher_max_pixels=config.teacher_max_pixels,
+        teacher_context=config.teacher_context,
     )
 
 

@@ -16,6 +16,7 @@ from diffusers import ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 from PIL import Image
 
+from dopsd.config import DISTILL4_SIGMAS
 from dopsd.models.base import Cond, ModelFamily
 from dopsd.models.qwen_teacher import QwenVLTeacherEncoder
 
@@ -102,6 +103,11 @@ class ZImageFamily(ModelFamily):
         sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps).tolist()
         scheduler.set_timesteps(sigmas=sigmas, mu=mu)
         return [float(s) for s in scheduler.sigmas]
+
+    def released_sigmas(self, width: int, height: int) -> list[float]:
+        """The released Z-Image script's roll-out: model time t = 0, .1, .25, .5, then clean (sigmas 1, .9, .75, .5
+        -> 0, Turbo's own shifted 4-step schedule), at every resolution."""
+        return list(DISTILL4_SIGMAS)
 
     def generate_one(
         self, cond: Cond, *, generator: torch.Generator, width: int, height: int, num_steps: int

@@ -46,7 +46,7 @@ def test_a_run_without_captions_makes_and_records_them(example_dir: Path, tmp_pa
     images.mkdir()
     for p in sorted(example_dir.glob("*.png"))[:2]:
         shutil.copy(p, images / p.name)
-    config = DOPSDConfig(
+    config = DOPSDConfig.for_preset(
         preset="tiny-z-image",
         instance_data_dir=str(images),
         output_dir=str(tmp_path / "out"),

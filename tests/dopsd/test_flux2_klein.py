@@ -158,7 +158,7 @@ def test_klein_adapter_loads_in_diffusers_and_reproduces_the_trainer_sample(
 
 def test_klein_trains_with_the_vlm_teacher(example_dir: Path, tmp_path: Path) -> None:
     result = train(
-        DOPSDConfig(
+        DOPSDConfig.for_preset(
             preset="tiny-flux2-klein",
             teacher_context="vlm",
             instance_data_dir=str(example_dir),
@@ -174,4 +174,4 @@ def test_klein_trains_with_the_vlm_teacher(example_dir: Path, tmp_path: Path) ->
 
 def test_z_image_refuses_the_edit_teacher() -> None:
     with pytest.raises(ValueError, match="`teacher_context` 'edit' is not available for tiny-z-image"):
-        DOPSDConfig(preset="tiny-z-image", teacher_context="edit")
+        DOPSDConfig.for_preset("tiny-z-image", teacher_context="edit")

@@ -17,7 +17,7 @@ def test_preview_renders_each_reference_with_each_prompt_without_captions(exampl
     images.mkdir()
     for p in sorted(example_dir.glob("*.png"))[:2]:
         shutil.copy(p, images / p.name)
-    config = DOPSDConfig(
+    config = DOPSDConfig.for_preset(
         preset="tiny-z-image",
         instance_data_dir=str(images),
         output_dir=str(tmp_path / "out"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def quick_config(example_dir: Path, out: Path, **overrides: Any) -> DOPSDConfig:
         "gap_eval_seeds": 1,
     }
     values.update(overrides)
-    return DOPSDConfig(**values)
+    return DOPSDConfig.for_preset(**values)
 
 
 class StopAt(TrainerCallback):
@@ -213,3 +214,37 @@ def test_both_adapters_stay_fp32_on_bf16_weights() -> None:
     assert all(not torch.equal(a, b) for a, b in zip(before, teacher, strict=True))
     assert transformer.peft_config[TEACHER_ADAPTER].lora_dropout == 0.0
     assert transformer.peft_config[STUDENT_ADAPTER].lora_dropout == 0.1
+
+
+def test_the_gradient_norm_is_reported_per_step_and_kept_across_a_resume(example_dir: Path, tmp_path: Path) -> None:
+    """`StepState.grad_norm` is the student's gradient norm before clipping; metrics.json lists it per step."""
+    straight_cb = StopAt(-1)
+    straight = train(quick_config(example_dir, tmp_path / "straight", max_grad_norm=1e-6), [straight_cb])
+    norms = [s.grad_norm for s in straight_cb.seen]
+    assert len(norms) == 6 and all(n is not None and n > 1e-6 for n in norms)  # measured before the clip
+    assert straight.metrics["grad_norm"] == pytest.approx(norms)
+    assert json.loads((straight.output_dir / "metrics.json").read_text())["grad_norm"] == pytest.approx(norms)
+    with pytest.raises(TrainingCancelled):
+        train(quick_config(example_dir, tmp_path / "resumed", max_grad_norm=1e-6), [StopAt(3)])
+    resumed = train(
+        quick_config(example_dir, tmp_path / "resumed", max_grad_norm=1e-6, resume_from=str(tmp_path / "resumed"))
+    )
+    assert resumed.metrics["grad_norm"] == pytest.approx(norms, rel=1e-5)
+    unclipped = train(quick_config(example_dir, tmp_path / "unclipped", max_train_steps=2, max_grad_norm=0.0))
+    assert all(n is not None and n > 0 for n in unclipped.metrics["grad_norm"])
+
+
+def test_a_failure_after_training_leaves_the_adapter(example_dir: Path, tmp_path: Path) -> None:
+    """The adapter and config.json are written before the final samples render: a failure there loses nothing."""
+
+    class FailOnFinalSamples(TrainerCallback):
+        def on_samples(self, samples: SampleSet) -> None:
+            if samples.final:
+                raise RuntimeError("the sample upload failed")
+
+    with pytest.raises(RuntimeError, match="the sample upload failed"):
+        train(quick_config(example_dir, tmp_path, max_train_steps=2), [FailOnFinalSamples()])
+    adapter = tmp_path / "pytorch_lora_weights.safetensors"
+    assert adapter.is_file() and load_file(adapter)
+    assert DOPSDConfig.load(tmp_path / "config.json").max_train_steps == 2
+    assert not (tmp_path / "metrics.json").exists()  # written last, once everything is known

@@ -31,7 +31,7 @@ def test_outputs_are_complete(cli_run: Path) -> None:
     assert config.max_train_steps == 30 and config.rank == 8 and config.trigger == "sks"
     sheet = Image.open(cli_run / "samples" / "step-00000030" / "contact_sheet.png")
     # Rows: the base model, the adapter at step 30, the teacher context; a column per prompt and seed.
-    prompts, seeds = len(config.validation_prompts or []), len(config.sample_seeds)
+    prompts, seeds = len(config.validation_prompts), len(config.sample_seeds)
     assert sheet.width >= prompts * seeds * 64 and sheet.height >= 3 * 64
     teacher = sorted((cli_run / "samples" / "step-00000030").glob("teacher-*.png"))
     assert [p.name for p in teacher] == [f"teacher-robot-{i}.png" for i in range(1, 5)]
@@ -52,7 +52,7 @@ def test_adapter_file_is_diffusers_format_with_metadata(cli_run: Path) -> None:
 def test_diffusers_pipeline_with_adapter_reproduces_trainer_sample(cli_run: Path, exported_tiny: Path) -> None:
     """The exported base + load_lora_weights, sampled like the trainer does, gives the trainer's student image."""
     config = DOPSDConfig.load(cli_run / "config.json")
-    prompt = resolve_caption(config.validation_prompts[0], "sks")  # type: ignore[index]
+    prompt = resolve_caption(config.validation_prompts[0], "sks")
     pipe = ZImagePipeline.from_pretrained(exported_tiny)
     pipe.set_progress_bar_config(disable=True)
 

@@ -1,7 +1,8 @@
 """A database restart while the API serves and a job trains: requests fail fast with 503 and recover without a
 restart; the worker's writes wait for the database instead of killing the job.
 
-Runs its own PostgreSQL cluster (initdb on a free port), so the machine's server is never touched.
+Runs its own PostgreSQL cluster (initdb on a free port) and its own Redis server, so neither the machine's servers
+nor the Redis db of the session's stack are touched.
 """
 
 from __future__ import annotations
@@ -19,13 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.orm import Session
 
 from api.commands import migrate
-from core.db import make_engine
-from core.jobs import service
 from scripts import stack
-from tests.conftest import Stack, example_files, quick_spec, wait_for_status
+from tests.conftest import PACE, Stack, eventually, example_files, quick_spec, wait_for_status, wait_for_step
 
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -57,24 +55,37 @@ class PrivatePostgres:
 
 
 @pytest.fixture(scope="module")
-def restartable(tmp_path_factory: pytest.TempPathFactory, s3: dict[str, str]) -> Iterator[tuple[Stack, Any]]:
-    """API and worker on a private PostgreSQL cluster (Redis db 12, SeaweedFS)."""
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server of this module's own on a free loopback port, nothing persisted; yields its broker URL."""
+    port = stack.free_port()
+    log = tmp_path_factory.mktemp("redis") / "redis.log"
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    stack.wait_until(lambda: stack.port_open(port), "the private Redis server")
+    yield f"redis://127.0.0.1:{port}/0"
+    stack.stop(process)
+
+
+@pytest.fixture(scope="module")
+def restartable(
+    tmp_path_factory: pytest.TempPathFactory, s3: dict[str, str], private_redis: str
+) -> Iterator[tuple[Stack, Any]]:
+    """API and worker on a private PostgreSQL cluster, a private Redis and the session's SeaweedFS."""
     # Not under pytest's tmp folder: that one is private to root, and the cluster runs as `postgres`.
     pg = PrivatePostgres(Path(tempfile.mkdtemp(prefix="dopsd-pg-")))
     pg.start()
     migrate(pg.url)
-    import redis
-
-    redis.Redis(host="127.0.0.1", port=6379, db=12).flushdb()
     logs = tmp_path_factory.mktemp("restart-logs")
     port = stack.free_port()
     env = stack.stack_env(
-        database_url=pg.url, broker_url="redis://127.0.0.1:6379/12", s3_endpoint=s3["endpoint"],
+        database_url=pg.url, broker_url=private_redis, s3_endpoint=s3["endpoint"],
         access_key=s3["access_key"], secret_key=s3["secret_key"], public_url=f"http://127.0.0.1:{port}",
         bucket=f"dopsd-restart-{os.getpid()}",
     )  # fmt: skip
     env.update(DOPSD_PROGRESS_INTERVAL_S="0.2", DOPSD_LEASE_S="60")
-    api = stack.start_api(env, port, logs / "api.log")
+    api = PACE.timed_start(lambda: stack.start_api(env, port, logs / "api.log"))
     running = Stack(f"http://127.0.0.1:{port}", env, pg.url, logs)
     running.restart_worker()
     yield running, pg
@@ -85,19 +96,22 @@ def restartable(tmp_path_factory: pytest.TempPathFactory, s3: dict[str, str]) ->
     shutil.rmtree(pg.root, ignore_errors=True)
 
 
+def database_warnings(running: Stack, job_id: str) -> list[str]:
+    """The messages of the worker's WARNING log lines about one job (a write that waits for the database)."""
+    return [
+        line["message"]
+        for line in running.worker_log_lines()
+        if line.get("job_id") == job_id and line.get("level") == "WARNING"
+    ]
+
+
 def test_requests_fail_fast_then_recover_and_training_survives(restartable: tuple[Stack, Any]) -> None:
     running, pg = restartable
-    engine = make_engine(pg.url)
-    with Session(engine) as session:
-        key = service.create_api_key(session=session, name="restart")[1]
-        session.commit()
-    engine.dispose()
+    key = running.create_key("restart")
     with running.client(key) as client:
         job = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=80))}).json()
-        deadline = time.monotonic() + 60
-        while (client.get(f"/v1/jobs/{job['id']}").json()["progress"] or {}).get("step", 0) < 10:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for_step(client, job["id"], 10)
+        warned_before = len(database_warnings(running, job["id"]))
 
         pg.stop()
         try:
@@ -107,14 +121,15 @@ def test_requests_fail_fast_then_recover_and_training_survives(restartable: tupl
             assert time.monotonic() - start < 5
             assert client.get("/readyz").status_code == 503
             assert httpx.get(f"{running.base_url}/healthz").status_code == 200  # the process itself is up
-            time.sleep(3)  # the worker keeps training and waits to write its progress
+            eventually(  # the worker keeps training and waits to write its progress
+                lambda: database_warnings(running, job["id"]),
+                lambda warnings: len(warnings) > warned_before,
+                "a worker warning that it waits for the database",
+            )
         finally:
             pg.start()
 
-        deadline = time.monotonic() + 30
-        while client.get("/v1/jobs").status_code != 200:
-            assert time.monotonic() < deadline, "the API did not recover"
-            time.sleep(0.5)
-        done = wait_for_status(client, job["id"], {"succeeded", "failed"}, timeout_s=120)
+        eventually(lambda: client.get("/v1/jobs").status_code, lambda status: status == 200, "the API recovering")
+        done = wait_for_status(client, job["id"], {"succeeded", "failed"})
         assert done["status"] == "succeeded", done["error"]
         assert done["attempt"] == 1

@@ -1,5 +1,6 @@
 """Faults survived, on the real stack: a worker killed mid-training, a broker that lost its messages, repeated and
-concurrent submissions, and per-key limits."""
+concurrent submissions, a storage outage, retention, presigned URLs and permanent errors. (The per-key queue and
+rate limits, which only the API decides, are checked in process in tests/api.)"""
 
 from __future__ import annotations
 
@@ -7,28 +8,26 @@ import json
 import os
 import signal
 import threading
-import time
 from typing import Any
 
 import psutil
 import pytest
 import redis
 
-from tests.conftest import REDIS_DB, Stack, example_files, quick_spec, wait_for_status
-
-
-def wait_for_step(client: Any, job_id: str, step: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        progress = client.get(f"/v1/jobs/{job_id}").json()["progress"]
-        if progress and progress["step"] >= step:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} never reached step {step}")
+from tests.conftest import REDIS_DB, Stack, eventually, example_files, quick_spec, wait_for_status, wait_for_step
 
 
 def events_of(client: Any, job_id: str) -> list[dict[str, Any]]:
     return list(client.get(f"/v1/jobs/{job_id}/events", params={"limit": 500}).json()["data"])
+
+
+def warnings_of(prod_stack: Stack, job_id: str) -> list[str]:
+    """The messages of the worker's WARNING log lines about one job."""
+    return [
+        line["message"]
+        for line in prod_stack.worker_log_lines()
+        if line.get("job_id") == job_id and line.get("level") == "WARNING"
+    ]
 
 
 @pytest.mark.parametrize("victim", ["pool child", "whole worker"])
@@ -48,7 +47,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_finishes_once(prod_stac
             os.killpg(prod_stack.worker.pid, signal.SIGKILL)
             prod_stack.worker.wait()
             prod_stack.restart_worker()
-        done = wait_for_status(client, job["id"], {"succeeded", "failed", "canceled"}, timeout_s=180)
+        done = wait_for_status(client, job["id"], {"succeeded", "failed", "canceled"})
         assert done["status"] == "succeeded", done["error"]
         assert done["attempt"] == 2 and done["progress"]["step"] == 100
         events = events_of(client, job["id"])
@@ -75,8 +74,8 @@ def test_jobs_queued_when_the_broker_lost_its_messages_still_run(prod_stack: Sta
         waiting_id = waiting.json()["id"]
         redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()  # the broker forgets every message
         client.post(f"/v1/jobs/{busy_id}/cancel")
-        wait_for_status(client, busy_id, {"canceled"}, timeout_s=60)
-        done = wait_for_status(client, waiting_id, {"succeeded", "failed"}, timeout_s=90)
+        wait_for_status(client, busy_id, {"canceled"})
+        done = wait_for_status(client, waiting_id, {"succeeded", "failed"})
         assert done["status"] == "succeeded"
 
 
@@ -110,40 +109,6 @@ def test_idempotency_key_returns_the_same_job(prod_stack: Stack) -> None:
         assert len(ids) == 2  # order-1 and order-2, nothing else
 
 
-def test_a_key_may_queue_only_so_many_jobs(prod_stack: Stack) -> None:
-    key = prod_stack.create_key("queue-limit")
-    with prod_stack.client(key) as client:
-        busy = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=5000))})
-        wait_for_status(client, busy.json()["id"], {"running"})
-        spec = json.dumps(quick_spec(steps=1))
-        queued = [client.post("/v1/jobs", files=example_files(1), data={"spec": spec}) for _ in range(6)]
-        assert all(r.status_code == 202 for r in queued)
-        refused = client.post("/v1/jobs", files=example_files(1), data={"spec": spec})
-        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_queued_jobs"
-        assert int(refused.headers["retry-after"]) > 0
-        for r in [busy, *queued]:
-            client.post(f"/v1/jobs/{r.json()['id']}/cancel")
-        wait_for_status(client, busy.json()["id"], {"canceled"}, timeout_s=60)
-
-
-def test_requests_over_the_rate_limit_get_429_with_retry_after(prod_stack: Stack) -> None:
-    key = prod_stack.create_key("rate")
-    with prod_stack.client(key) as client:
-        # 1000 a minute with bursts of 1000: the bucket empties after about 1000 quick requests (a bounded loop).
-        limited, sent = None, 0
-        while limited is None and sent < 3000:
-            response = client.get("/v1/presets")
-            sent += 1
-            if response.status_code == 429:
-                limited = response
-        assert limited is not None, "no request was limited"
-        assert sent >= 1000
-        assert limited.json()["error"]["code"] == "rate_limited"
-        assert int(limited.headers["retry-after"]) >= 1
-    with prod_stack.client(prod_stack.create_key("other")) as other:
-        assert other.get("/v1/presets").status_code == 200  # limits are per key
-
-
 def test_retention_deletes_old_jobs_data(prod_stack: Stack) -> None:
     from sqlalchemy import create_engine, text
 
@@ -158,10 +123,11 @@ def test_retention_deletes_old_jobs_data(prod_stack: Stack) -> None:
                 text("UPDATE job SET finished_at = now() - interval '40 days' WHERE id = :id"), {"id": job["id"]}
             )
         engine.dispose()
-        deadline = time.monotonic() + 20
-        while client.get(f"/v1/jobs/{job['id']}").status_code != 404 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+        eventually(
+            lambda: client.get(f"/v1/jobs/{job['id']}").status_code,
+            lambda status: status == 404,
+            "the reaper deleting a job finished 40 days ago",
+        )
     assert prod_stack.s3_keys(f"jobs/{job['id']}/") == []
 
 
@@ -170,14 +136,19 @@ def test_a_storage_outage_during_upload_is_retried(prod_stack: Stack, s3_proxy: 
     with prod_stack.client(key) as client:
         job = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=60))}).json()
         wait_for_step(client, job["id"], 55)
+        warned_before = len(warnings_of(prod_stack, job["id"]))
         s3_proxy.down()  # storage vanishes while the worker finishes and uploads its artifacts
         try:
             ready = client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["checks"]["storage"] != "ok"
-            time.sleep(6)
+            eventually(  # the worker met the outage: it logged a failed transfer that it will retry
+                lambda: warnings_of(prod_stack, job["id"]),
+                lambda warnings: len(warnings) > warned_before,
+                "a worker warning about the storage outage",
+            )
         finally:
             s3_proxy.up()
-        done = wait_for_status(client, job["id"], {"succeeded", "failed"}, timeout_s=150)
+        done = wait_for_status(client, job["id"], {"succeeded", "failed"})
         assert done["status"] == "succeeded", done["error"]
         assert client.get("/readyz").status_code == 200
         redirect = client.get(f"/v1/jobs/{job['id']}/adapter", follow_redirects=False)
@@ -213,8 +184,8 @@ def test_a_presigned_url_grants_one_object_for_a_short_time(prod_stack: Stack) -
         Params={"Bucket": prod_stack.env["DOPSD_S3_BUCKET"], "Key": f"jobs/{job['id']}/outputs/config.json"},
         ExpiresIn=1,
     )
-    time.sleep(2.5)
-    assert httpx.get(short).status_code == 403
+    expired = eventually(lambda: httpx.get(short), lambda r: r.status_code == 403, "the 1-second URL expiring")
+    assert "expired" in expired.text.lower(), expired.text
 
 
 def test_a_worker_runs_one_job_at_a_time() -> None:
@@ -244,6 +215,6 @@ def test_a_permanent_error_fails_at_once_without_retries(prod_stack: Stack) -> N
         (input_key,) = prod_stack.s3_keys(f"jobs/{job['id']}/inputs/")
         s3.put_object(Bucket=prod_stack.env["DOPSD_S3_BUCKET"], Key=input_key, Body=b"\x89PNG\r\n\x1a\ncorrupt")
         client.post(f"/v1/jobs/{busy.json()['id']}/cancel")
-        done = wait_for_status(client, job["id"], {"succeeded", "failed"}, timeout_s=90)
+        done = wait_for_status(client, job["id"], {"succeeded", "failed"})
         assert done["status"] == "failed" and done["error"]["code"] == "bad_input"
         assert done["attempt"] == 1 and "robot-1.png" in done["error"]["message"]

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy.orm import Session
-
 from bench.load import run_load
-from core.db import make_engine
-from core.jobs import service
 from tests.conftest import Stack
 
 
 def test_short_load_run_has_no_errors(prod_stack: Stack) -> None:
-    engine = make_engine(prod_stack.database_url)
-    with Session(engine) as session:
-        keys = [service.create_api_key(session=session, name=f"load-{i}")[1] for i in range(8)]
-        session.commit()
-    engine.dispose()
+    keys = prod_stack.create_keys([f"load-{i}" for i in range(8)])  # as an operator makes them
     result = run_load(prod_stack.base_url, keys, clients=8, seconds=5, jobs=1, interval_s=0.05)
     assert result["errors"] == 0, json.dumps(result)
     assert result["requests"] > 100 and result["p99_ms"] > 0

@@ -1,0 +1,203 @@
+"""Submitting a job or a preview: stream and check the upload, answer a dry run, replay an `Idempotency-Key`,
+enforce the per-key queue limit, store the images and the job row in one go, then ring the broker's doorbell.
+
+An invalid request leaves nothing behind: nothing is stored before every check passed, and a failure while storing
+removes what was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.estimate import estimate_gpu_seconds
+from api.schemas import DryRunPublic, ImagePublic
+from api.submission import ValidatedJob, validate_submission
+from api.uploads import UploadLimits, parse_multipart
+from core.config import Settings
+from core.errors import TooManyRequests
+from core.jobs import client_side, idempotency
+from core.jobs.models import Job
+from core.queue import enqueue_training, queue_for_family
+from core.storage import ArtifactStore, input_key, job_prefix
+from core.webhooks import validate_webhook
+
+
+logger = logging.getLogger(__name__)
+
+MAX_PREVIEW_IMAGES = 8
+
+
+@dataclass(frozen=True)
+class Received:
+    """An upload that passed every check, its files still in the request's temporary folder."""
+
+    validated: ValidatedJob
+    webhook_events: list[str] | None
+    kind: str
+
+    def request_hash(self) -> str:
+        """What makes two submissions the same request: the kind, the spec and every file's name and bytes."""
+        spec = json.dumps({"kind": self.kind, **self.validated.spec.model_dump(mode="json")}, sort_keys=True)
+        digest = hashlib.sha256(spec.encode())
+        for upload, _, _ in self.validated.images:
+            digest.update(f"\n{upload.safe_name}:{upload.digest.hexdigest()}".encode())
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """The job a submission made, or the earlier one an `Idempotency-Key` replayed."""
+
+    job: Job
+    replayed: bool
+
+
+@asynccontextmanager
+async def received_upload(request: Request, settings: Settings, kind: str) -> AsyncIterator[Received]:
+    """Streams the multipart body to a temporary folder with the upload limits enforced while reading, then checks
+    the spec, every image and the webhook target; the files live until the block ends."""
+    limits = UploadLimits(
+        max_files=settings.max_images,
+        max_file_bytes=settings.max_file_bytes,
+        max_total_bytes=settings.max_total_bytes,
+        max_field_bytes=settings.max_spec_bytes,
+    )
+    max_images = settings.max_images if kind == "training" else min(settings.max_images, MAX_PREVIEW_IMAGES)
+    with tempfile.TemporaryDirectory(prefix="dopsd-upload-") as tmp:
+        upload = await parse_multipart(request, Path(tmp), limits)
+        validated = await run_in_threadpool(validate_submission, upload, max_images)
+        webhook_events = await run_in_threadpool(
+            validate_webhook,
+            validated.spec.webhook_url,
+            validated.spec.webhook_events,
+            allow_private=settings.webhook_allow_private,
+        )
+        yield Received(validated=validated, webhook_events=webhook_events, kind=kind)
+
+
+async def dry_run(request: Request, *, session: Session, settings: Settings, kind: str) -> DryRunPublic:
+    """Every check of a submission, then what it would do (resolved config, estimate, queue position); creates
+    nothing."""
+    async with received_upload(request, settings, kind) as received:
+        validated = received.validated
+        queue = queue_for_family(validated.preset.family)
+        return DryRunPublic(
+            config=validated.config,
+            images=[ImagePublic(name=u.safe_name, size=u.size) for u, _, _ in validated.images],
+            estimated_gpu_seconds=estimate_gpu_seconds(
+                session=session, preset=validated.preset, config=validated.config
+            ),
+            queue_position=client_side.queued_in(session=session, queue=queue) + 1,
+        )
+
+
+async def submit(
+    request: Request,
+    *,
+    owner_id: uuid.UUID,
+    session: Session,
+    settings: Settings,
+    store: ArtifactStore,
+    idempotency_key: str | None,
+    kind: str,
+) -> Submitted:
+    """The one submission path of training jobs and previews: check, replay or store and record, then dispatch."""
+    async with received_upload(request, settings, kind) as received:
+        request_hash = received.request_hash()
+        if idempotency_key:
+            earlier = _replayed(session, owner_id, idempotency_key, request_hash, settings)
+            if earlier is not None:
+                return Submitted(earlier, replayed=True)
+        if client_side.count_queued(session=session, owner_id=owner_id) >= settings.max_queued_per_key:
+            raise TooManyRequests(
+                f"this key already has {settings.max_queued_per_key} queued jobs", retry_after_s=60,
+                code="too_many_queued_jobs",
+            )  # fmt: skip
+        job_id = uuid.uuid4()
+        try:
+            job = await _store_and_record(session, store, settings, owner_id, job_id, received, idempotency_key)
+        except IntegrityError:
+            # A concurrent request with the same Idempotency-Key won the race: answer with its job.
+            session.rollback()
+            await run_in_threadpool(store.delete_prefix, job_prefix(job_id))
+            earlier = _replayed(session, owner_id, idempotency_key or "", request_hash, settings)
+            if earlier is None:
+                raise
+            return Submitted(earlier, replayed=True)
+        except BaseException:
+            session.rollback()
+            await run_in_threadpool(store.delete_prefix, job_prefix(job_id))
+            raise
+    await _dispatch(settings, job)
+    return Submitted(job, replayed=False)
+
+
+def _replayed(session: Session, owner_id: uuid.UUID, key: str, request_hash: str, settings: Settings) -> Job | None:
+    return idempotency.find_idempotent_job(
+        session=session, owner_id=owner_id, key=key, request_hash=request_hash, ttl_s=settings.idempotency_ttl_s
+    )
+
+
+async def _store_and_record(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    owner_id: uuid.UUID,
+    job_id: uuid.UUID,
+    received: Received,
+    idempotency_key: str | None,
+) -> Job:
+    """Stores the images under the job's prefix, then commits the queued job (and its idempotency record)."""
+    validated = received.validated
+    images = await run_in_threadpool(_store_inputs, store, job_id, validated)
+    job = client_side.create_job(
+        session=session,
+        job_id=job_id,
+        owner_id=owner_id,
+        kind=received.kind,
+        preset=validated.preset.name,
+        queue=queue_for_family(validated.preset.family),
+        spec=validated.spec.model_dump(mode="json"),
+        config=validated.config,
+        images=images,
+        webhook_url=validated.spec.webhook_url,
+        webhook_events=received.webhook_events,
+    )
+    if idempotency_key:
+        idempotency.record_idempotency(
+            session=session, owner_id=owner_id, key=idempotency_key, request_hash=received.request_hash(),
+            job_id=job_id, ttl_s=settings.idempotency_ttl_s,
+        )  # fmt: skip
+    session.commit()
+    return job
+
+
+def _store_inputs(store: ArtifactStore, job_id: uuid.UUID, validated: ValidatedJob) -> list[dict[str, Any]]:
+    images = []
+    for upload, ext, content_type in validated.images:
+        key = input_key(job_id, upload.index, ext)
+        size = store.put_file(key, upload.path, content_type)
+        images.append({"name": upload.safe_name, "key": key, "size": size, "content_type": content_type})
+    return images
+
+
+async def _dispatch(settings: Settings, job: Job) -> None:
+    try:
+        await run_in_threadpool(enqueue_training, settings, job.id, job.queue)
+    except Exception as exc:
+        # The job is committed and queued: the reaper sends its message once the broker is back.
+        logger.warning("job %s: broker unreachable (%s); the reaper will dispatch it", job.id, type(exc).__name__)
