@@ -12,16 +12,18 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from api.commands import migrate
 from scripts import stack
+from tests.pace import FINISHED, PACE
+from tests.pace import wait_for_status as wait_for_status  # tests/client imports it from here
 from tests.service.tcpproxy import TcpProxy
 
 
@@ -55,33 +57,6 @@ def exported_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 REDIS_DB = int(os.environ.get("DOPSD_TEST_REDIS_DB", "13"))  # one db per concurrent test run
-T = TypeVar("T")
-FINISHED = frozenset({"succeeded", "failed", "canceled"})
-
-
-@dataclass
-class Pace:
-    """How fast this run goes, measured while it runs, so that waits scale with the machine instead of being
-    wall-clock constants: every start-up of a stack process (API, worker) is timed, and a wait may see nothing
-    change for a multiple of the slowest start-up seen before it gives up."""
-
-    starts_s: list[float] = field(default_factory=list)
-
-    def timed_start(self, start: Callable[[], T]) -> T:
-        """Runs `start()` (which returns once the process is ready) and records how long it took."""
-        began = time.monotonic()
-        result = start()
-        self.starts_s.append(time.monotonic() - began)
-        return result
-
-    @property
-    def patience_s(self) -> float:
-        """How long a wait may see no change: 4 times the slowest start-up seen (15 s until one is), at least
-        30 s. On an idle machine that is 30 s; on a machine busy enough to start a worker in 40 s, 160 s."""
-        return max(30.0, 4 * max(self.starts_s, default=15.0))
-
-
-PACE = Pace()
 
 
 @dataclass
@@ -128,6 +103,7 @@ class Stack:
             out, err = run.communicate()
             assert run.returncode == 0, err
             keys.append(out.strip().splitlines()[-2])
+        KEYS_MADE.extend((self, key) for key in keys)
         return keys
 
     def create_key_with_secret(self, name: str) -> tuple[str, str]:
@@ -137,6 +113,7 @@ class Stack:
             env=self.env, cwd=REPO, capture_output=True, text=True, check=True,
         )  # fmt: skip
         key, secret = out.stdout.strip().splitlines()[-2:]
+        KEYS_MADE.append((self, key))
         return key, secret
 
     def s3_keys(self, prefix: str = "jobs/") -> list[str]:
@@ -155,6 +132,51 @@ class Stack:
         """An HTTP client for the API, authenticated with `key`."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+
+KEYS_MADE: list[tuple[Stack, str]] = []  # every key a stack made, in order, for the clean-up after a failure
+STACK_FIXTURES = {"prod_stack", "embedded_stack", "restartable"}
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Scales pytest-timeout's per-test limit for tests on a real stack with the run's measured pace (see
+    `Pace.test_timeout_s`), so a slow but progressing test is not cut off by a wall-clock constant. Runs before
+    pytest-timeout reads the limit; a limit of 0 (no timeout) or a test's own `timeout` mark is kept."""
+    configured = item.config.getoption("timeout", None) or item.config.getini("timeout") or 0
+    uses_stack = STACK_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if uses_stack and float(configured) > 0 and item.get_closest_marker("timeout") is None:
+        item.add_marker(pytest.mark.timeout(PACE.test_timeout_s(float(configured))))
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keeps the report of each test's call, for `cancel_jobs_left_by_a_failed_test`."""
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
+    return report
+
+
+@pytest.fixture(autouse=True)
+def cancel_jobs_left_by_a_failed_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a failed test, cancels the unfinished jobs of the keys it made, so a job it left training on the
+    single worker does not hold up every test after it (one failure reads as one failure)."""
+    first = len(KEYS_MADE)
+    yield
+    report = request.node.stash.get(CALL_REPORT, None)
+    if report is None or not report.failed:
+        return
+    for running, key in KEYS_MADE[first:]:
+        with running.client(key) as client:
+            jobs = client.get("/v1/jobs", params={"limit": 100})
+            for job in jobs.json().get("data", []) if jobs.status_code == 200 else []:
+                if job["status"] not in FINISHED:
+                    client.post(f"/v1/jobs/{job['id']}/cancel")
 
 
 @pytest.fixture(scope="session")
@@ -283,119 +305,3 @@ def quick_spec(**overrides: Any) -> dict[str, Any]:
     }
     spec.update(overrides)
     return spec
-
-
-def eventually(probe: Callable[[], T], done: Callable[[T], bool], what: str, *, interval_s: float = 0.25) -> T:
-    """Calls `probe()` until `done(value)` and returns that value. Gives up after the run's patience
-    (`PACE.patience_s`), saying what was awaited and the last value seen."""
-    deadline = time.monotonic() + PACE.patience_s
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {PACE.patience_s:.0f} s; last seen: {value!r:.2000}")
-        time.sleep(interval_s)
-
-
-class JobWatch:
-    """Follows one job through the API and says whether it is still moving.
-
-    Anything that changes (status, attempt, step, queue position, cancel request, a new event) restarts the
-    clock. The job may stand still for the run's patience or 30 measured step times, whichever is longer; the
-    step time is measured on this job, from the steps it advances while watched."""
-
-    POLL_S = 0.25
-    EVENTS_EVERY = 4  # polls; the event log is read once a second
-
-    def __init__(self, client: httpx.Client, job_id: str) -> None:
-        self.client, self.job_id = client, job_id
-        self.job: dict[str, Any] = {}
-        self.last_event: dict[str, Any] | None = None
-        self.polls = 0
-        self.moved_at = time.monotonic()
-        self.signature: tuple[Any, ...] | None = None
-        self.step_clock: tuple[int, float, int] | None = None  # (attempt, when, step) of the first step seen
-        self.step_s: float | None = None
-
-    def poll(self) -> dict[str, Any]:
-        """Reads the job (and, every few polls, its new events); notes whether anything moved."""
-        self.job = self.client.get(f"/v1/jobs/{self.job_id}").raise_for_status().json()
-        progress = self.job.get("progress") or {}
-        step = int(progress.get("step") or 0)
-        signature = (self.job["status"], self.job["attempt"], step, self.job["queue_position"],
-                     self.job["cancel_requested"])  # fmt: skip
-        now = time.monotonic()
-        if signature != self.signature:
-            self.signature, self.moved_at = signature, now
-        self._time_steps(self.job["attempt"], step, now)
-        self.polls += 1
-        if self.polls % self.EVENTS_EVERY == 0:
-            after = {"after": self.last_event["id"]} if self.last_event else {}
-            events = self.client.get(f"/v1/jobs/{self.job_id}/events", params={**after, "limit": 500})
-            data = events.raise_for_status().json()["data"]
-            if data:
-                self.last_event, self.moved_at = data[-1], now
-        return self.job
-
-    def _time_steps(self, attempt: int, step: int, now: float) -> None:
-        if step == 0:
-            return
-        if self.step_clock is None or self.step_clock[0] != attempt or step < self.step_clock[2]:
-            self.step_clock = (attempt, now, step)
-        elif step > self.step_clock[2]:
-            self.step_s = (now - self.step_clock[1]) / (step - self.step_clock[2])
-
-    @property
-    def allowed_stall_s(self) -> float:
-        """How long the job may show no change."""
-        return max(PACE.patience_s, 30 * (self.step_s or 0.0))
-
-    def check(self, what: str) -> None:
-        """Raises `TimeoutError` naming `what` and the last state seen once the job stood still too long."""
-        stalled = time.monotonic() - self.moved_at
-        if stalled > self.allowed_stall_s:
-            raise TimeoutError(f"job {self.job_id} never {what}: nothing changed for {stalled:.0f} s "
-                               f"(allowed {self.allowed_stall_s:.0f} s); last seen: {self.describe()}")  # fmt: skip
-
-    def describe(self) -> str:
-        """The job's last seen state, in one line."""
-        job, progress = self.job, self.job.get("progress") or {}
-        parts = [f"status {job.get('status')}", f"attempt {job.get('attempt')}",
-                 f"step {progress.get('step')}/{progress.get('total_steps')}",
-                 f"queue position {job.get('queue_position')}"]  # fmt: skip
-        if self.step_s is not None:
-            parts.append(f"{self.step_s:.2f} s a step")
-        if self.last_event is not None:
-            parts.append(f"last event {self.last_event['type']} at {self.last_event['created_at']}")
-        if job.get("error"):
-            parts.append(f"error {job['error']}")
-        return ", ".join(parts)
-
-
-def wait_for_job(
-    client: httpx.Client, job_id: str, done: Callable[[dict[str, Any]], bool], what: str
-) -> dict[str, Any]:
-    """Polls a job until `done(job)`, for as long as it keeps moving (see `JobWatch`); returns the job. Fails at
-    once if the job finishes without `done(job)`."""
-    watch = JobWatch(client, job_id)
-    while True:
-        job = watch.poll()
-        if done(job):
-            return job
-        if job["status"] in FINISHED:
-            raise AssertionError(f"job {job_id} ended before it {what}; last seen: {watch.describe()}")
-        watch.check(what)
-        time.sleep(JobWatch.POLL_S)
-
-
-def wait_for_status(client: httpx.Client, job_id: str, statuses: set[str]) -> dict[str, Any]:
-    """Polls a job until its status is one of `statuses`, for as long as it keeps moving."""
-    return wait_for_job(client, job_id, lambda job: job["status"] in statuses, f"reached {sorted(statuses)}")
-
-
-def wait_for_step(client: httpx.Client, job_id: str, step: int) -> dict[str, Any]:
-    """Polls a job until it has trained `step` steps, for as long as it keeps moving."""
-    return wait_for_job(
-        client, job_id, lambda job: (job["progress"] or {}).get("step", 0) >= step, f"reached step {step}"
-    )

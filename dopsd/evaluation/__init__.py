@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dopsd.evaluation.adapters import attach_adapter_file, detach_adapter
     from dopsd.evaluation.embedding import EmbedderError, ImageEmbedder
+    from dopsd.evaluation.evaluate import BaseMeasurements, measure, measure_base
     from dopsd.evaluation.gate import BLIND_MESSAGE, VisibilityResult, teacher_visibility
     from dopsd.evaluation.inputs import EvaluationInputs, prepare_evaluation
-    from dopsd.evaluation.evaluate import BaseMeasurements, measure, measure_base
     from dopsd.evaluation.prompts import EVAL_SEEDS, PRIOR_PROMPTS, prior_prompts_with
     from dopsd.evaluation.report import AxisVerdict, Figure, Report
     from dopsd.evaluation.selection import best_step

@@ -248,33 +248,33 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _drift(
-    kind: str, a: torch.Tensor, b: torch.Tensor, b_all: torch.Tensor, th: Thresholds
-) -> Figure:  # [S, P, ...] adapter and base on the same seeds; b_all: base at every seed (noise floor)
-    between_seeds = [float(mse_per_sample(b_all[i], b_all[j]).mean()) for i, j in seed_pairs(b_all.shape[0])]
-    floor = _mean(between_seeds) if between_seeds else None
-    raw = [float(mse_per_sample(a[s], b[s]).mean()) for s in range(a.shape[0])]
+def _drift(kind: str, a: torch.Tensor, b: torch.Tensor, b_all: torch.Tensor, th: Thresholds) -> Figure:
+    """Prior drift: `a` / `b` are the adapter's and the base's renders [S, P, ...] on the same seeds, `b_all` the
+    base's at every seed. The unit is the noise floor itself: the distance between two seeds of the base model."""
     name, space = ("prior_drift_latent", "latent") if kind == "latent" else ("prior_drift_pixel", "pixel")
+    title, unit = f"prior drift ({space})", "x seed-to-seed distance"
     definition = (
         f"{space}-space MSE between the adapter's and the base model's render of the same prior prompt and seed, "
-        "divided by the MSE between the base model's renders of two different seeds (the noise floor, = 1)"
+        "divided by the MSE between the base model's renders of two different seeds of the same prompt (the noise "
+        "floor, = 1: the adapter moves an image as far as a new seed does)"
     )
-    title = f"prior drift ({space})"
-    if not floor:
-        return Figure.missing(name, title, "x seed-to-seed distance", definition, "needs at least 2 seeds")
+    between_seeds = [float(mse_per_sample(b_all[i], b_all[j]).mean()) for i, j in seed_pairs(b_all.shape[0])]
+    if not between_seeds:
+        return Figure.missing(name, title, unit, definition, "needs at least 2 seeds")
+    floor = _mean(between_seeds)
+    raw = [float(mse_per_sample(a[s], b[s]).mean()) for s in range(a.shape[0])]
     ratios = [r / floor for r in raw]
     mean, ci = _mean(ratios), bootstrap_mean_ci(ratios)
-    verdict = one_sided(mean, ci, kept=th.drift_kept, degraded=th.drift_degraded)
     return _figure(
         name,
         title,
-        "x seed-to-seed distance",
+        unit,
         definition,
         ratios,
         noise_floor=1.0,
         base=floor,
         adapter=_mean(raw),
-        verdict=verdict,
+        verdict=one_sided(mean, ci, kept=th.drift_kept, degraded=th.drift_degraded),
     )
 
 

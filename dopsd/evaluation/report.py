@@ -90,7 +90,7 @@ class Report:
     figures: dict[str, Figure]
     concept: AxisVerdict
     few_step_quality: AxisVerdict
-    thresholds: dict[str, float]
+    thresholds: dict[str, float | str]
     cost: dict[str, float | int]
 
     def to_dict(self) -> dict[str, Any]:

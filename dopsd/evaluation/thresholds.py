@@ -19,25 +19,28 @@ class Thresholds:
 
     drift_*: prior drift, the adapter-vs-base distance on prompts without the trigger, in units of the distance
         between two seeds of the base model (1.0 = the adapter moves an image as far as a new seed does).
-    sharpness_*: |log| of the adapter/base ratio of the sharpness index (0.69 = a factor of 2 either way).
+    sharpness_*: |log| of the adapter/base ratio of the sharpness index (0.02 = 2% either way).
     consistency_*: log of the adapter/base ratio of the native-vs-finer-schedule distance (growth = the adapter's
         few-step trajectory breaks).
-    concept_*: relative change of the held-out teacher-student gap (-0.1 = the gap fell by 10%).
+    concept_*: relative change of the held-out teacher-student gap: `learned` when the whole interval fell by more
+        than `concept_learned`, `not learned` when the whole interval fell by less than `concept_not_learned`.
     visibility_min: the fail-fast gate: how far the reference moves the base model's first prediction, relative to
         how far a change of prompt moves it; below this the teacher is blind.
+    calibrated_on: where the numbers were measured (they travel with every report).
     """
 
-    drift_kept: float = 0.5
-    drift_degraded: float = 0.9
-    sharpness_kept: float = 0.5
-    sharpness_degraded: float = 1.0
-    consistency_kept: float = 0.7
-    consistency_degraded: float = 1.4
-    concept_learned: float = 0.05
-    concept_not_learned: float = 0.0
+    drift_kept: float = 0.005
+    drift_degraded: float = 0.01
+    sharpness_kept: float = 0.015
+    sharpness_degraded: float = 0.02
+    consistency_kept: float = 0.2
+    consistency_degraded: float = 0.5
+    concept_learned: float = 0.15
+    concept_not_learned: float = 0.05
     visibility_min: float = 0.05
+    calibrated_on: str = "tiny-z-image, tiny-flux2-klein (random weights); re-measure on real weights"
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | str]:
         """The thresholds as a JSON-ready dict."""
         return dataclasses.asdict(self)
 

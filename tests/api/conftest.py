@@ -9,105 +9,15 @@ a submitted job stays queued, which is what these tests want.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.commands import migrate
 from api.main import create_app
-from core.config import Settings, get_settings
-from dopsd.cli import main as dopsd_main
-
-
-class KeyedClient(TestClient):
-    """A client of the tier's already started app, authenticated with one key. It sends its requests through
-    the event loop the app's lifespan runs in (one loop, as under uvicorn), and entering it does not run the
-    lifespan again, so `with local_api.client(key) as c:` reads like the real-stack tests."""
-
-    def __init__(self, started: TestClient, headers: dict[str, str]) -> None:
-        super().__init__(started.app, base_url=str(started.base_url), headers=headers)
-        self.portal = started.portal
-
-    def __enter__(self) -> KeyedClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None = None,
-        exc: BaseException | None = None,
-        tb: TracebackType | None = None,
-    ) -> None:
-        self.close()
-
-
-@dataclass
-class LocalApi:
-    """The app under test, where its SQLite file, broker folder and artifact folder are, and how to make keys."""
-
-    settings: Settings
-    started: TestClient  # the client that runs the app's lifespan
-
-    def client(self, key: str | None) -> KeyedClient:
-        """A client authenticated with `key` (no header when None)."""
-        return KeyedClient(self.started, {"Authorization": f"Bearer {key}"} if key else {})
-
-    def command(self, *args: str) -> str:
-        """Runs `dopsd ARGS` in this process against the tier's database, as an operator would; returns stdout."""
-        out = io.StringIO()
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("DOPSD_DATABASE_URL", self.settings.database_url)
-            get_settings.cache_clear()
-            try:
-                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-                    code = dopsd_main(list(args))
-            finally:
-                get_settings.cache_clear()
-        assert code == 0, f"dopsd {' '.join(args)} exited with {code}"
-        return out.getvalue()
-
-    def create_key(self, name: str) -> str:
-        """`dopsd keys create --name NAME`; returns the printed key."""
-        return self.command("keys", "create", "--name", name).splitlines()[0]
-
-    def revoke_key(self, key: str) -> None:
-        """`dopsd keys revoke KEY`."""
-        self.command("keys", "revoke", key)
-
-    def stored(self) -> list[str]:
-        """Every file in the local artifact store, hidden ones included, as paths relative to its folder."""
-        root = self.settings.storage_dir
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-    def messages(self) -> list[str]:
-        """Every file in the filesystem broker's folder: the messages sent to workers (none is consumed here)."""
-        root = self.settings.broker_dir
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def tier_settings(home: Path, broker_dir: Path) -> Settings:
-    """Embedded-mode settings under `home`, with the same limits as the real-stack tests' services (2 MiB per
-    file, 6 queued jobs per key, 1000 requests a minute); `DOPSD_*` variables of the environment are ignored."""
-    with pytest.MonkeyPatch.context() as env:
-        for name in [n for n in os.environ if n.startswith("DOPSD_")]:
-            env.delenv(name)
-        return Settings(
-            database_url=f"sqlite:///{home / 'dopsd.db'}",
-            broker_url="filesystem://",
-            broker_dir=broker_dir,
-            storage_backend="local",
-            storage_dir=home / "artifacts",
-            public_url="http://testserver",
-            max_file_bytes=2 * 1024 * 1024,
-            max_queued_per_key=6,
-            rate_limit_per_minute=1000,
-        )
+from tests.api.local_api import LocalApi, tier_settings
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.api.conftest import LocalApi
+from tests.api.local_api import LocalApi
 from tests.conftest import example_files, quick_spec
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.api.conftest import LocalApi
+from tests.api.local_api import LocalApi
 from tests.api.payloads import HOSTILE, INVALID, encoded, png_bytes, submission
 from tests.conftest import example_files, quick_spec
 

@@ -117,11 +117,14 @@ def test_klein_edit_teacher_prompt_is_the_released_instruction_verbatim() -> Non
     caption = "a photo of sks toy robot"
     released_prompt = f"{caption} {RELEASED_EDIT_INSTRUCTION}"
     assert teacher_edit_prompt(caption) == released_prompt
-    teacher = family.encode_teacher(Image.new("RGB", (64, 64), "red"), caption, text_max_length=64,
+    # The tiny tokenizer spends a token per byte: 256 tokens hold the whole prompt, so every character counts.
+    assert len(family.pipeline.tokenizer(released_prompt)["input_ids"]) < 200
+    teacher = family.encode_teacher(Image.new("RGB", (64, 64), "red"), caption, text_max_length=256,
                                     context_max_length=1024)  # fmt: skip
     # What reaches the teacher is exactly the released prompt's text features, and not the bare caption's.
-    torch.testing.assert_close(teacher.embeds, family.encode_student([released_prompt], 64)[0].embeds)
-    assert not torch.allclose(teacher.embeds, family.encode_student([caption], 64)[0].embeds)
+    torch.testing.assert_close(teacher.embeds, family.encode_student([released_prompt], 256)[0].embeds)
+    assert not torch.allclose(teacher.embeds, family.encode_student([caption], 256)[0].embeds)
+    assert not torch.allclose(teacher.embeds, family.encode_student([released_prompt[:-1]], 256)[0].embeds)
 
 
 # 2. The klein roll-out schedule: released `set_timesteps(4, mu)` vs the pipeline's own sigmas.

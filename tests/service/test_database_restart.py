@@ -23,7 +23,8 @@ import pytest
 
 from api.commands import migrate
 from scripts import stack
-from tests.conftest import PACE, Stack, eventually, example_files, quick_spec, wait_for_status, wait_for_step
+from tests.conftest import Stack, example_files, quick_spec
+from tests.pace import PACE, eventually, wait_for_status, wait_for_step
 
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))

@@ -15,7 +15,8 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 
-from tests.conftest import Stack, example_files, quick_spec, wait_for_status
+from tests.conftest import Stack, example_files, quick_spec
+from tests.pace import wait_for_status
 
 
 @pytest.fixture(params=["production", "embedded"])

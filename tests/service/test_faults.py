@@ -14,7 +14,8 @@ import psutil
 import pytest
 import redis
 
-from tests.conftest import REDIS_DB, Stack, eventually, example_files, quick_spec, wait_for_status, wait_for_step
+from tests.conftest import REDIS_DB, Stack, example_files, quick_spec
+from tests.pace import eventually, wait_for_status, wait_for_step
 
 
 def events_of(client: Any, job_id: str) -> list[dict[str, Any]]:

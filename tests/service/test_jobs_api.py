@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from tests.api.payloads import INVALID, submission
-from tests.conftest import Stack, example_files, quick_spec, wait_for_status
+from tests.conftest import Stack, example_files, quick_spec
+from tests.pace import wait_for_status
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """`dopsd maintain` as its own process (the production shape): it requeues the job of a worker that died, sends
-its message again, delivers a due webhook, and exits 0 on SIGTERM. And which process runs maintenance by default."""
+its message again, delivers a due webhook, deletes an old job's data, and exits 0 on SIGTERM. And which process
+runs maintenance by default."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Literal
@@ -23,6 +25,7 @@ from core.config import Settings
 from core.db import make_engine, make_sessionmaker
 from core.jobs import client_side, worker_side
 from core.jobs.models import Job, JobEvent
+from core.storage import job_prefix
 from scripts import stack
 from tests.conftest import REPO, migrated_database
 
@@ -62,7 +65,7 @@ class Receiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def test_dopsd_maintain_requeues_a_dead_workers_job_delivers_its_webhook_and_stops_on_sigterm(
+def test_dopsd_maintain_requeues_a_dead_workers_job_delivers_its_webhook_purges_old_jobs_and_stops_on_sigterm(
     own_database: str, sessions: sessionmaker[Session], tmp_path: Path
 ) -> None:
     receiver = Receiver()
@@ -77,6 +80,18 @@ def test_dopsd_maintain_requeues_a_dead_workers_job_delivers_its_webhook_and_sto
         job_id = job.id
     with sessions() as s:  # a worker takes the job and dies at once: its lease has already run out
         assert worker_side.claim_job(session=s, job_id=job_id, worker_id="dead", lease_s=0) == 1
+    with sessions() as s:  # and a job that finished 40 days ago, its adapter still stored
+        old = client_side.create_job(
+            session=s, job_id=uuid.uuid4(), owner_id=owner.id, preset="tiny-z-image", queue="train.z_image",
+            spec={}, config={}, images=[],
+        )  # fmt: skip
+        old.status, old.finished_at = "succeeded", datetime.now(UTC) - timedelta(days=40)
+        s.commit()
+        old_id = old.id
+    artifacts = tmp_path / "artifacts"
+    adapter = artifacts / job_prefix(old_id) / "outputs" / "adapter.safetensors"
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"weights")
 
     broker = tmp_path / "broker"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOPSD_")}
@@ -85,7 +100,8 @@ def test_dopsd_maintain_requeues_a_dead_workers_job_delivers_its_webhook_and_sto
         DOPSD_BROKER_URL="filesystem://",
         DOPSD_BROKER_DIR=str(broker),
         DOPSD_STORAGE_BACKEND="local",
-        DOPSD_STORAGE_DIR=str(tmp_path / "artifacts"),
+        DOPSD_STORAGE_DIR=str(artifacts),
+        DOPSD_RETENTION_DAYS="30",
         DOPSD_REAPER_INTERVAL_S="0.2",
         DOPSD_WEBHOOK_POLL_INTERVAL_S="0.2",
         DOPSD_WEBHOOK_ALLOW_PRIVATE="true",
@@ -106,6 +122,9 @@ def test_dopsd_maintain_requeues_a_dead_workers_job_delivers_its_webhook_and_sto
         messages = lambda: [p for p in (broker / "out").iterdir() if str(job_id) in p.read_text()]  # noqa: E731
         stack.wait_until(messages, "the job's new message on the broker", timeout_s=30)
         stack.wait_until(lambda: receiver.received, "the `started` webhook", timeout_s=30)
+        stack.wait_until(lambda: not adapter.exists(), "retention deleting the old job's objects", timeout_s=30)
+        with sessions() as s:
+            assert s.get_one(Job, old_id).deleted  # the job answers 404 from now on
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)

@@ -21,7 +21,8 @@ from safetensors import safe_open
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from core.webhooks import WebhookTargetError, check_target
-from tests.conftest import Stack, eventually, example_files, quick_spec, wait_for_status
+from tests.conftest import Stack, example_files, quick_spec
+from tests.pace import eventually, wait_for_status
 
 
 class Receiver:
