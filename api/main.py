@@ -13,6 +13,7 @@ from api.maintenance import service_maintenance
 from api.metrics import install_metrics
 from api.ratelimit import RateLimiter
 from api.routes import api_router
+from api.routes.shared import publish_job_spec
 from api.routes.web import router as web_router
 from core import api_keys
 from core.config import Settings, get_settings
@@ -65,4 +66,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app)
     app.include_router(api_router)
     app.include_router(web_router)  # the web page at /app/ (not in the OpenAPI schema)
+    publish_job_spec(app)
     return app

@@ -26,7 +26,7 @@ class JobSpec(_TrainingSpec):  # its training fields are generated: read them wi
         None, description="Standard Webhooks POSTs of this job's events, signed with the key's secret."
     )
     webhook_events: list[EventType] | None = Field(
-        None, max_length=8, description="Event types to POST (default: started, sample and the outcome)."
+        None, max_length=len(EventType), description="Event types to POST (default: started, sample and the outcome)."
     )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Header, Response
+from fastapi import FastAPI, Header, Response
 
-from api.schemas import ErrorBody
+from api.schemas import ErrorBody, JobSpec
 from api.services.submit import Submitted
 
 
@@ -25,7 +25,12 @@ MULTIPART_BODY: dict[str, Any] = {
                     "required": ["images", "spec"],
                     "properties": {
                         "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "spec": {"type": "string", "description": "JSON object of JobSpec fields"},
+                        "spec": {
+                            "type": "string",
+                            "description": "JSON object of JobSpec fields",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {"$ref": "#/components/schemas/JobSpec"},
+                        },
                     },
                 }
             }
@@ -41,3 +46,21 @@ def mark_replayed(response: Response, submitted: Submitted) -> None:
     if submitted.replayed:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
+
+
+def publish_job_spec(app: FastAPI) -> None:
+    """Adds `JobSpec` to the OpenAPI components: the multipart `spec` field refers to it, so clients and the web
+    page read the spec's fields, bounds and defaults from the published document instead of repeating them."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(spec.pop("$defs", {}))
+        schemas["JobSpec"] = spec
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]

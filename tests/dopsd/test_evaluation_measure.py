@@ -41,6 +41,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory, example_dir: Path) -> Mea
             sample_every=0,
             output_dir=str(tmp_path_factory.mktemp(name)),
             learning_rate=lr,
+            max_train_steps=20,
         )
         adapters[name] = train(cfg).adapter_path
     cfg, family = tiny_family("tiny-z-image")
