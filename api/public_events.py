@@ -18,6 +18,7 @@ from core.events import (
     CanceledPayload,
     CancelRequestedPayload,
     CheckpointPayload,
+    EvaluatedPayload,
     EventPayload,
     EventType,
     FailedPayload,
@@ -67,6 +68,7 @@ PublicPayload = (
     | ProgressPayload
     | CheckpointPayload
     | SamplePublicPayload
+    | EvaluatedPayload
     | CancelRequestedPayload
     | RequeuedPayload
     | SucceededPayload
@@ -146,6 +148,11 @@ class SampleEvent(_Event):
     data: SamplePublicPayload
 
 
+class EvaluatedEvent(_Event):
+    type: Literal[EventType.EVALUATED]
+    data: EvaluatedPayload
+
+
 class CancelRequestedEvent(_Event):
     type: Literal[EventType.CANCEL_REQUESTED]
     data: CancelRequestedPayload
@@ -184,6 +191,7 @@ EventPublic = Annotated[
     | ProgressEvent
     | CheckpointEvent
     | SampleEvent
+    | EvaluatedEvent
     | CancelRequestedEvent
     | RequeuedEvent
     | SucceededEvent

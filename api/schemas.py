@@ -77,6 +77,12 @@ class JobPublic(BaseModel):
     images: list[ImagePublic]
     config: dict[str, Any] = Field(description="The resolved training configuration.")
     error: JobError | None
+    report: dict[str, Any] | None = Field(
+        None,
+        description="The evaluation report of a succeeded training job (`report.json`, schema `dopsd.evaluation/1`): "
+        "`verdicts` (concept learned / not learned / inconclusive; few-step quality kept / degraded / "
+        "inconclusive) and every figure with per-seed values, 95% interval and noise floor; see docs/evaluation.md.",
+    )
     links: dict[str, str]
 
 

@@ -56,6 +56,7 @@ from dopsd.evaluation import (
 from dopsd.evaluation.inputs import DEFAULT_CONSISTENCY_FACTOR, DEFAULT_CONSISTENCY_PROMPTS
 from dopsd.evaluation.prompts import EVAL_SEEDS, PRIOR_PROMPTS
 from dopsd.models.base import ModelFamily
+from dopsd.models.flux2_klein import Flux2KleinFamily, KleinCond
 from dopsd.models.loading import load_family_for
 from dopsd.presets import DEFAULT_VALIDATION_PROMPTS, get_preset
 from dopsd.trainer import train
@@ -224,10 +225,28 @@ def forward_estimate(preset: str, seeds: int = len(EVAL_SEEDS)) -> dict[str, Any
     }
 
 
+def imageless_name(family: ModelFamily) -> str:
+    """What `imageless_teacher` builds for this family."""
+    return "edit context without its reference tokens" if family.name == "flux2_klein" else "VLM given no image"
+
+
+def imageless_teacher(family: ModelFamily, inputs: EvaluationInputs, cfg: DOPSDConfig) -> list[Any]:
+    """The teacher context with the image left out: klein's edit prompt (caption + instruction) without reference
+    tokens; Z-Image's VLM features of the caption alone (equal to the student's up to float rounding)."""
+    if isinstance(family, Flux2KleinFamily):
+        return [KleinCond(c.embeds) for c in inputs.teacher_conds]
+    assert family.teacher_encoder is not None
+    family.teacher_encoder.vlm.to(family.device)
+    return [
+        family.teacher_encoder.encode(None, p, max_length=cfg.teacher_max_sequence_length)
+        for p in inputs.concept_prompts
+    ]
+
+
 def calibrate(preset: str) -> list[dict[str, Any]]:
     """Reports of a normal run (two seeds), a destructive-lr run, and the gate on the normal and blind teachers."""
     records: list[dict[str, Any]] = []
-    runs = {
+    runs: dict[str, dict[str, Any]] = {
         "normal-seed0": {"seed": 0},
         "normal-seed1": {"seed": 1},
         "destructive-lr": {"learning_rate": DESTRUCTIVE_LR},
@@ -256,6 +275,7 @@ def calibrate(preset: str) -> list[dict[str, Any]]:
             )
         assert family is not None and inputs is not None
         teachers = {"normal": inputs.teacher_conds, "blind (student's own context)": inputs.concept_conds}
+        teachers[imageless_name(family)] = imageless_teacher(family, inputs, cfg)
         for name, conds in teachers.items():
             gate = teacher_visibility(family, dataclasses.replace(inputs, teacher_conds=list(conds), baseline=None))
             records.append(

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     storage_retry_attempts: int = Field(8, ge=1, description="Tries of a storage transfer (exponential backoff).")
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
+    eval_embedding_model: str | None = Field(
+        None,
+        description="Local folder of a CLIP or DINOv2 model (transformers format) for the evaluation report's "
+        "similarity and prompt-adherence figures; unset: those figures are reported as not measured.",
+    )
 
     webhook_allow_private: bool = Field(
         False, description="Allow webhook URLs on loopback/private addresses (tests, on-premises receivers)."

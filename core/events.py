@@ -30,6 +30,7 @@ class EventType(enum.StrEnum):
     PROGRESS = "progress"
     CHECKPOINT = "checkpoint"
     SAMPLE = "sample"
+    EVALUATED = "evaluated"
     CANCEL_REQUESTED = "cancel_requested"
     REQUEUED = "requeued"
     SUCCEEDED = "succeeded"
@@ -128,6 +129,33 @@ class SamplePayload(EventPayload):
     contact_sheet_key: str
 
 
+class Verdict(BaseModel):
+    """One axis of an evaluation in plain words, the sentence behind it, and the figures it rests on."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    verdict: str
+    summary: str
+    figures: list[str] = Field(default_factory=list)
+
+
+class Verdicts(BaseModel):
+    """Whether the concept was learned, and whether the few-step quality was kept (docs/evaluation.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    concept: Verdict
+    few_step_quality: Verdict
+
+
+class EvaluatedPayload(EventPayload):
+    """An evaluation of the adapter against the base model on the same seeds: a quick check at a sample `step`
+    (`quick`), or the final report (whole on `GET /v1/jobs/{id}` as `report`, and in `report.json`)."""
+
+    event_type: ClassVar[EventType] = EventType.EVALUATED
+    step: int | None
+    quick: bool
+    verdicts: Verdicts
+
+
 class CancelRequestedPayload(EventPayload):
     """The owner asked a running job to stop; its worker stops within one training step."""
 
@@ -195,6 +223,7 @@ AnyPayload = (
     | ProgressPayload
     | CheckpointPayload
     | SamplePayload
+    | EvaluatedPayload
     | CancelRequestedPayload
     | RequeuedPayload
     | SucceededPayload
@@ -212,6 +241,7 @@ PAYLOADS: dict[EventType, TypeAdapter[Any]] = {
     EventType.PROGRESS: TypeAdapter(ProgressPayload),
     EventType.CHECKPOINT: TypeAdapter(CheckpointPayload),
     EventType.SAMPLE: TypeAdapter(SamplePayload),
+    EventType.EVALUATED: TypeAdapter(EvaluatedPayload),
     EventType.CANCEL_REQUESTED: TypeAdapter(CancelRequestedPayload),
     EventType.REQUEUED: TypeAdapter(RequeuedPayload),
     EventType.SUCCEEDED: TypeAdapter(Annotated[SucceededPayload, Field(union_mode="left_to_right")]),

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 
 if TYPE_CHECKING:
+    from dopsd.evaluation.gate import VisibilityResult
+    from dopsd.evaluation.report import Report
     from dopsd.sampling import SampleSet
 
 
@@ -51,6 +53,12 @@ class TrainerCallback:
 
     def on_samples(self, samples: SampleSet) -> None:
         """Called after the sample images of a step were written (`samples.final` for the last ones)."""
+
+    def on_teacher_check(self, result: VisibilityResult) -> None:
+        """Called once the teacher gate measured, before the first step, whether the teacher sees the concept."""
+
+    def on_evaluation(self, report: Report) -> None:
+        """Called after an evaluation: a quick check at a sample step (`report.quick`), or the final report."""
 
     def on_train_end(self, output_dir: Path) -> None:
         """Called after the adapter, config and metrics were written."""

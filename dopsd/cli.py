@@ -89,7 +89,8 @@ def _config_from_args(ns: argparse.Namespace) -> DOPSDConfig:
 def _train(ns: argparse.Namespace) -> int:
     config = _config_from_args(ns)
     from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
-    from dopsd.errors import TrainingCancelled
+    from dopsd.errors import TeacherBlind, TrainingCancelled
+    from dopsd.evaluation.report import Report
     from dopsd.trainer import train
 
     class CliCallback(TrainerCallback):
@@ -98,6 +99,7 @@ def _train(ns: argparse.Namespace) -> int:
         def __init__(self) -> None:
             self.bar: Any = None
             self.stop = False
+            self.report: Report | None = None
             signal.signal(signal.SIGINT, self._interrupt)
 
         def _interrupt(self, *_: object) -> None:
@@ -117,20 +119,36 @@ def _train(ns: argparse.Namespace) -> int:
                 self.bar.set_postfix(loss=f"{state.loss:.4g}")
             return TrainerControl(should_stop=self.stop)
 
+        def on_evaluation(self, report: Report) -> None:
+            if not report.quick:
+                self.report = report
+            elif self.bar is not None:
+                self.bar.write(
+                    f"step {report.step}: concept {report.concept.verdict}, "
+                    f"few-step quality {report.few_step_quality.verdict}"
+                )
+
         def on_train_end(self, output_dir: Path) -> None:
             if self.bar is not None:
                 self.bar.close()
 
+    callback = CliCallback()
     try:
-        result = train(config, [CliCallback()])
+        result = train(config, [callback])
     except TrainingCancelled as exc:
         print(f"stopped after step {exc.step}; resume with --resume {exc.checkpoint_dir}", file=sys.stderr)
         return 130
+    except TeacherBlind as exc:
+        print(f"error: teacher_blind: {exc.message} (--force trains anyway)", file=sys.stderr)
+        return 3
     gap = result.metrics["teacher_student_gap"]
     print(f"adapter: {result.adapter_path}")
     if gap["relative_change"] is not None:
         print(f"teacher-student gap: {gap['before']:.4g} -> {gap['after']:.4g} ({gap['relative_change']:+.0%})")
     print(f"samples: {result.output_dir / 'samples'}")
+    if callback.report is not None:
+        print(callback.report.render_text())
+        print(f"report: {result.output_dir / 'report.json'}")
     return 0
 
 

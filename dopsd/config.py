@@ -30,7 +30,8 @@ from dopsd.presets import DEFAULT_PRESET, DEFAULT_VALIDATION_PROMPTS, TEACHER_CO
 
 LossSpace = Literal["x0", "velocity"]
 TeacherMode = Literal["ema", "frozen", "live"]
-RolloutSchedule = Literal["distill4", "native"]
+RolloutSchedule = Literal["distill4", "native", "released"]
+KeepAdapter = Literal["last", "best"]
 TeacherContext = Literal["vlm", "edit"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 OutputFormat = Literal["diffusers", "comfyui"]
@@ -322,7 +323,8 @@ class DOPSDConfig:
     ema_decay: float = setting(default=0.9999, ge=0, lt=1, help="Decay of the EMA teacher adapter.", public=Public())
     rollout_schedule: RolloutSchedule = setting(
         preset=True,
-        help="`distill4`: sigmas 1, .9, .75, .5 -> 0 (Z-Image); `native`: the model's own (FLUX.2).",
+        help="`distill4`: sigmas 1, .9, .75, .5 -> 0 (Z-Image's released recipe); `native`: the pipeline's own schedule; "
+        "`released`: the released code's (Z-Image: distill4; FLUX.2-klein: set_timesteps(4, mu), no explicit sigmas).",
         public=Public(),
     )
     teacher_context: TeacherContext = setting(
@@ -382,6 +384,35 @@ class DOPSDConfig:
         public=Public(bounds=Bounds(le=100)),
     )
     gap_eval_seeds: int = setting(default=2, ge=0, help="Held-out noise seeds for the teacher-student gap.")
+
+    # Evidence (docs/evaluation.md): the teacher gate before the first step, quick checks at sample steps, the report
+    eval_seeds: int = setting(
+        default=4,
+        ge=0,
+        help="Seeds of the evaluation report, base and adapter paired on each (0: no report, no quick checks).",
+        public=Public(bounds=Bounds(le=8)),
+    )
+    prior_prompts: list[str] = setting(
+        default_factory=list,
+        items=Bounds(min_length=1),
+        help="Prompts without the trigger, added to the built-in ones on which the report measures prior drift.",
+        public=Public(bounds=Bounds(max_length=8), items=Bounds(max_length=1000)),
+    )
+    keep: KeepAdapter = setting(
+        default="last",
+        help="`last`: the adapter of the last step; `best`: of the evaluated sample step with the lowest held-out "
+        "gap whose few-step quality is not degraded.",
+        public=Public(),
+    )
+    force: bool = setting(
+        default=False,
+        help="Train even when the teacher gate finds that the model cannot see the concept in its references.",
+        public=Public(),
+    )
+    eval_embedding_model: str | None = setting(
+        default=None,
+        help="Local folder of a CLIP or DINOv2 model for the report's similarity figures (never downloaded).",
+    )
     mixed_precision: MixedPrecision = setting(default="auto", help="`bf16` on CUDA by default; `no`.")
     device: Device = setting(default="auto", help="`auto` picks CUDA when present.")
     gradient_checkpointing: bool | None = setting(default=None, help="Default: on for CUDA, off on CPU.")
@@ -612,6 +643,10 @@ def validation_errors(cfg: DOPSDConfig) -> list[str]:
         isinstance(p, str) and p.strip() for p in cfg.validation_prompts
     ):
         errors.append("`validation_prompts` must not contain empty prompts")
+    if isinstance(cfg.prior_prompts, list) and isinstance(cfg.trigger, str):
+        named = [p for p in cfg.prior_prompts if "[V]" in p or cfg.trigger.strip() in p.split()]
+        if named:
+            errors.append(f"`prior_prompts` must not name the concept (`[V]` or the trigger), got {named[0]!r}")
     return errors
 
 

@@ -18,3 +18,13 @@ class CheckpointError(ValueError):
 
 class ModelLoadError(ValueError):
     """Base weights or the teacher encoder could not be loaded or do not fit together."""
+
+
+class TeacherBlind(ValueError):
+    """The teacher gate found that the model cannot see the concept in its reference images, before any step was
+    paid for (`figures`: what it measured). `force` in the config trains anyway."""
+
+    def __init__(self, message: str, figures: dict[str, object]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.figures = figures

@@ -31,6 +31,8 @@ class Preset:
         step_seconds: the expected wall time of one D-OPSD step at the default resolution on the preset's device
             (an estimate for users, replaced by the service's own history once jobs of the preset ran).
         load_seconds: the expected time to load the models on a cold worker.
+        embedding_model: a local folder of a CLIP or DINOv2 model for the evaluation report's similarity figures
+            (`None`: those figures are reported as not measured unless the run names one).
     """
 
     name: str
@@ -46,6 +48,7 @@ class Preset:
     defaults: dict[str, Any] = field(default_factory=dict)
     step_seconds: float = 0.05
     load_seconds: float = 1.0
+    embedding_model: str | None = None
 
     @property
     def is_tiny(self) -> bool:
@@ -137,8 +140,8 @@ _TINY_Z_IMAGE = Preset(
     },
 )
 
-# FLUX.2-klein (the method page): 4 native steps, guidance 1.0, the native schedule with the empirical mu as the
-# roll-out, the editing branch as the teacher context, lr 2e-5 for ~3,000 steps, text features from Qwen3 layers
+# FLUX.2-klein (the method page): 4 native steps, guidance 1.0, the released code's roll-out (the scheduler's
+# `set_timesteps(4, mu)` with the empirical mu and no explicit sigmas; `native` is the pipeline's own 4 sigmas), the editing branch as the teacher context, lr 2e-5 for ~3,000 steps, text features from Qwen3 layers
 # 9, 18 and 27. The `vlm` teacher context uses Qwen3-VL of the matching size.
 _KLEIN_DEFAULTS: dict[str, Any] = {
     "learning_rate": 2e-5,
@@ -150,7 +153,7 @@ _KLEIN_DEFAULTS: dict[str, Any] = {
     "sample_every": 100,
     "teacher_min_pixels": 512 * 512,
     "teacher_max_pixels": 768 * 768,
-    "rollout_schedule": "native",
+    "rollout_schedule": "released",
     "teacher_context": "edit",
     "student_max_sequence_length": 512,
 }

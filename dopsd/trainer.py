@@ -38,6 +38,7 @@ from dopsd.data import (
     resolve_caption,
 )
 from dopsd.errors import TrainingCancelled
+from dopsd.evidence import Evidence
 from dopsd.lora import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
@@ -129,17 +130,25 @@ def train(
         family = load_family_for(cfg, device=device, dtype=dtype)
     load_s = time.perf_counter() - t_start
 
-    # Features, computed once per (image, caption) and per prompt; the encoders then leave the device.
+    # Features, computed once per (image, caption) and per prompt (the evaluation's too); the encoders then leave.
     pairs = _encode_pairs(cfg, family, dataset)
     renderer = _sample_renderer(cfg, family, dataset, pairs)
+    evidence = Evidence(cfg, family, dataset)
     family.release_encoders()
+
+    # The gate, on the base model: a teacher that cannot see the concept cannot teach it, so fail before step 1
+    # (a resumed run passed it already).
+    if not cfg.resume_from:
+        evidence.check_teacher(callbacks)
 
     # Adapters: the student (trained) and, for an EMA teacher, its copy; both start as the base model.
     torch.manual_seed(cfg.seed)
     lora_config = make_lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, family.lora_target_modules)
     add_adapters(family.transformer, lora_config, with_teacher=cfg.teacher_mode == "ema")
     try:
-        return _train_loop(cfg, family, dataset, pairs, renderer, lora_config.to_dict(), callbacks, out, load_s)
+        return _train_loop(
+            cfg, family, dataset, pairs, renderer, evidence, lora_config.to_dict(), callbacks, out, load_s
+        )
     finally:
         remove_adapters(family.transformer)
         if device.type == "cuda":
@@ -339,6 +348,7 @@ def _train_loop(
     dataset: ConceptDataset,
     pairs: list[_Pair],
     renderer: SampleRenderer,
+    evidence: Evidence,
     lora_metadata: dict[str, Any],
     callbacks: Sequence[TrainerCallback],
     out: Path,
@@ -436,13 +446,28 @@ def _train_loop(
                 raise TrainingCancelled(state.step, str(path))
         if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
             run.samples(state.step)
+            evidence.quick_check(state.step, adapter_state(transformer, STUDENT_ADAPTER), callbacks)
 
-    # Outputs. The adapter (and config.json) first: what follows can still fail (the gap, the final samples,
-    # the format conversion) and must not lose the trained weights. metrics.json last, once everything is known.
+    # Outputs. The adapter (and config.json) first: what follows can still fail (the report, the gap, the final
+    # samples, the format conversion) and must not lose the trained weights. metrics.json last.
     train_s = time.perf_counter() - t_loop
     transformer.eval()
-    student = adapter_state(transformer, STUDENT_ADAPTER)
-    adapter_path = write_adapter(out, family, student, lora_metadata, cfg, state.step)
+    adapter_path = write_adapter(
+        out, family, adapter_state(transformer, STUDENT_ADAPTER), lora_metadata, cfg, state.step
+    )
+    # The report judges the adapter the run keeps: the last one, or (`keep: best`) an earlier sample step's that
+    # did better, which then replaces it.
+    report = evidence.final_report(out, state.step, ())
+    kept = evidence.kept_state(report)
+    if kept is not None:
+        kept_step, kept_student = kept
+        load_adapter_state(transformer, STUDENT_ADAPTER, kept_student)
+        adapter_path = write_adapter(out, family, kept_student, lora_metadata, cfg, kept_step)
+        report = evidence.final_report(out, kept_step, ())
+        logger.info("kept the adapter of step %d (keep: best)", kept_step)
+    if report is not None:
+        for cb in callbacks:
+            cb.on_evaluation(report)
     state.metrics["gap_after"] = gap.measure()
     final_samples = run.samples(state.step, final=True)
     write_other_formats(adapter_path, cfg, family)
@@ -457,6 +482,18 @@ def _train_loop(
         captions={it.name: list(it.captions) for it in dataset.items},
         samples=[str(p.path.relative_to(out)) for p in final_samples.images],
     )
+    metrics["kept_step"] = report.step if report is not None else state.step
+    metrics["evaluation"] = (
+        None
+        if report is None
+        else {
+            "concept": report.concept.verdict,
+            "few_step_quality": report.few_step_quality.verdict,
+            "seconds": report.cost.get("seconds"),
+        }
+    )
+    if evidence.teacher_check is not None:
+        metrics["teacher_check"] = evidence.teacher_check.to_dict()
     write_metrics(out, metrics)
     for cb in callbacks:
         cb.on_train_end(out)

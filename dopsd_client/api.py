@@ -260,6 +260,14 @@ class DOPSDClient:
         result: dict[str, Any] = self._json("GET", f"/v1/jobs/{job_id}")
         return result
 
+    def report(self, job_id: str) -> dict[str, Any] | None:
+        """The job's evaluation report (the service's `report.json`): `verdicts` (`concept`: learned / not learned /
+        inconclusive; `few_step_quality`: kept / degraded / inconclusive; each with its `summary`), `figures` (each
+        with `title`, `unit`, `mean`, `ci95`, `noise_floor`, `verdict`, or why it was `not_measured`), the `step` it
+        judged, `setting`, `thresholds`, `cost`. None until the job has one (it is made when training ends)."""
+        report = self.get(job_id).get("report")
+        return dict(report) if isinstance(report, dict) else None
+
     def list(
         self, *, status: str | None = None, limit: int = 20, cursor: str | None = None, kind: str | None = None
     ) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dopsd_client.api import ADAPTER_NAME, TERMINAL_STATUSES, DOPSDAPIError, DOPSDClient, image_files
+from dopsd_client.report import evaluated_summary, report_lines
 
 
 EXIT_JOB_FAILED = 1
@@ -186,6 +187,8 @@ class Watcher:
             self._line(f"checkpoint at step {data.get('step')}")
         elif kind == "sample":
             self._sample(data)
+        elif kind == "evaluated":
+            self._line(evaluated_summary(data))
         elif kind == "requeued":
             self._line("the worker was lost; the job is queued again and resumes from its last checkpoint")
         elif kind == "cancel_requested":
@@ -255,6 +258,7 @@ def _finish(client: DOPSDClient, job: dict[str, Any], ns: argparse.Namespace) ->
     progress = job.get("progress") or {}
     loss = f", final loss {progress['loss']:.4g}" if isinstance(progress.get("loss"), int | float) else ""
     _out(f"job {job_id} succeeded{took}{loss}")
+    _print_report(job)
     if ns.out is not None:
         out = Path(ns.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +272,14 @@ def _finish(client: DOPSDClient, job: dict[str, Any], ns: argparse.Namespace) ->
     else:
         _out(f"download: dopsd client download {job_id} --out {ADAPTER_NAME}")
     return 0
+
+
+def _print_report(job: dict[str, Any]) -> None:
+    """The job's evaluation report, if it has one: the two verdicts, then a line per figure."""
+    report = job.get("report")
+    if isinstance(report, dict):
+        for line in report_lines(report):
+            _out(line)
 
 
 def _adapter_file(fmt: str) -> str:
@@ -378,6 +390,7 @@ def _status(client: DOPSDClient, ns: argparse.Namespace) -> int:
         _out(f"GPU time  {_duration(job['gpu_seconds'])}")
     if job.get("error"):
         _out(f"error     {job['error']['message']} [{job['error']['code']}]")
+    _print_report(job)
     return 0 if job["status"] != "failed" else EXIT_JOB_FAILED
 
 
@@ -392,6 +405,8 @@ def _event_line(event: dict[str, Any]) -> str:
         final = " (final)" if data.get("final") else ""
         sheet = f", contact sheet {data['contact_sheet']}" if data.get("contact_sheet") else ""
         return f"{when}  sample  step {data.get('step')}{final}: {len(data['images'])} images{sheet}"
+    if event.get("type") == "evaluated" and isinstance(data, dict):
+        return f"{when}  evaluated  {evaluated_summary(data)}"
     detail = " ".join(f"{k}={json.dumps(v)}" for k, v in data.items()) if isinstance(data, dict) else str(data)
     return f"{when}  {event.get('type')}  {detail}".rstrip()
 

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -28,6 +29,7 @@ class Pace:
 
     starts_s: list[float] = field(default_factory=list)
     slowest_step_s: float = 0.0
+    slowest_job_s: float = 0.0
 
     def timed_start(self, start: Callable[[], T]) -> T:
         """Runs `start()` (which returns once the process is ready) and records how long it took."""
@@ -45,6 +47,12 @@ class Pace:
     def note_step_s(self, step_s: float) -> None:
         """Records a training step time measured on a job."""
         self.slowest_step_s = max(self.slowest_step_s, step_s)
+
+    def note_job(self, job: dict[str, Any]) -> None:
+        """Records how long a finished job ran (from its `started_at` to its `finished_at`)."""
+        if job.get("started_at") and job.get("finished_at"):
+            ran = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+            self.slowest_job_s = max(self.slowest_job_s, ran.total_seconds())
 
     def test_timeout_s(self, configured_s: float) -> float:
         """The per-test limit for a test on a real stack: the configured one (pytest-timeout's), 10 times the
@@ -83,8 +91,8 @@ class JobWatch:
 
     Anything that changes (status, attempt, step, queue position, cancel request, a new event) restarts the
     clock, and the per-test limit too (`keep_test_alive`). The job may stand still for the run's patience or 30
-    measured step times, whichever is longer; the step time is measured on this job, from the steps it
-    advances while watched."""
+    measured step times, whichever is longer (plus the longest job seen while it is queued); the step time is
+    measured on this job, from the steps it advances while watched."""
 
     POLL_S = 0.25
     EVENTS_EVERY = 4  # polls; the event log is read once a second
@@ -111,6 +119,8 @@ class JobWatch:
             self.signature = signature
             self._moved(now)
         self._time_steps(self.job["attempt"], step, now)
+        if self.job["status"] in FINISHED:
+            PACE.note_job(self.job)
         self.polls += 1
         if self.polls % self.EVENTS_EVERY == 0:
             after = {"after": self.last_event["id"]} if self.last_event else {}
@@ -136,8 +146,12 @@ class JobWatch:
 
     @property
     def allowed_stall_s(self) -> float:
-        """How long the job may show no change."""
-        return max(PACE.patience_s, 30 * (self.step_s or 0.0))
+        """How long the job may show no change. A queued job's position moves only when a job ahead of it has
+        run, so while queued it may also wait as long as the longest job seen so far."""
+        allowed = max(PACE.patience_s, 30 * (self.step_s or 0.0))
+        if self.job.get("status") == "queued":
+            allowed += PACE.slowest_job_s
+        return allowed
 
     def check(self, what: str) -> None:
         """Raises `TimeoutError` naming `what` and the last state seen once the job stood still too long."""

@@ -19,6 +19,7 @@ from core.db import session_scope
 from core.jobs import worker_side
 from core.storage import ArtifactStore, checkpoint_prefix, output_key
 from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
+from dopsd.evaluation.report import Report
 from dopsd.sampling import SampleSet
 from worker.dbretry import retry_db
 from worker.uploads import upload_tree
@@ -144,6 +145,11 @@ class JobReporter(TrainerCallback):
         prefix = f"{checkpoint_prefix(self.job_id)}{path.name}/"
         upload_tree(self.store, path, prefix)
         self._event(events.CheckpointPayload(step=step))
+
+    def on_evaluation(self, report: Report) -> None:
+        """Announces an evaluation's verdicts as an `evaluated` event (a quick check, or the final report)."""
+        verdicts = events.Verdicts.model_validate(report.to_dict()["verdicts"])
+        self._event(events.EvaluatedPayload(step=report.step, quick=report.quick, verdicts=verdicts))
 
     def on_samples(self, samples: SampleSet) -> None:
         """Uploads a step's samples and announces them as a `sample` event (keys; the API signs URLs on read)."""

@@ -4,6 +4,7 @@ recorded on the job as a stable code and a readable message."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import tempfile
@@ -33,7 +34,7 @@ from core.storage import (
 from dopsd.checkpoint import list_checkpoints
 from dopsd.config import DOPSDConfig
 from dopsd.data import DataError
-from dopsd.errors import CheckpointError, ModelLoadError, TrainingCancelled
+from dopsd.errors import CheckpointError, ModelLoadError, TeacherBlind, TrainingCancelled
 from worker.dbretry import retry_db
 from worker.model_cache import ModelCache
 from worker.reporting import JobReporter, LeaseLost
@@ -180,6 +181,8 @@ def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id:
 
 def _classify(exc: Exception, max_job_s: int) -> tuple[str, str]:
     """The stable error code and readable message of a failure: the one place failures are classified."""
+    if isinstance(exc, TeacherBlind):
+        return "teacher_blind", exc.message
     if isinstance(exc, DataError):
         return "bad_input", str(exc)
     if isinstance(exc, (ModelLoadError, CheckpointError)):
@@ -208,6 +211,8 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
             "instance_data_dir": str(inputs),
             "output_dir": str(out),
             "resume_from": str(resume) if resume else None,
+            "eval_embedding_model": config_values.get("eval_embedding_model")
+            or resources.settings.eval_embedding_model,
         }
     )
     family, load_s, cached = resources.models.get(config)
@@ -246,6 +251,8 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
             "images": len(images),
         }
     artifacts = [{**r, "kind": _artifact_kind(r["name"])} for r in records]
+    report_file = out / "report.json"
+    report = json.loads(report_file.read_text()) if kind == "training" and report_file.is_file() else None
     steps = metrics.get("steps", 0)
 
     def finish() -> bool:
@@ -257,6 +264,7 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
                 artifacts=artifacts,
                 metrics=metrics,
                 gpu_seconds=reporter.gpu_seconds(),
+                report=report,
             )
 
     if not retry_db(finish, what=f"job {job_id} finish"):

@@ -56,6 +56,7 @@ def job_public(job: Job, session: Session) -> JobPublic:
         images=[ImagePublic(name=i["name"], size=i["size"]) for i in job.images],
         config=job.config,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code is not None else None,
+        report=job.report,
         links=links,
     )
 

@@ -4,6 +4,16 @@
 import { h } from "./dom.js";
 import { formatDuration, formatLoss, sentence } from "./format.js";
 
+/** An `evaluated` event as a sentence: "Quick check at step 4: concept learned, few-step quality kept." */
+function evaluatedSentence(d) {
+  const v = d.verdicts || {};
+  const parts = [
+    v.concept?.verdict ? `concept ${v.concept.verdict}` : null,
+    v.few_step_quality?.verdict ? `few-step quality ${v.few_step_quality.verdict}` : null,
+  ].filter(Boolean);
+  return `${d.quick ? "Quick check" : "Evaluated"} at step ${d.step ?? "?"}${parts.length ? `: ${parts.join(", ")}` : ""}.`;
+}
+
 /** One event as a sentence. */
 export function describeEvent(ev) {
   const d = ev.data || {};
@@ -22,6 +32,8 @@ export function describeEvent(ev) {
       return `Checkpoint saved at step ${d.step}.`;
     case "sample":
       return `${d.final ? "Final samples" : "Samples"} at step ${d.step} (${Array.isArray(d.images) ? d.images.length : d.images ?? 0} images).`;
+    case "evaluated":
+      return evaluatedSentence(d);
     case "succeeded":
       return `Finished${d.gpu_seconds ? ` after ${formatDuration(d.gpu_seconds)} of GPU time` : ""}${typeof d.final_loss === "number" ? `, final loss ${formatLoss(d.final_loss)}` : ""}.`;
     case "failed":

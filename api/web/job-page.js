@@ -21,9 +21,10 @@ import { lossCard } from "./job-chart.js";
 import { logCard } from "./job-log.js";
 import { resultsCard } from "./job-results.js";
 import { headerPart, statusCard } from "./job-status.js";
+import { verdictCard } from "./job-verdict.js";
 
 // Top to bottom; cards in one row stand side by side on a wide screen.
-const LAYOUT = [[headerPart], [statusCard], [resultsCard], [lossCard, logCard], [galleryCard]];
+const LAYOUT = [[headerPart], [statusCard], [verdictCard], [resultsCard], [lossCard, logCard], [galleryCard]];
 
 /** What an event says about the job itself (status, progress, error); the cards read the rest. */
 function applyToJob(job, ev) {

@@ -73,6 +73,8 @@ class Job(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    # The evaluation report of a succeeded training job (`report.json`, docs/evaluation.md); null before or without.
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
     artifacts: Mapped[list[JobArtifact]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobArtifact.name"

@@ -127,8 +127,10 @@ def finish_job(
     artifacts: list[dict[str, Any]],
     metrics: dict[str, Any],
     gpu_seconds: float = 0.0,
+    report: dict[str, Any] | None = None,
 ) -> bool:
-    """Marks the job succeeded with its artifacts, in one transaction (the caller commits).
+    """Marks the job succeeded with its artifacts (and evaluation `report`), in one transaction (the caller
+    commits).
 
     One conditional UPDATE: only the worker holding the job may finish it, and not once a cancel or delete was
     asked for. Returns False (and changes nothing) otherwise. `metrics` must be the fields of a training's or a
@@ -137,7 +139,7 @@ def finish_job(
     payload = succeeded_payload({"gpu_seconds": 0.0, **metrics})
     result = session.execute(
         move(Transition.SUCCEED, _held_by(job_id, worker_id), Job.deleted.is_(False), Job.cancel_requested.is_(False))
-        .values(eta_s=0.0, gpu_seconds=_plus_gpu(gpu_seconds))
+        .values(eta_s=0.0, gpu_seconds=_plus_gpu(gpu_seconds), report=report)
         .returning(Job.gpu_seconds)
     )
     total = result.scalar_one_or_none()

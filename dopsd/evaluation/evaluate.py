@@ -338,6 +338,14 @@ def normalised_gap(gap: torch.Tensor, energy: torch.Tensor) -> list[float]:
 
 def _concept_gap(a: ModelRenders, b: ModelRenders, b_all: ModelRenders, th: Thresholds) -> Figure:
     after, before = normalised_gap(a.gap, a.teacher_energy), normalised_gap(b.gap, b.teacher_energy)
+    if min(before) <= 0.0:  # the teacher shows the base model nothing it does not already draw (a blind teacher)
+        return Figure.missing(
+            "concept_gap",
+            "held-out teacher-student gap",
+            "relative change",
+            "relative change of the held-out gap to the frozen base teacher, adapter vs base per seed",
+            "the base model's gap to its teacher is zero: the teacher context adds nothing to learn",
+        )
     change = [(x - y) / y for x, y in zip(after, before, strict=True)]
     all_before = normalised_gap(b_all.gap, b_all.teacher_energy)
     floors = [abs(all_before[j] - all_before[i]) / _mean(all_before) for i, j in seed_pairs(len(all_before))]
@@ -450,7 +458,9 @@ def _pct(x: float) -> str:
 
 def _concept_axis(figures: dict[str, Figure], th: Thresholds) -> AxisVerdict:
     gap, sim = figures["concept_gap"], figures.get("reference_similarity")
-    assert gap.mean is not None and gap.verdict is not None
+    if gap.mean is None:
+        return AxisVerdict("not learned", f"nothing to learn: {gap.not_measured}", ["concept_gap"])
+    assert gap.verdict is not None
     ci = f" (95% interval {_pct(gap.ci95[0])} to {_pct(gap.ci95[1])})" if gap.ci95 else " (one seed: indicative)"
     change = f"the gap to the teacher that sees your images changed by {_pct(gap.mean)}{ci} on prompts it was not trained on"
     names = ["concept_gap"] + [
@@ -465,6 +475,12 @@ def _concept_axis(figures: dict[str, Figure], th: Thresholds) -> AxisVerdict:
         )
     if gap.verdict == "learned":
         return AxisVerdict("learned", f"{change}: the adapter draws the concept on new prompts", names)
+    if gap.verdict == "not learned" and gap.mean > 0:
+        return AxisVerdict(
+            "not learned",
+            f"{change}: the adapter moved away from what the teacher shows; lower the learning rate",
+            names,
+        )
     if gap.verdict == "not learned":
         return AxisVerdict(
             "not learned",

@@ -54,6 +54,19 @@ def test_submit_follow_and_download_the_adapter(prod_stack: Stack, api_key: str,
             assert "progress" in types and "sample" in types
             log = [e["id"] for e in client.events(job["id"], limit=500)["data"]]
             assert [e["id"] for e in seen] == log, "each event once, in order, across the reconnect"
+            # The evaluation report: both verdicts in words, the final step, the figures; the last `evaluated` event
+            # (the full evaluation, after the quick ones) says the same verdicts, before `succeeded`.
+            report = client.report(job["id"])
+            assert report is not None and report == done["report"] and report["step"] == 5
+            assert report["verdicts"]["concept"]["verdict"] in {"learned", "not learned", "inconclusive"}
+            assert report["verdicts"]["few_step_quality"]["verdict"] in {"kept", "degraded", "inconclusive"}
+            assert all(report["verdicts"][axis]["summary"] for axis in ("concept", "few_step_quality"))
+            assert report["figures"] and all(f["title"] for f in report["figures"].values())
+            evaluated = [i for i, e in enumerate(seen) if e["type"] == "evaluated"]
+            assert evaluated, types
+            last = seen[evaluated[-1]]["data"]
+            assert last["quick"] is False and last["step"] == 5 and last["verdicts"] == report["verdicts"]
+            assert evaluated[-1] > max(i for i, t in enumerate(types) if t == "progress")
             # A finished job's stream replays its log and ends.
             assert [e["id"] for e in client.stream_events(job["id"])] == log
             assert job["id"] in {j["id"] for j in client.list(status="succeeded")["data"]}
@@ -125,6 +138,7 @@ def test_cancel_and_delete(client: DOPSDClient) -> None:
     assert canceled["status"] == "canceled" or canceled["cancel_requested"]
     done = client.wait(job["id"])
     assert done["status"] == "canceled"
+    assert client.report(job["id"]) is None  # a canceled job has no evaluation report
     with pytest.raises(DOPSDAPIError) as caught:
         client.download_adapter(job["id"], "unused.safetensors")
     assert caught.value.code == "job_not_finished"

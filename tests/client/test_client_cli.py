@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from tests.conftest import EXAMPLES, REPO, Stack, quick_spec, wait_for_status
 
 
 DOPSD = Path(sys.executable).with_name("dopsd")
+CONCEPT_LINE = re.compile(r"^concept: (learned|not learned|inconclusive) - \S", re.M)
+QUALITY_LINE = re.compile(r"^few-step quality: (kept|degraded|inconclusive) - \S", re.M)
 
 
 def dopsd_client(stack: Stack, key: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -66,6 +69,9 @@ def test_submit_wait_and_out_trains_shows_progress_and_writes_the_adapter(
     assert f"job {job_id} succeeded" in result.stdout and f"adapter (diffusers): {adapter}" in result.stdout
     comfy = out / "pytorch_lora_weights_comfyui.safetensors"
     assert f"adapter (comfyui): {comfy}" in result.stdout and comfy.stat().st_size > 1000
+    # After success: the two verdicts in words with their summaries, then a line per figure of the report.
+    assert CONCEPT_LINE.search(result.stdout) and QUALITY_LINE.search(result.stdout), result.stdout
+    assert "evaluation at step 6: concept " in result.stderr, result.stderr  # the `evaluated` event, watched
 
     with DOPSDClient(prod_stack.base_url, api_key) as client:
         job = client.get(job_id)
@@ -73,14 +79,22 @@ def test_submit_wait_and_out_trains_shows_progress_and_writes_the_adapter(
         assert job["config"]["captions"]["robot-2.png"] == ["a photo of [V] toy robot on a blue background"]
         artifact = next(a for a in client.artifacts(job_id) if a["kind"] == "adapter")
         assert adapter.stat().st_size == artifact["size"]
+        report = client.report(job_id)
+    assert report is not None
+    concept = report["verdicts"]["concept"]
+    assert f"concept: {concept['verdict']} - {concept['summary']}" in result.stdout
+    for figure in report["figures"].values():
+        assert f"\n  {figure['title']}: " in result.stdout, (figure["title"], result.stdout)
 
     status = dopsd_client(prod_stack, api_key, "status", job_id)
     assert status.returncode == 0 and "succeeded" in status.stdout and "step 6/6" in status.stdout, status.stdout
+    assert CONCEPT_LINE.search(status.stdout) and QUALITY_LINE.search(status.stdout), status.stdout
     listing = dopsd_client(prod_stack, api_key, "list")
     assert listing.returncode == 0 and job_id in listing.stdout
     events = dopsd_client(prod_stack, api_key, "events", job_id)
     assert events.returncode == 0
     assert "queued" in events.stdout.splitlines()[0] and "succeeded" in events.stdout.splitlines()[-1]
+    assert "  evaluated  evaluation at step 6: concept " in events.stdout, events.stdout
     download = dopsd_client(prod_stack, api_key, "download", job_id, "--out", str(tmp_path / "again.safetensors"))
     assert download.returncode == 0, download.stderr
     assert (tmp_path / "again.safetensors").read_bytes() == adapter.read_bytes()

@@ -141,7 +141,7 @@ def test_presets_are_complete() -> None:
         klein = get_preset(name)
         assert klein.native_sample_steps == 4 and klein.text_encoder_layers == (9, 18, 27)
         assert klein.defaults["learning_rate"] == 2e-5 and klein.defaults["max_train_steps"] == 3000
-        assert klein.defaults["teacher_context"] == "edit" and klein.defaults["rollout_schedule"] == "native"
+        assert klein.defaults["teacher_context"] == "edit" and klein.defaults["rollout_schedule"] == "released"
     tiny = get_preset("tiny-z-image")
     assert tiny.is_tiny and tiny.device == "cpu" and tiny.dtype == "float32"
     real = get_preset("z-image-turbo")

@@ -124,7 +124,7 @@ def test_klein_teacher_student_gap_falls_by_at_least_30_percent(klein_run: Path)
     gap = json.loads((klein_run / "metrics.json").read_text())["teacher_student_gap"]
     assert gap["after"] <= 0.7 * gap["before"], gap
     config = DOPSDConfig.load(klein_run / "config.json")
-    assert (config.teacher_context, config.rollout_schedule, config.sample_steps) == ("edit", "native", 4)
+    assert (config.teacher_context, config.rollout_schedule, config.sample_steps) == ("edit", "released", 4)
 
 
 def test_klein_adapter_loads_in_diffusers_and_reproduces_the_trainer_sample(

@@ -37,6 +37,7 @@ def quick_config(example_dir: Path, out: Path, **overrides: Any) -> DOPSDConfig:
         "validation_prompts": ["a photo of [V]"],
         "sample_seeds": [0],
         "gap_eval_seeds": 1,
+        "eval_seeds": 0,  # no report: these tests are about training (tests/dopsd/test_evidence.py covers it)
     }
     values.update(overrides)
     return DOPSDConfig.for_preset(**values)

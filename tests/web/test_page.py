@@ -30,6 +30,8 @@ EXAMPLES = sorted((REPO / "examples" / "concept").glob("*.png"))
 ARTIFACTS = REPO / "test-artifacts" / "screenshots"
 DOC_SCREENSHOTS = REPO / "docs" / "screenshots"
 JOB_URL = re.compile(r"#/jobs/([0-9a-f-]{36})$")
+CONCEPT_VERDICTS = {"learned", "not learned", "inconclusive"}
+QUALITY_VERDICTS = {"kept", "degraded", "inconclusive"}
 DROP_BROKEN_FILE = """() => {
     const dt = new DataTransfer();
     dt.items.add(new File(["this is text, not a PNG"], "broken.png", { type: "image/png" }));
@@ -157,10 +159,39 @@ def test_sign_in_upload_train_watch_and_download(page: Any, prod_stack: Stack, a
     )  # the presigned S3 URLs of the events load
     assert loaded_images(page, "#gallery img") >= 4
     expect(page.locator("#download-diffusers")).to_be_visible()
+
+    # The verdict card: both verdicts in words with their summaries, the step judged and the figures, as the API's
+    # report says (the page reads it from the finished job, without asking for it again).
+    client = prod_stack.client(api_key)
+    report = client.get(f"/v1/jobs/{job_id}").json()["report"]
+    assert report is not None and report["step"] == 6
+    verdict = page.locator("#verdict")
+    expect(verdict).to_have_attribute("data-source", "report")
+    expect(verdict.locator("#verdict-step")).to_contain_text("Judged at step 6")
+    for axis, words in (("concept", CONCEPT_VERDICTS), ("few_step_quality", QUALITY_VERDICTS)):
+        said = report["verdicts"][axis]
+        assert said["verdict"] in words, said
+        block = verdict.locator(f".verdict[data-axis='{axis}']")
+        expect(block).to_have_attribute("data-verdict", said["verdict"])
+        expect(block.locator(".verdict-word")).to_have_text(said["verdict"].capitalize())
+        summary = said["summary"].replace("`", "").strip().rstrip(".")  # the page writes it as a sentence
+        expect(block.locator(".verdict-summary")).to_contain_text(summary, ignore_case=True)
+        if said["verdict"] in {"not learned", "degraded"}:  # these stand out
+            expect(block).to_have_class(re.compile(r"\bverdict-bad\b"))
+    rows = verdict.locator("#figures tbody tr")
+    expect(rows).to_have_count(len(report["figures"]))
+    assert report["figures"], "the report has figures"
+    for name, figure in report["figures"].items():
+        row = verdict.locator(f"#figures tr[data-figure='{name}']")
+        expect(row.locator("th")).to_contain_text(figure["title"])
+        if figure["not_measured"]:
+            expect(row).to_contain_text("Not measured: ")
+        else:
+            expect(row).to_have_attribute("data-verdict", figure["verdict"])
+    expect(page.locator("#event-log li[data-type='evaluated']").last).to_contain_text("Evaluated at step 6: concept ")
     shoot(page, "finished-job.png", tmp_path)
 
     # Downloads are the job's own files, byte for byte.
-    client = prod_stack.client(api_key)
     for fmt in ("diffusers", "comfyui"):
         with page.expect_download() as download:
             page.locator(f"#download-{fmt}").click()
@@ -212,6 +243,14 @@ def test_watch_a_running_job_then_cancel_and_delete_it(
     expect(page.locator("#progress-text")).to_contain_text(re.compile(r"Step \d+ of 3000 · about .+ left"))
     page.wait_for_function("document.querySelector('#loss-chart polyline')?.points.numberOfItems >= 2")
     expect(page.locator(".sample-step[data-step='4'] figure[data-kind='adapter'] img")).to_have_count(1)  # live
+    # The latest quick check's verdicts, live from the `evaluated` events of the sample steps.
+    verdict = page.locator("#verdict")
+    expect(verdict).to_have_attribute("data-source", "quick")
+    expect(verdict.locator("#verdict-step")).to_contain_text("Quick check at step ")
+    concept = verdict.locator(".verdict[data-axis='concept']")
+    expect(concept).to_have_attribute("data-verdict", re.compile(r"^(learned|not learned|inconclusive)$"))
+    quality = verdict.locator(".verdict[data-axis='few_step_quality']")
+    expect(quality).to_have_attribute("data-verdict", re.compile(r"^(kept|degraded|inconclusive)$"))
     shoot(page, "running-job.png", tmp_path)
 
     page.get_by_role("button", name="Cancel job").click()
