@@ -141,6 +141,11 @@ class PreviewPublic(JobPublic):
     preview_images: list[PreviewImagePublic] = Field(
         default_factory=list, description="Set once it succeeded: one image per reference image and prompt."
     )
+    teacher_check: dict[str, Any] | None = Field(
+        None,
+        description="Set once it succeeded: the teacher gate a training job passes before its first step (`blind`, "
+        "`visibility` and the figures behind it, `message` when blind); see docs/evaluation.md.",
+    )
 
 
 class WebhookAttemptPublic(BaseModel):

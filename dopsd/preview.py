@@ -7,6 +7,7 @@ setting, is what training can reach at best: if these images do not show the con
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -20,11 +21,17 @@ from dopsd.data import (
     resize_to_cover,
     resolve_caption,
 )
+from dopsd.evaluation.gate import teacher_visibility
+from dopsd.evaluation.inputs import prepare_evaluation
+from dopsd.evaluation.prompts import EVAL_SEEDS, PRIOR_PROMPTS
 from dopsd.models.base import Cond, ModelFamily
 from dopsd.models.loading import load_family_for
 from dopsd.presets import get_preset
 from dopsd.sampling import SampleSet, render_previews
 from dopsd.trainer import resolve_device
+
+
+TEACHER_CHECK_NAME = "teacher_check.json"
 
 
 def preview(
@@ -56,11 +63,21 @@ def preview(
             resize_to_cover(image, bucket), prompt, text_max_length=text_max, context_max_length=context_max
         )
 
+    prompts = [resolve_caption(p, cfg.trigger) for p in cfg.validation_prompts]
     try:
+        # The teacher gate a training job would pass first, answered here too (`teacher_check.json`).
+        gate_inputs = prepare_evaluation(
+            family, references=references, concept_prompts=prompts, prior_prompts=PRIOR_PROMPTS[:1], width=cfg.resolution,
+            height=cfg.resolution, num_steps=cfg.sample_steps, text_max_length=text_max,
+            context_max_length=context_max, seeds=[EVAL_SEEDS[0]],
+        )  # fmt: skip
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check = teacher_visibility(family, gate_inputs)
+        (out_dir / TEACHER_CHECK_NAME).write_text(json.dumps(check.to_dict(), indent=2) + "\n")
         return render_previews(
             family,
             references=references,
-            prompts=[resolve_caption(p, cfg.trigger) for p in cfg.validation_prompts],
+            prompts=prompts,
             seed=cfg.sample_seeds[0],
             width=cfg.resolution,
             height=cfg.resolution,

@@ -252,13 +252,16 @@ def prod_stack(database: str, s3: dict[str, str], tmp_path_factory: pytest.TempP
         DOPSD_WEBHOOK_ALLOW_PRIVATE="true",  # the tests' receivers listen on loopback
         DOPSD_WEBHOOK_RETRY_DELAYS_S="[0.3, 0.6]",
         DOPSD_WEBHOOK_POLL_INTERVAL_S="0.2",
+        DOPSD_MAINTENANCE_IN_API="false",  # the production shape: `dopsd maintain` is a process of its own
     )
     api = PACE.timed_start(lambda: stack.start_api(env, port, logs / "api.log"))
+    maintain = stack.start_maintain(env, logs / "maintain.log")
     running = Stack(f"http://127.0.0.1:{port}", env, database, logs)
     running.restart_worker()
     yield running
     if running.worker is not None:
         stack.stop(running.worker)
+    stack.stop(maintain)
     stack.stop(api)
 
 

@@ -251,8 +251,7 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
             "images": len(images),
         }
     artifacts = [{**r, "kind": _artifact_kind(r["name"])} for r in records]
-    report_file = out / "report.json"
-    report = json.loads(report_file.read_text()) if kind == "training" and report_file.is_file() else None
+    report = _report_of(out, kind)
     steps = metrics.get("steps", 0)
 
     def finish() -> bool:
@@ -275,6 +274,15 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
                 raise LeaseLost(job_id)
         raise TrainingCancelled(steps)
     logger.info("job %s: succeeded", job_id)
+
+
+def _report_of(out: Path, kind: str) -> dict[str, Any] | None:
+    """What the job's `report` holds: a training run's evaluation report, or a preview's teacher check."""
+    if kind == "training":
+        path = out / "report.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    path = out / "preview" / "teacher_check.json"
+    return {"teacher_check": json.loads(path.read_text())} if path.is_file() else None
 
 
 def _step_of(checkpoint: Path | None) -> int | None:

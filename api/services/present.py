@@ -69,7 +69,9 @@ def preview_public(job: Job, session: Session, store: ArtifactStore, ttl_s: int)
         for image in SamplePayload.model_validate(event.data).images if event else []:
             url = store.download_url(image.key, filename=image.name.rsplit("/", 1)[-1], ttl_s=ttl_s)
             images.append(PreviewImagePublic(prompt=image.prompt, seed=image.seed, source=image.source or "", url=url))
-    return PreviewPublic(**job_public(job, session).model_dump(), preview_images=images)
+    public = job_public(job, session).model_dump(exclude={"report"})
+    check = (job.report or {}).get("teacher_check")
+    return PreviewPublic(**public, report=None, preview_images=images, teacher_check=check)
 
 
 def event_public(event: JobEvent, store: ArtifactStore, ttl_s: int) -> EventPublic:

@@ -201,6 +201,30 @@ def test_a_webhook_that_keeps_failing_is_given_up_after_the_retries(
     assert [a["status_code"] for a in delivery["attempts"]] == [503, 503, 503]  # first try + 2 retries
 
 
+def test_every_job_carries_its_evaluation_report(keyed: tuple[httpx.Client, str], sampled_job: dict[str, Any]) -> None:
+    """The report on the job, in report.json and as `evaluated` events: a quick check at the sample step, the full
+    report (verdicts on both axes) once at the end, before `succeeded`."""
+    client, _ = keyed
+    report = sampled_job["report"]
+    assert report["schema"] == "dopsd.evaluation/1" and report["step"] == 6
+    assert report["verdicts"]["concept"]["verdict"] in ("learned", "not learned", "inconclusive")
+    assert report["verdicts"]["few_step_quality"]["verdict"] in ("kept", "degraded", "inconclusive")
+    assert report["teacher_check"]["blind"] is False
+    for figure in report["figures"].values():  # a figure is measured, or says why not: never a placeholder
+        assert (figure["mean"] is not None) != (figure["not_measured"] is not None), figure
+    events = _events(client, sampled_job["id"])
+    evaluated = [e["data"] for e in events if e["type"] == "evaluated"]
+    assert [(e["step"], e["quick"]) for e in evaluated] == [(3, True), (6, False)]
+    assert evaluated[-1]["verdicts"]["concept"]["verdict"] == report["verdicts"]["concept"]["verdict"]
+    types = [e["type"] for e in events]
+    last_progress = max(i for i, t in enumerate(types) if t == "progress")
+    final_evaluated = max(i for i, t in enumerate(types) if t == "evaluated")
+    assert last_progress < final_evaluated < types.index("succeeded")
+    artifacts = client.get(f"/v1/jobs/{sampled_job['id']}/artifacts").raise_for_status().json()["data"]
+    stored = next(a for a in artifacts if a["name"] == "report.json")
+    assert httpx.get(stored["url"], timeout=30).raise_for_status().json()["verdicts"] == report["verdicts"]
+
+
 def test_preview_renders_the_concept_zero_shot(keyed: tuple[httpx.Client, str]) -> None:
     client, _ = keyed
     preview = _submit(
@@ -216,6 +240,9 @@ def test_preview_renders_the_concept_zero_shot(keyed: tuple[httpx.Client, str]) 
         (src, p) for src in ("robot-1.png", "robot-2.png") for p in ("a photo of sks", "sks in the snow")
     )
     assert all(_png(i["url"]).size == (64, 64) for i in images)
+    # The teacher gate a training job passes first, answered by the preview too.
+    assert done["teacher_check"]["blind"] is False and done["teacher_check"]["visibility"] > 0
+    assert done["teacher_check"]["message"] is None
     types = [e["type"] for e in _events(client, preview["id"])]
     assert types[-2:] == ["sample", "succeeded"] and "progress" not in types
     # Previews are not training jobs: they have no adapter and are listed apart.
