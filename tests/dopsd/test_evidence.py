@@ -20,20 +20,12 @@ from dopsd.lora import LORA_WEIGHT_NAME
 from dopsd.models.base import ModelFamily
 from dopsd.models.loading import load_family_for
 from dopsd.trainer import resolve_device, train
+from tests.dopsd.test_trainer import quick_config
 
 
 def config(example_dir: Path, out: Path, **overrides: Any) -> DOPSDConfig:
-    values: dict[str, Any] = {
-        "instance_data_dir": str(example_dir),
-        "output_dir": str(out),
-        "max_train_steps": 6,
-        "validation_prompts": ["a photo of [V]"],
-        "sample_seeds": [0],
-        "gap_eval_seeds": 1,
-        "eval_seeds": 2,
-    }
-    values.update(overrides)
-    return DOPSDConfig.for_preset(**values)
+    """The trainer tests' quick run, with a report on two seeds."""
+    return quick_config(example_dir, out, **{"eval_seeds": 2, **overrides})
 
 
 class Evaluations(TrainerCallback):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dopsd.trainer as trainer_module
 from dopsd import DOPSDConfig, StepState, TrainerCallback, TrainerControl, TrainingCancelled, train
 from dopsd.checkpoint import (
     FINGERPRINT_FILE,
@@ -408,16 +409,31 @@ def test_the_model_is_called_at_exactly_the_given_sigmas(
 def test_the_trainer_rolls_out_along_the_configured_schedule(
     schedule: str, example_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every model call of a klein run (roll-out and gap metric) is at a sigma of the configured schedule for its
-    bucket, and every sigma of it is used: klein's distill4, native and released schedules all differ."""
+    """Every model call of a klein run's roll-outs and gap metric is at a sigma of the configured schedule for its
+    bucket, and every sigma of it is used: klein's distill4, native and released schedules all differ. (The
+    evaluation and the teacher gate render on the inference schedule: their calls are not the roll-out's.)"""
     seen: list[tuple[float, int, int]] = []
+    in_rollout = [False]
     original = Flux2KleinFamily.predict
 
     def recording(self: Flux2KleinFamily, latents: torch.Tensor, sigma: float, conds: Sequence[Cond]) -> torch.Tensor:
-        seen.append((sigma, latents.shape[-1] * 16, latents.shape[-2] * 16))  # klein latents: 1/16 of the pixels
+        if in_rollout[0]:
+            seen.append((sigma, latents.shape[-1] * 16, latents.shape[-2] * 16))  # klein latents: 1/16 of the pixels
         return original(self, latents, sigma, conds)
 
+    def marking(function: Any) -> Any:
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            in_rollout[0] = True
+            try:
+                return function(*args, **kwargs)
+            finally:
+                in_rollout[0] = False
+
+        return marked
+
     monkeypatch.setattr(Flux2KleinFamily, "predict", recording)
+    monkeypatch.setattr(trainer_module, "distillation_rollout", marking(trainer_module.distillation_rollout))
+    monkeypatch.setattr(trainer_module, "teacher_student_gap", marking(trainer_module.teacher_student_gap))
     config = DOPSDConfig.for_preset(
         "tiny-flux2-klein", instance_data_dir=str(example_dir), output_dir=str(tmp_path), max_train_steps=1,
         rollout_schedule=schedule, validation_prompts=["[V]"], sample_seeds=[0], gap_eval_seeds=1,
