@@ -4,9 +4,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# OpenMP threads sleep instead of spinning while they wait: with the API, a worker and the tests sharing two cores,
-# spinning threads of one process starve the others (a matmul loop took 8.8 s instead of 0.59 s under such load).
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install run example stack stack-down migrate test quality style bench clean
 

@@ -29,7 +29,6 @@ from tests.service.tcpproxy import TcpProxy
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the tests, the API and a worker share a few cores
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
