@@ -91,8 +91,9 @@ class Evidence:
         step = best_step([*self.quick_reports, final_report])
         return self.best_state if step == self.best_state[0] else None
 
-    def final_report(self, out: Path, step: int, callbacks: Sequence[TrainerCallback]) -> Report | None:
-        """The full report of the adapter as it is now, written to `report.json` and told to the callbacks."""
+    def final_report(self, out: Path, step: int) -> Report | None:
+        """The full report of the adapter as it is now, written to `report.json` (the trainer tells the callbacks
+        once it knows which adapter it keeps)."""
         if not self.reports:
             return None
         folder = self.cfg.eval_embedding_model or get_preset(self.cfg.preset).embedding_model
@@ -102,6 +103,4 @@ class Evidence:
         if self.teacher_check is not None:
             data["teacher_check"] = self.teacher_check.to_dict()
         (out / REPORT_NAME).write_text(json.dumps(data, indent=2) + "\n")
-        for cb in callbacks:
-            cb.on_evaluation(report)
         return report

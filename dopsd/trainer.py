@@ -457,13 +457,13 @@ def _train_loop(
     )
     # The report judges the adapter the run keeps: the last one, or (`keep: best`) an earlier sample step's that
     # did better, which then replaces it.
-    report = evidence.final_report(out, state.step, ())
+    report = evidence.final_report(out, state.step)
     kept = evidence.kept_state(report)
     if kept is not None:
         kept_step, kept_student = kept
         load_adapter_state(transformer, STUDENT_ADAPTER, kept_student)
         adapter_path = write_adapter(out, family, kept_student, lora_metadata, cfg, kept_step)
-        report = evidence.final_report(out, kept_step, ())
+        report = evidence.final_report(out, kept_step)
         logger.info("kept the adapter of step %d (keep: best)", kept_step)
     if report is not None:
         for cb in callbacks:
