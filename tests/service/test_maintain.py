@@ -123,8 +123,12 @@ def test_dopsd_maintain_requeues_a_dead_workers_job_delivers_its_webhook_purges_
         stack.wait_until(messages, "the job's new message on the broker", timeout_s=30)
         stack.wait_until(lambda: receiver.received, "the `started` webhook", timeout_s=30)
         stack.wait_until(lambda: not adapter.exists(), "retention deleting the old job's objects", timeout_s=30)
-        with sessions() as s:
-            assert s.get_one(Job, old_id).deleted  # the job answers 404 from now on
+
+        def hidden() -> bool:  # retention deletes the objects first, then marks the job: it answers 404 from then on
+            with sessions() as s:
+                return s.get_one(Job, old_id).deleted
+
+        stack.wait_until(hidden, "retention marking the old job deleted", timeout_s=30)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
