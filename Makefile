@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 # real Celery worker process). The development key below is for this local mode only.
 DOPSD_DEV_API_KEY ?= dopsd_dev_local_only
 run: install
-	DOPSD_DEV_API_KEY=$(DOPSD_DEV_API_KEY) $(BIN)/dopsd serve
+	DOPSD_ENVIRONMENT=development DOPSD_DEV_API_KEY=$(DOPSD_DEV_API_KEY) $(BIN)/dopsd serve
 
 # The trainer alone: the tiny preset on the bundled example images; prints where the adapter is.
 example: install

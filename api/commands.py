@@ -46,6 +46,7 @@ def _sessions() -> Any:
 def _keys(ns: argparse.Namespace) -> int:
     from core import api_keys
     from core.db import session_scope
+    from core.errors import DomainError
     from core.jobs.models import ApiKey
 
     with session_scope(_sessions()) as session:
@@ -59,13 +60,16 @@ def _keys(ns: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         elif ns.keys_command == "revoke":
-            count = api_keys.revoke_api_key(session=session, prefix_or_name=ns.key)
-            print(f"revoked {count} key(s)")
-            return 0 if count else 1
+            try:
+                record = api_keys.revoke_api_key(session=session, selector=ns.key)
+            except DomainError as exc:
+                print(f"error: {exc.message}", file=sys.stderr)
+                return 1
+            print(f"revoked key {record.id} ({record.prefix}..., named {record.name!r})")
         else:
             for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
                 state = "revoked" if k.revoked_at else "active"
-                print(f"{k.prefix}...  {k.name:20} {state:8} {k.created_at:%Y-%m-%d %H:%M}")
+                print(f"{k.id}  {k.prefix}...  {k.name:20} {state:8} {k.created_at:%Y-%m-%d %H:%M}")
     return 0
 
 
@@ -159,9 +163,11 @@ def register(sub: Any) -> None:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a key and print it and its webhook secret once")
     create.add_argument("--name", required=True)
-    revoke = keys_sub.add_parser("revoke", help="revoke keys by name or key prefix")
-    revoke.add_argument("key", help="a key's name, or the key (its first 10 characters are enough)")
-    keys_sub.add_parser("list", help="list keys (prefixes only)")
+    revoke = keys_sub.add_parser(
+        "revoke", help="revoke one key (its queued and running jobs are canceled, its pending webhooks dropped)"
+    )
+    revoke.add_argument("key", help="the key itself, its id (see `keys list`) or its exact name; never a prefix")
+    keys_sub.add_parser("list", help="list keys: id, prefix, name, state")
     keys.set_defaults(func=_keys)
 
     mig = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select
+import logging
+import uuid
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.errors import Unauthorized
-from core.jobs.models import ApiKey, utcnow
+from core.errors import Conflict, NotFound, Unauthorized
+from core.jobs.client_side import request_cancel
+from core.jobs.models import ApiKey, Job, WebhookDelivery, utcnow
+from core.jobs.states import JobStatus
 from core.security import generate_api_key, generate_webhook_secret, hash_api_key
+
+
+logger = logging.getLogger(__name__)
 
 
 def create_api_key(*, session: Session, name: str, key: str | None = None) -> tuple[ApiKey, str]:
@@ -23,25 +31,73 @@ def create_api_key(*, session: Session, name: str, key: str | None = None) -> tu
 
 
 def ensure_api_key(*, session: Session, name: str, key: str) -> ApiKey:
-    """Registers `key` if it is not known yet (the development key of embedded mode)."""
+    """Registers `key` if it is not known yet (the development key of embedded mode).
+
+    A key that was revoked stays revoked: a restart must not bring back a key an operator took away.
+    """
     existing = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key)))
     if existing is not None:
-        existing.revoked_at = None
+        if existing.revoked_at is not None:
+            logger.warning("the development key %s... was revoked and stays revoked", existing.prefix)
         existing.webhook_secret = existing.webhook_secret or generate_webhook_secret()
         return existing
     return create_api_key(session=session, name=name, key=key)[0]
 
 
-def revoke_api_key(*, session: Session, prefix_or_name: str) -> int:
-    """Revokes every active key with this name or key prefix; returns how many."""
-    keys = session.scalars(
-        select(ApiKey).where(
-            or_(ApiKey.name == prefix_or_name, ApiKey.prefix == prefix_or_name[:10]), ApiKey.revoked_at.is_(None)
+def find_key(*, session: Session, selector: str) -> ApiKey:
+    """The one key `selector` names exactly: the key itself, its id, or its name.
+
+    Never a prefix (ten characters carry too few random bits to name one key safely); a name that several active
+    keys share is refused as ambiguous (`Conflict`), with their ids, so an operator picks one.
+    """
+    by_hash = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(selector)))
+    if by_hash is not None:
+        return by_hash
+    try:
+        by_id = session.get(ApiKey, uuid.UUID(selector))
+    except ValueError:
+        by_id = None
+    if by_id is not None:
+        return by_id
+    named = list(session.scalars(select(ApiKey).where(ApiKey.name == selector).order_by(ApiKey.created_at)))
+    active = [k for k in named if k.revoked_at is None]
+    if len(active) > 1:
+        ids = ", ".join(str(k.id) for k in active)
+        raise Conflict(f"{len(active)} active keys are named {selector!r}: revoke one by its id ({ids})",
+                       code="ambiguous_key")  # fmt: skip
+    if active or named:
+        return (active or named)[0]
+    raise NotFound(f"no key is {selector!r} (give the key, its id or its exact name)", code="key_not_found")
+
+
+def revoke_api_key(*, session: Session, selector: str) -> ApiKey:
+    """Revokes the key `selector` names exactly (see `find_key`), at once.
+
+    What the key started stops too: nobody can read a revoked key's jobs any more (another key's job answers
+    404), so its queued jobs are canceled, its running ones asked to stop, and its pending webhooks dropped.
+    Its stored data then follows retention. Revoking a revoked key changes nothing.
+    """
+    record = find_key(session=session, selector=selector)
+    if record.revoked_at is not None:
+        return record
+    record.revoked_at = utcnow()
+    live = session.scalars(
+        select(Job).where(
+            Job.owner_id == record.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), Job.deleted.is_(False)
         )
-    ).all()
-    for k in keys:
-        k.revoked_at = utcnow()
-    return len(keys)
+    )
+    for job in live:
+        request_cancel(session=session, job=job)
+    for delivery in session.scalars(
+        select(WebhookDelivery)
+        .join(Job, Job.id == WebhookDelivery.job_id)
+        .where(Job.owner_id == record.id, WebhookDelivery.status == "pending")
+    ):
+        delivery.status = "failed"
+        delivery.attempts = [*delivery.attempts, {"at": utcnow().isoformat(), "status_code": None,
+                                                  "error": "the API key was revoked"}]  # fmt: skip
+    session.flush()
+    return record
 
 
 def authenticate(*, session: Session, key: str) -> ApiKey:

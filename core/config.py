@@ -19,14 +19,24 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DOPSD_", env_file=None, extra="ignore")
 
-    environment: Literal["development", "production"] = "development"
+    environment: Literal["development", "production"] = Field(
+        "production",
+        description="`production` (the default) refuses the development signing key and the development API key; "
+        "`make run` sets `development` for its local trial.",
+    )
     database_url: str = Field("sqlite:///var/dopsd.db", description="SQLAlchemy URL of the job database.")
     broker_url: str = Field("filesystem://", description="Celery broker URL (redis://... in production).")
     broker_dir: Path = Field(Path("var/broker"), description="Folder of the embedded filesystem broker.")
 
     storage_backend: Literal["s3", "local"] = "local"
     storage_dir: Path = Field(Path("var/artifacts"), description="Artifact folder of the local store.")
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = Field(None, description="Where the API and workers reach the S3 server.")
+    s3_public_endpoint_url: str | None = Field(
+        None,
+        description="Where clients reach the same S3 server (e.g. https://s3.example.com), when that differs from "
+        "DOPSD_S3_ENDPOINT_URL (an address inside the deployment's network): presigned URLs are signed for it. "
+        "Used only for signing; unset: DOPSD_S3_ENDPOINT_URL.",
+    )
     s3_bucket: str = "dopsd"
     s3_region: str = "us-east-1"
     s3_access_key_id: SecretStr | None = None
@@ -60,6 +70,13 @@ class Settings(BaseSettings):
     retention_days: float = Field(
         30, ge=0, description="Finished jobs' images, checkpoints and artifacts are deleted after this (0: keep)."
     )
+    deletion_grace_s: float = Field(
+        86400,
+        ge=0,
+        description="A deleted job's personal data (spec, captions, prompts, file names, webhook URL, events) stays "
+        "in the database this long after `DELETE` or retention, then is erased; its stored objects go at once. "
+        "Longer than the webhook retries (about two hours), so the job's last events are still delivered.",
+    )
     storage_retry_attempts: int = Field(8, ge=1, description="Tries of a storage transfer (exponential backoff).")
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
@@ -77,6 +94,24 @@ class Settings(BaseSettings):
         description="Waits before each retry of a failed webhook delivery (about two hours in all).",
     )
     webhook_poll_interval_s: float = Field(1.0, gt=0, description="How often maintenance sends due webhooks.")
+    webhook_attempt_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="The longest one webhook attempt may take in all (resolution, connection, request, answer); a "
+        "slower receiver's attempt fails and is retried.",
+    )
+    webhook_concurrency: int = Field(
+        8, ge=1, description="Webhook attempts one sender process makes at once (and claims per pass)."
+    )
+    webhook_max_per_key: int = Field(
+        2,
+        ge=1,
+        description="Deliveries of one API key's jobs in one sender pass, so one tenant's backlog or slow receiver "
+        "cannot hold up another tenant's deliveries.",
+    )
+    webhook_max_response_bytes: int = Field(
+        4096, ge=0, description="Bytes of a receiver's answer the sender reads at most (never decompressed)."
+    )
     maintenance_in_api: bool | None = Field(
         None,
         description=(
@@ -90,9 +125,11 @@ class Settings(BaseSettings):
     def _production_needs_real_secrets(self) -> Settings:
         if self.environment == "production":
             if self.signing_key.get_secret_value() == "development-only-signing-key":
-                raise ValueError("DOPSD_SIGNING_KEY must be set in production")
+                raise ValueError(
+                    "DOPSD_SIGNING_KEY must be set in production (or DOPSD_ENVIRONMENT=development for a local trial)"
+                )
             if self.dev_api_key is not None:
-                raise ValueError("DOPSD_DEV_API_KEY is for development only")
+                raise ValueError("DOPSD_DEV_API_KEY is for development only (DOPSD_ENVIRONMENT=development)")
         if self.storage_backend == "s3" and not self.s3_endpoint_url:
             raise ValueError("DOPSD_S3_ENDPOINT_URL is required with DOPSD_STORAGE_BACKEND=s3")
         return self

@@ -158,22 +158,30 @@ class S3Store:
         from botocore.config import Config
 
         self.bucket = settings.s3_bucket
-        self.client: Any = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
-            aws_secret_access_key=(
-                settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-            ),
-            config=Config(
-                s3={"addressing_style": "path"},
-                signature_version="s3v4",
-                retries={"max_attempts": 5, "mode": "standard"},
-                connect_timeout=5,
-                read_timeout=60,
-            ),
-        )
+
+        def client_for(endpoint_url: str | None) -> Any:
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=settings.s3_region,
+                aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+                aws_secret_access_key=(
+                    settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+                ),
+                config=Config(
+                    s3={"addressing_style": "path"},
+                    signature_version="s3v4",
+                    retries={"max_attempts": 5, "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                ),
+            )
+
+        self.client: Any = client_for(settings.s3_endpoint_url)
+        # Presigned URLs are signed for the address clients use (SigV4 covers the host), which in a compose or
+        # Kubernetes deployment is not the internal one the services use; signing makes no request.
+        public = settings.s3_public_endpoint_url
+        self.signer: Any = client_for(public) if public and public != settings.s3_endpoint_url else self.client
 
     @contextmanager
     def _unavailable_on_error(self) -> Iterator[None]:
@@ -232,7 +240,7 @@ class S3Store:
 
     def download_url(self, key: str, *, filename: str, ttl_s: int) -> str:
         return str(
-            self.client.generate_presigned_url(
+            self.signer.generate_presigned_url(
                 "get_object",
                 Params={
                     "Bucket": self.bucket,

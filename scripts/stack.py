@@ -216,9 +216,13 @@ def stop(process: subprocess.Popen[bytes] | int, timeout_s: float = 20) -> None:
 
 def stack_env(*, database_url: str, broker_url: str, s3_endpoint: str, access_key: str, secret_key: str,
               public_url: str, bucket: str = "dopsd") -> dict[str, str]:  # fmt: skip
-    """The environment of API and worker processes in the production shape."""
+    """The environment of API and worker processes in the production shape (a fresh random signing key)."""
+    import secrets
+
     env = dict(os.environ)
     env.update(
+        DOPSD_ENVIRONMENT="production",
+        DOPSD_SIGNING_KEY=secrets.token_urlsafe(32),
         DOPSD_DATABASE_URL=database_url,
         DOPSD_BROKER_URL=broker_url,
         DOPSD_STORAGE_BACKEND="s3",
@@ -255,7 +259,6 @@ def up() -> None:
         database_url=database_url, broker_url="redis://127.0.0.1:6379/0", s3_endpoint=endpoint,
         access_key=access_key, secret_key=secret_key, public_url="http://127.0.0.1:8000",
     )  # fmt: skip
-    env["DOPSD_SIGNING_KEY"] = secrets.token_urlsafe(32)
     env["DOPSD_MAINTENANCE_IN_API"] = "false"  # `dopsd maintain` runs it
     started: dict[str, int] = {"s3": weed.pid}
     try:

@@ -208,6 +208,14 @@ def s3(s3_proxy: TcpProxy) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def s3_public(s3_proxy: TcpProxy) -> Iterator[str]:
+    """The address clients reach the same S3 server by (another proxy, as a deployment's public endpoint is)."""
+    public = TcpProxy(s3_proxy.target)
+    yield f"http://127.0.0.1:{public.port}"
+    public.down()
+
+
+@pytest.fixture(scope="session")
 def database(services: None) -> Iterator[str]:
     """A fresh PostgreSQL database at the migrations' head, shared by the stack's API and worker."""
     yield from migrated_database("test")
@@ -229,7 +237,9 @@ def _flush_redis() -> None:
 
 
 @pytest.fixture(scope="session")
-def prod_stack(database: str, s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def prod_stack(
+    database: str, s3: dict[str, str], s3_public: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """API + one worker against PostgreSQL, Redis and SeaweedFS."""
     _flush_redis()
     logs = tmp_path_factory.mktemp("stack-logs")
@@ -241,6 +251,7 @@ def prod_stack(database: str, s3: dict[str, str], tmp_path_factory: pytest.TempP
     )  # fmt: skip
     env["DOPSD_PROGRESS_INTERVAL_S"] = "0.2"
     env["DOPSD_MAX_FILE_BYTES"] = str(2 * 1024 * 1024)
+    env["DOPSD_S3_PUBLIC_ENDPOINT_URL"] = s3_public  # presigned URLs name it, not the services' address
     # Short recovery clocks, so the fault tests see a dead worker's job come back within seconds.
     env.update(
         DOPSD_LEASE_S="5",
@@ -273,7 +284,11 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     for k in [k for k in env if k.startswith("DOPSD_")]:
         del env[k]
     env.update(
-        DOPSD_DEV_API_KEY="dev-test-key", DOPSD_PROGRESS_INTERVAL_S="0.2", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)
+        DOPSD_ENVIRONMENT="development",
+        DOPSD_DEV_API_KEY="dev-test-key",
+        DOPSD_PROGRESS_INTERVAL_S="0.2",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO),
     )
     log = home / "serve.log"
     process = subprocess.Popen(

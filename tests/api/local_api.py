@@ -49,23 +49,30 @@ class LocalApi:
         """A client authenticated with `key` (no header when None)."""
         return KeyedClient(self.started, {"Authorization": f"Bearer {key}"} if key else {})
 
-    def command(self, *args: str) -> str:
-        """Runs `dopsd ARGS` in this process against the tier's database, as an operator would; returns stdout."""
+    def command(self, *args: str, expect: int = 0) -> str:
+        """Runs `dopsd ARGS` in this process against the tier's database, as an operator would; returns stdout
+        and stderr, after checking the exit code is `expect`."""
         out = io.StringIO()
         with pytest.MonkeyPatch.context() as env:
             env.setenv("DOPSD_DATABASE_URL", self.settings.database_url)
+            env.setenv("DOPSD_ENVIRONMENT", "development")
             get_settings.cache_clear()
             try:
-                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                     code = dopsd_main(list(args))
             finally:
                 get_settings.cache_clear()
-        assert code == 0, f"dopsd {' '.join(args)} exited with {code}"
+        assert code == expect, f"dopsd {' '.join(args)} exited with {code}: {out.getvalue()}"
         return out.getvalue()
 
     def create_key(self, name: str) -> str:
         """`dopsd keys create --name NAME`; returns the printed key."""
         return self.command("keys", "create", "--name", name).splitlines()[0]
+
+    def key_ids(self) -> dict[str, str]:
+        """`dopsd keys list`: each listed key's id by its prefix."""
+        rows = [line.split() for line in self.command("keys", "list").splitlines() if line.strip()]
+        return {row[1].removesuffix("..."): row[0] for row in rows}
 
     def revoke_key(self, key: str) -> None:
         """`dopsd keys revoke KEY`."""
@@ -89,6 +96,7 @@ def tier_settings(home: Path, broker_dir: Path) -> Settings:
         for name in [n for n in os.environ if n.startswith("DOPSD_")]:
             env.delenv(name)
         return Settings(
+            environment="development",
             database_url=f"sqlite:///{home / 'dopsd.db'}",
             broker_url="filesystem://",
             broker_dir=broker_dir,

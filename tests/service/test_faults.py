@@ -166,6 +166,9 @@ def test_a_presigned_url_grants_one_object_for_a_short_time(prod_stack: Stack) -
         job = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec(steps=1))}).json()
         wait_for_status(client, job["id"], {"succeeded"})
         url = client.get(f"/v1/jobs/{job['id']}/adapter", follow_redirects=False).headers["location"]
+    # Signed for the address clients use (DOPSD_S3_PUBLIC_ENDPOINT_URL), not the one the services use.
+    public, internal = prod_stack.env["DOPSD_S3_PUBLIC_ENDPOINT_URL"], prod_stack.env["DOPSD_S3_ENDPOINT_URL"]
+    assert url.startswith(public + "/") and not url.startswith(internal)
     assert httpx.get(url).status_code == 200
     # The signature covers the key: pointing the same URL at another object of the job is refused.
     other = url.replace("pytorch_lora_weights.safetensors", "config.json")

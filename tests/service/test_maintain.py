@@ -96,6 +96,8 @@ def test_dopsd_maintain_requeues_a_dead_workers_job_delivers_its_webhook_purges_
     broker = tmp_path / "broker"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DOPSD_")}
     env.update(
+        DOPSD_ENVIRONMENT="production",
+        DOPSD_SIGNING_KEY="a-signing-key-for-this-test-only",
         DOPSD_DATABASE_URL=own_database,
         DOPSD_BROKER_URL="filesystem://",
         DOPSD_BROKER_DIR=str(broker),
