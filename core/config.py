@@ -53,6 +53,42 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_total_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     max_spec_bytes: int = Field(64 * 1024, ge=256)
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        le=64_000_000,
+        description="Pixels (width x height, from the header) one uploaded image may have; more answers "
+        "`image_too_large` (413) before anything is decoded. Above 64,000,000 an image is a `decompression_bomb`.",
+    )
+    max_request_pixels: int = Field(
+        512_000_000,
+        ge=1,
+        description="Pixels all images of one upload (job, dry run or preview) may have together; more answers "
+        "`too_many_pixels` (413) before anything is decoded.",
+    )
+    upload_pixels_per_minute: int = Field(
+        1_536_000_000,
+        ge=1,
+        description="Image pixels one key may have checked per minute, jobs, dry runs and previews alike (a token "
+        "bucket per API process); beyond, `upload_budget_exceeded` (429 with Retry-After).",
+    )
+    max_uploads_per_key: int = Field(
+        2, ge=1, description="Uploads of one key that stream and are checked at once (per API process); one more "
+        "waits up to `upload_slot_wait_s` before its body is read, then answers `too_many_uploads` (429).",
+    )  # fmt: skip
+    upload_slot_wait_s: float = Field(
+        10.0, ge=0, description="How long an upload beyond `max_uploads_per_key` waits for one of its key's slots."
+    )
+    validation_workers: int = Field(
+        2, ge=1, description="Processes (per API process, at a lower CPU priority) that decode uploaded images; "
+        "one key uses one at a time.",
+    )  # fmt: skip
+    max_stored_bytes_per_key: int = Field(
+        20 * 1024**3,
+        ge=0,
+        description="Bytes one key may have stored across its jobs (inputs, checkpoints, samples, adapters; see "
+        "`GET /v1/usage`); a submission that would pass it answers `storage_quota_exceeded` (403). 0: no quota.",
+    )
 
     max_job_s: int = Field(6 * 3600, description="Hard time limit of one training job.")
     lease_s: int = Field(600, ge=5, description="How long a running job stays its worker's without a heartbeat.")
@@ -66,6 +102,23 @@ class Settings(BaseSettings):
     max_running_per_key: int = Field(2, ge=1, description="Jobs of one key that run at once; more wait queued.")
     max_queued_per_key: int = Field(20, ge=1, description="Queued jobs one key may have; more are refused (429).")
     rate_limit_per_minute: int = Field(600, ge=1, description="Requests per key and minute (429 beyond).")
+    redis_url: str | None = Field(
+        None,
+        description="Redis the API replicas share for the per-key rate limit and open-stream counts; unset: the "
+        "broker's when it is redis://, else each process counts alone (embedded mode).",
+    )
+    max_streams_per_key: int = Field(
+        16, ge=1, description="Server-sent event streams one key may hold open at once, over all replicas (429 beyond)."
+    )
+    stream_max_s: float = Field(
+        300.0, gt=0, description="An event stream ends after this long; the client reconnects with Last-Event-ID."
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="If set, GET /metrics answers only `Authorization: Bearer <this token>` (401 otherwise)."
+    )
+    metrics_cache_s: float = Field(
+        5.0, ge=0, description="How long /metrics reuses the job aggregates it read from the database (0: never)."
+    )
     idempotency_ttl_s: int = Field(24 * 3600, description="How long an Idempotency-Key maps to its job.")
     retention_days: float = Field(
         30, ge=0, description="Finished jobs' images, checkpoints and artifacts are deleted after this (0: keep)."
@@ -77,7 +130,13 @@ class Settings(BaseSettings):
         "in the database this long after `DELETE` or retention, then is erased; its stored objects go at once. "
         "Longer than the webhook retries (about two hours), so the job's last events are still delivered.",
     )
-    storage_retry_attempts: int = Field(8, ge=1, description="Tries of a storage transfer (exponential backoff).")
+    outage_tolerance_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long a running job rides out an outage of the database or object storage: its writes and "
+        "transfers wait and retry (a broker blip never stops it); beyond this, it fails with "
+        "`database_unavailable` or `storage_unavailable`.",
+    )
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
     eval_embedding_model: str | None = Field(
@@ -140,6 +199,13 @@ class Settings(BaseSettings):
         if self.maintenance_in_api is not None:
             return self.maintenance_in_api
         return self.environment != "production"
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        """The Redis the API replicas share (`redis_url`, else a redis:// broker's), or None: count in process."""
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else None
 
     @property
     def is_sqlite(self) -> bool:

@@ -207,6 +207,20 @@ def s3(s3_proxy: TcpProxy) -> dict[str, str]:
     return {"endpoint": f"http://127.0.0.1:{s3_proxy.port}", "access_key": access, "secret_key": secret}
 
 
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server of this module's own on a free loopback port, nothing persisted; yields its broker URL."""
+    port = stack.free_port()
+    log = tmp_path_factory.mktemp("redis") / "redis.log"
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    stack.wait_until(lambda: stack.port_open(port), "the private Redis server")
+    yield f"redis://127.0.0.1:{port}/0"
+    stack.stop(process)
+
+
 @pytest.fixture(scope="session")
 def s3_public(s3_proxy: TcpProxy) -> Iterator[str]:
     """The address clients reach the same S3 server by (another proxy, as a deployment's public endpoint is)."""

@@ -24,7 +24,9 @@ def make_celery() -> Celery:
         worker_concurrency=1,  # one job per GPU; run one worker process per GPU
         task_time_limit=settings.max_job_s + 600,
         task_soft_time_limit=settings.max_job_s,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A broker blip must not stop a job: the task keeps running, and the message redelivered after the
+        # reconnect finds the job claimed (or finished) and is dropped, since claims live in the database.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_proc_alive_timeout=120,  # the pool process imports torch and the trainer while it starts
     )

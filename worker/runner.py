@@ -35,10 +35,10 @@ from dopsd.checkpoint import list_checkpoints
 from dopsd.config import DOPSDConfig
 from dopsd.data import DataError
 from dopsd.errors import CheckpointError, ModelLoadError, TeacherBlind, TrainingCancelled
-from worker.dbretry import retry_db
+from worker.dbretry import DatabaseUnavailable, retry_db
 from worker.model_cache import ModelCache
 from worker.reporting import JobReporter, LeaseLost
-from worker.uploads import download_prefix, upload_tree, with_retries
+from worker.uploads import download_prefix, record_stored_bytes, upload_tree, with_retries
 
 
 logger = logging.getLogger(__name__)
@@ -163,10 +163,30 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
         if code == "internal":
             logger.exception("job %s: unexpected error", job_id)
         _fail(sessions, job_id, code, message, worker_id, reporter.gpu_seconds())
+    finally:
+        _delete_if_deleted(resources, job_id)
+        record_stored_bytes(resources.sessions, resources.store, job_id)  # what the key's storage quota counts
+
+
+def _delete_if_deleted(resources: WorkerResources, job_id: uuid.UUID) -> None:
+    """Deletes every stored object of a job that was deleted while this worker ran it, however the attempt ended
+    (stopped, failed, lease lost). This worker uploads nothing after it, and `DELETE` marks the job before its
+    own last pass over the prefix, so between the two nothing this worker wrote can stay. A failure here is left
+    to the maintenance sweep of deleted jobs."""
+    try:
+        with resources.sessions() as session:
+            job = session.get(Job, job_id)
+            deleted = job is not None and job.deleted
+        if deleted:
+            removed = resources.store.delete_prefix(job_prefix(job_id))
+            logger.info("job %s: deleted while running; removed its %d stored object(s)", job_id, removed)
+    except Exception:
+        logger.warning("job %s: could not remove a deleted job's objects; the sweep will", job_id, exc_info=True)
 
 
 def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id: str, gpu_s: float) -> None:
-    """Records a stop its owner asked for; a deleted job's stored objects go too (nothing of it may stay)."""
+    """Records a stop its owner asked for. A canceled job never resumes, so its checkpoints go (a deleted job's
+    objects all go, in `_delete_if_deleted`)."""
 
     def cancel() -> bool:
         with session_scope(resources.sessions) as session:
@@ -174,8 +194,8 @@ def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id:
                 session=session, job_id=job_id, step=step, worker_id=worker_id, gpu_seconds=gpu_s
             )
 
-    if retry_db(cancel, what=f"job {job_id} cancel"):
-        resources.store.delete_prefix(job_prefix(job_id))
+    if not retry_db(cancel, what=f"job {job_id} cancel"):
+        resources.store.delete_prefix(checkpoint_prefix(job_id))
     logger.info("job %s: canceled at step %d", job_id, step)
 
 
@@ -189,6 +209,8 @@ def _classify(exc: Exception, max_job_s: int) -> tuple[str, str]:
         return "model_unavailable", str(exc)
     if isinstance(exc, (ServiceUnavailable, NotFound)):
         return "storage_unavailable", exc.message
+    if isinstance(exc, DatabaseUnavailable):
+        return "database_unavailable", exc.message
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
         return "out_of_memory", "the GPU ran out of memory; lower the resolution or the batch size"
     if type(exc).__name__ == "SoftTimeLimitExceeded":
@@ -238,6 +260,8 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
 
         result = train(config, [reporter], family=family)
         reporter.renew_lease()
+        for warning in result.warnings:  # a stage after training failed: the job succeeds, and says what is missing
+            reporter.warn(warning.stage, warning.message)
         # Samples went up as they were rendered; checkpoints live under their own prefix.
         records = upload_tree(store, out, output_key(job_id, ""), skip=("checkpoints", "samples"))
         records += reporter.uploaded_outputs

@@ -1,31 +1,39 @@
-"""Copies between a local folder and object storage, with retries (tenacity) for a storage server that blinks."""
+"""Copies between a local folder and object storage, retried (tenacity) through a storage outage of up to the
+outage tolerance."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import mimetypes
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from sqlalchemy.orm import Session, sessionmaker
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
+from core.db import session_scope
 from core.errors import ServiceUnavailable
-from core.storage import ArtifactStore
+from core.jobs import usage
+from core.storage import ArtifactStore, job_prefix
+from worker.dbretry import backoff_cap_s, outage_tolerance_s
 
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def with_retries(action: Callable[[], T], *, what: str, attempts: int | None = None, first_delay_s: float = 0.5) -> T:
-    """Runs `action`, retrying `ServiceUnavailable` up to `attempts` tries in all (default: the
-    `storage_retry_attempts` setting) with exponential backoff from `first_delay_s`; then the last error is raised."""
-    if attempts is None:
-        from core.config import get_settings
-
-        attempts = get_settings().storage_retry_attempts
+def with_retries(
+    action: Callable[[], T], *, what: str, max_wait_s: float | None = None, first_delay_s: float = 0.5
+) -> T:
+    """Runs `action`, retrying `ServiceUnavailable` with exponential backoff from `first_delay_s` for up to
+    `max_wait_s` (default: the outage tolerance, `DOPSD_OUTAGE_TOLERANCE_S`), so a storage outage shorter than that
+    delays the job instead of failing it; then `ServiceUnavailable` saying how long storage was unreachable."""
+    limit = outage_tolerance_s() if max_wait_s is None else max_wait_s
+    started = time.monotonic()
 
     def log_retry(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -35,12 +43,16 @@ def with_retries(action: Callable[[], T], *, what: str, attempts: int | None = N
 
     retrying = Retrying(
         retry=retry_if_exception_type(ServiceUnavailable),
-        wait=wait_exponential(multiplier=first_delay_s),
-        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=first_delay_s, max=backoff_cap_s(limit)),
+        stop=stop_after_delay(limit),
         before_sleep=log_retry,
         reraise=True,
     )
-    return retrying(action)
+    try:
+        return retrying(action)
+    except ServiceUnavailable as exc:
+        waited = time.monotonic() - started
+        raise ServiceUnavailable(f"object storage was unreachable for {waited:.0f} s (during the {what})") from exc
 
 
 def content_type_of(path: Path) -> str:
@@ -74,3 +86,15 @@ def download_prefix(store: ArtifactStore, prefix: str, folder: Path) -> list[Pat
         with_retries(functools.partial(store.get_file, obj.key, target), what=f"download of {obj.key}")
         paths.append(target)
     return paths
+
+
+def record_stored_bytes(sessions: sessionmaker[Session], store: ArtifactStore, job_id: uuid.UUID) -> None:
+    """Records on the job the bytes listed under its prefix (inputs, checkpoints, samples, outputs), as an attempt
+    ends: what its key's storage quota and `GET /v1/usage` count. A failure (storage or database unreachable) is
+    logged, and the job keeps its previous figure until an attempt records it again."""
+    try:
+        objects = store.list(job_prefix(job_id))  # once: the attempt is over, nothing waits on this
+        with session_scope(sessions) as session:
+            usage.record_stored_bytes(session=session, job_id=job_id, nbytes=sum(o.size for o in objects))
+    except Exception:
+        logger.warning("job %s: could not record its stored bytes", job_id, exc_info=True)

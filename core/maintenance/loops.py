@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
@@ -52,7 +51,8 @@ class Maintenance:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Asks the threads to stop and waits up to `timeout_s` for the passes in flight to end (a webhook
-        attempt in flight has its own timeout; a pass cut short is redone by the next process, as after a crash)."""
+        attempt in flight ends within `webhook_attempt_timeout_s`; a pass cut short is redone by the next process,
+        as after a crash)."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=timeout_s)
@@ -72,18 +72,19 @@ class Maintenance:
             self._guarded("reaper", lambda: reap_once(settings=d.settings, sessions=d.sessions, dispatch=d.dispatch))
             self._guarded(
                 "retention",
-                lambda: purge_expired(sessions=d.sessions, store=d.store, retention_days=d.settings.retention_days),
+                lambda: purge_expired(
+                    sessions=d.sessions,
+                    store=d.store,
+                    retention_days=d.settings.retention_days,
+                    deletion_grace_s=d.settings.deletion_grace_s,
+                ),
             )
 
     def _webhook_loop(self) -> None:
         d = self.deps
-        with httpx.Client(follow_redirects=False) as client:
-            while not self._stop.is_set():
-                sent = self._guarded(
-                    "webhook",
-                    lambda: send_once(
-                        settings=d.settings, sessions=d.sessions, public_data=d.public_data, client=client
-                    ),
-                )
-                if not sent:
-                    self._stop.wait(d.settings.webhook_poll_interval_s)
+        while not self._stop.is_set():
+            sent = self._guarded(
+                "webhook", lambda: send_once(settings=d.settings, sessions=d.sessions, public_data=d.public_data)
+            )
+            if not sent:
+                self._stop.wait(d.settings.webhook_poll_interval_s)

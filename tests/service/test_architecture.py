@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ def test_the_api_never_loads_torch() -> None:
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    env = {**os.environ, "DOPSD_ENVIRONMENT": "development"}  # the default settings of a local trial
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
 
 
 def test_import_contracts_hold() -> None:

@@ -56,20 +56,6 @@ class PrivatePostgres:
 
 
 @pytest.fixture(scope="module")
-def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A Redis server of this module's own on a free loopback port, nothing persisted; yields its broker URL."""
-    port = stack.free_port()
-    log = tmp_path_factory.mktemp("redis") / "redis.log"
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    stack.wait_until(lambda: stack.port_open(port), "the private Redis server")
-    yield f"redis://127.0.0.1:{port}/0"
-    stack.stop(process)
-
-
-@pytest.fixture(scope="module")
 def restartable(
     tmp_path_factory: pytest.TempPathFactory, s3: dict[str, str], private_redis: str
 ) -> Iterator[tuple[Stack, Any]]:

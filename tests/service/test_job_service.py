@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,7 +21,6 @@ from core.jobs import client_side, recovery, worker_side
 from core.jobs.models import Job, JobEvent
 from core.jobs.states import JobStatus, Transition
 from core.jobs.transitions import TRANSITION_OPTION, move
-from core.webhooks import deliver_due, list_deliveries
 from tests.conftest import migrated_database
 
 
@@ -172,26 +170,6 @@ def test_concurrent_claims_respect_the_running_limit(sessions: sessionmaker[Sess
     for t in threads:
         t.join()
     assert sorted(results, key=lambda r: r is None)[:2] == [1, 1] and results.count(None) == 6
-
-
-def test_a_webhook_target_is_checked_again_at_delivery(sessions: sessionmaker[Session]) -> None:
-    """A host that moved to a private address after submission gets nothing: the delivery fails, no request."""
-    with sessions() as session:
-        owner, _ = api_keys.create_api_key(session=session, name="hooks")
-        job = client_side.create_job(
-            session=session, job_id=uuid.uuid4(), owner_id=owner.id, preset="tiny-z-image", queue="train.z_image",
-            spec={}, config={"max_train_steps": 5}, images=[], webhook_url="http://127.0.0.1:9/hook",
-            webhook_events=["queued"],
-        )  # fmt: skip
-        session.commit()
-        job_id = job.id
-    sent: list[httpx.Request] = []
-    client = httpx.Client(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200)))
-    attempted = deliver_due(sessions, public_data=lambda _t, d: d, retry_delays_s=[0.1], client=client)
-    assert attempted >= 1 and sent == []
-    with sessions() as session:
-        (delivery,) = list_deliveries(session=session, job_id=job_id)
-        assert delivery.status == "failed" and "loopback" in delivery.attempts[0]["error"]
 
 
 # The state machine -------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from core.webhooks import WebhookTargetError, check_target
+from core.webhooks import WebhookTargetError, any_address, check_target, public_only
 from tests.conftest import Stack, example_files, quick_spec
 from tests.pace import eventually, wait_for_status
 
@@ -314,9 +314,9 @@ def test_worker_logs_are_json_lines_with_the_job_id(prod_stack: Stack, sampled_j
 )  # fmt: skip
 def test_webhook_targets_on_private_addresses_are_refused(url: str) -> None:
     with pytest.raises(WebhookTargetError):
-        check_target(url, allow_private=False)
+        check_target(url, public_only)
 
 
 def test_webhook_targets_on_public_addresses_or_allowed_private_ones_pass() -> None:
-    check_target("https://93.184.216.34/hook", allow_private=False)  # an address literal: no DNS needed
-    check_target("http://127.0.0.1:9/hook", allow_private=True)
+    check_target("https://93.184.216.34/hook", public_only)  # an address literal: no DNS needed
+    check_target("http://127.0.0.1:9/hook", any_address)

@@ -99,8 +99,8 @@ def test_storage_transfers_retry_an_unavailable_store_up_to_their_budget() -> No
         raise ServiceUnavailable("object storage is unavailable")
 
     with pytest.raises(ServiceUnavailable):
-        with_retries(down, what="test upload", attempts=3, first_delay_s=0.01)
-    assert len(calls) == 3
+        with_retries(down, what="test upload", max_wait_s=0.2, first_delay_s=0.01)
+    assert len(calls) >= 3  # tried again and again until the outage outlasted what it may wait
 
     def missing() -> None:
         calls.append(1)
@@ -108,5 +108,5 @@ def test_storage_transfers_retry_an_unavailable_store_up_to_their_budget() -> No
 
     calls.clear()
     with pytest.raises(NotFound):  # not transient: no retry
-        with_retries(missing, what="test download", attempts=3, first_delay_s=0.01)
+        with_retries(missing, what="test download", max_wait_s=0.2, first_delay_s=0.01)
     assert len(calls) == 1
