@@ -16,6 +16,7 @@ from core.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     ServiceUnavailable,
     TooManyRequests,
     Unauthorized,
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 STATUS_BY_ERROR: list[tuple[type[DomainError], int]] = [
     (NotFound, 404),
     (PayloadTooLarge, 413),
+    (QuotaExceeded, 403),
     (Unauthorized, 401),
     (Conflict, 409),
     (ServiceUnavailable, 503),

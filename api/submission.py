@@ -1,21 +1,25 @@
-"""Turning a multipart upload into a validated job: spec -> resolved `DOPSDConfig`, every image decoded and
-checked, the images stored, then the job row. An invalid request creates nothing."""
+"""Turning a multipart upload into a validated job: spec -> resolved `DOPSDConfig`, then every image checked in the
+validation processes (`api/image_checks.py`) within the pixel limits. An invalid request creates nothing."""
 
 from __future__ import annotations
 
+import functools
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
 from pydantic import ValidationError
 
+from api.image_checks import ImageRefusal, decode_all, read_headers
 from api.schemas import JobSpec
 from api.spec_fields import training_values
+from api.upload_guards import UploadGuards
 from api.uploads import ParsedUpload, UploadedFile
-from core.errors import InvalidImage, InvalidRequest, InvalidSpec
+from core.config import Settings
+from core.errors import InvalidImage, InvalidRequest, InvalidSpec, PayloadTooLarge
 from dopsd.config import DOPSDConfig
-from dopsd.data import DataError, load_image, resolve_caption
+from dopsd.data import DataError, resolve_caption
 from dopsd.presets import Preset, get_preset
 
 
@@ -79,23 +83,49 @@ def build_config(spec: JobSpec, files: list[UploadedFile]) -> tuple[Preset, dict
     return preset, config.to_dict()
 
 
-def validate_images(files: list[UploadedFile], preset: Preset) -> list[tuple[UploadedFile, str, str]]:
-    """Decodes every image fully (size, format, truncation, bombs); the first bad one is an `invalid_image`."""
-    checked = []
-    for f in files:
-        try:
-            load_image(f.path, min_side=preset.min_image_side, name=f.safe_name)
-            with Image.open(f.path) as im:
-                fmt = "JPEG" if im.format == "MPO" else str(im.format)
-        except DataError as exc:
-            raise InvalidImage(str(exc), code=exc.code, details={"file": f.safe_name, "reason": exc.reason}) from exc
-        ext, content_type = EXTENSIONS[fmt]
-        checked.append((f, ext, content_type))
-    return checked
+async def validate_images(
+    files: list[UploadedFile], preset: Preset, *, owner_id: uuid.UUID, settings: Settings, guards: UploadGuards
+) -> list[tuple[UploadedFile, str, str]]:
+    """Checks every image in the validation processes, headers first: the pixel limits (per image and per
+    request) and the key's per-minute pixel budget are applied before any pixel is decoded; then each image is
+    decoded (JPEGs at 1/8 scale). The first bad image is an `invalid_image` with its code."""
+    named = [(str(f.path), f.safe_name) for f in files]
+    headers = await guards.checks.run(
+        owner_id, guards.pool, functools.partial(read_headers, min_side=preset.min_image_side), named
+    )
+    if isinstance(headers, ImageRefusal):
+        raise _refused(headers)
+    for f, header in zip(files, headers, strict=True):
+        if header.pixels > settings.max_image_pixels:
+            raise PayloadTooLarge(
+                f"{f.safe_name}: {header.width}x{header.height} = {header.pixels} pixels, more than the limit of "
+                f"{settings.max_image_pixels} per image; downscale it (training uses about 1 megapixel)",
+                code="image_too_large",
+                details={"file": f.safe_name, "pixels": header.pixels, "limit": settings.max_image_pixels},
+            )
+    total = sum(h.pixels for h in headers)
+    if total > settings.max_request_pixels:
+        raise PayloadTooLarge(
+            f"the images have {total} pixels together, more than the limit of {settings.max_request_pixels} "
+            "per request; send fewer or smaller images",
+            code="too_many_pixels",
+            details={"pixels": total, "limit": settings.max_request_pixels},
+        )
+    guards.pixels.charge(owner_id, total)
+    refusal = await guards.checks.run(owner_id, guards.pool, decode_all, named)
+    if refusal is not None:
+        raise _refused(refusal)
+    return [(f, *EXTENSIONS[h.format]) for f, h in zip(files, headers, strict=True)]
 
 
-def validate_submission(upload: ParsedUpload, max_images: int) -> ValidatedJob:
-    """Every check of a job submission, in the order a client fixes them."""
+def _refused(refusal: ImageRefusal) -> InvalidImage:
+    message = f"{refusal.file}: {refusal.reason}"
+    return InvalidImage(message, code=refusal.code, details={"file": refusal.file, "reason": refusal.reason})
+
+
+def check_request(upload: ParsedUpload, max_images: int) -> tuple[JobSpec, Preset, dict[str, Any]]:
+    """The checks of a submission that need no image decoded, in the order a client fixes them: fields, spec,
+    file count, the config resolved against the preset (captions included)."""
     unexpected = sorted(set(upload.fields) - {"spec"})
     if unexpected:
         raise InvalidRequest(f"unexpected form fields: {', '.join(unexpected)}")
@@ -105,5 +135,13 @@ def validate_submission(upload: ParsedUpload, max_images: int) -> ValidatedJob:
     if len(upload.files) > max_images:
         raise InvalidRequest(f"at most {max_images} images per job", code="too_many_files")
     preset, config = build_config(spec, upload.files)
-    images = validate_images(upload.files, preset)
+    return spec, preset, config
+
+
+async def validate_submission(
+    upload: ParsedUpload, max_images: int, *, owner_id: uuid.UUID, settings: Settings, guards: UploadGuards
+) -> ValidatedJob:
+    """Every check of a job submission, in the order a client fixes them; the images last (they cost most)."""
+    spec, preset, config = check_request(upload, max_images)
+    images = await validate_images(upload.files, preset, owner_id=owner_id, settings=settings, guards=guards)
     return ValidatedJob(spec=spec, preset=preset, config=config, images=images)

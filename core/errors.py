@@ -38,6 +38,12 @@ class PayloadTooLarge(DomainError):
     code = "payload_too_large"
 
 
+class QuotaExceeded(DomainError):
+    """A key's standing allowance (its storage quota) would be passed; waiting does not help, deleting does."""
+
+    code = "quota_exceeded"
+
+
 class Unauthorized(DomainError):
     code = "unauthorized"
 

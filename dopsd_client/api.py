@@ -296,6 +296,12 @@ class DOPSDClient:
         """Cancels the job if needed and deletes everything stored for it."""
         self._send("DELETE", f"/v1/jobs/{job_id}", retries=3)
 
+    def usage(self) -> dict[str, Any]:
+        """What the key uses and may use: jobs and previews by status, GPU-seconds, stored bytes against its quota,
+        and its limits (`GET /v1/usage`)."""
+        result: dict[str, Any] = self._json("GET", "/v1/usage")
+        return result
+
     def presets(self) -> builtins.list[dict[str, Any]]:
         """The model presets and the defaults each applies."""
         result: list[dict[str, Any]] = self._json("GET", "/v1/presets")

@@ -474,6 +474,20 @@ def _list(client: DOPSDClient, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    usage = client.usage()
+    if ns.json:
+        _out(json.dumps(usage, indent=2))
+        return 0
+    stored, quota = _size(usage["stored_bytes"]), usage.get("quota_bytes")
+    _out(f"stored:      {stored} of {_size(quota)}" if quota else f"stored:      {stored} (no quota)")
+    _out(f"gpu seconds: {usage['gpu_seconds']:.1f}")
+    for label, counts in (("jobs", usage["jobs"]), ("previews", usage["previews"])):
+        listed = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none"
+        _out(f"{label + ':':12} {listed}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[DOPSDClient, argparse.Namespace], int]] = {
     "submit": _submit,
     "preview": _preview,
@@ -483,6 +497,7 @@ COMMANDS: dict[str, Callable[[DOPSDClient, argparse.Namespace], int]] = {
     "cancel": _cancel,
     "delete": _delete,
     "list": _list,
+    "usage": _usage,
 }
 
 
@@ -596,5 +611,8 @@ def register(sub: Any) -> None:
     listing.add_argument("--kind", choices=("training", "preview"), help="training jobs (default) or previews")
     listing.add_argument("--limit", type=int, default=20)
     listing.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    usage = commands.add_parser("usage", help="what your key stores and has used (GPU-seconds), and its limits")
+    usage.add_argument("--json", action="store_true", help="print the API's JSON")
 
     client.set_defaults(func=run)

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from api.routes import files, health, jobs, presets, previews
+from api.routes import files, health, jobs, presets, previews, usage
 
 
 api_router = APIRouter()
@@ -11,3 +11,4 @@ api_router.include_router(jobs.router)
 api_router.include_router(previews.router)
 api_router.include_router(presets.router)
 api_router.include_router(files.router)
+api_router.include_router(usage.router)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.routes.shared import ERRORS, MULTIPART_BODY, IdempotencyKey, mark_replayed
-from api.schemas import PreviewPublic
+from api.schemas import ErrorBody, PreviewPublic
 from api.services import present, submit
 from core.errors import NotFound
 from core.jobs import client_side
@@ -19,7 +19,12 @@ router = APIRouter(prefix="/v1/previews", tags=["previews"], responses=ERRORS)
 
 
 @router.post(
-    "", status_code=202, response_model=PreviewPublic, openapi_extra=MULTIPART_BODY, operation_id="previews-create"
+    "",
+    status_code=202,
+    response_model=PreviewPublic,
+    openapi_extra=MULTIPART_BODY,
+    operation_id="previews-create",
+    responses={403: {"model": ErrorBody, "description": "`storage_quota_exceeded`"}},
 )
 async def create_preview(
     request: Request,
@@ -33,8 +38,10 @@ async def create_preview(
     """Renders the concept zero-shot: for each reference image (at most 8) and each `spec.validation_prompts`
     entry, the base model conditioned on the teacher context of (image + prompt) at the native few-step setting.
 
-    Same upload, validation and limits as `POST /v1/jobs`; the preview runs as a short job (watch
-    `/v1/jobs/{id}/events`, or poll `GET /v1/previews/{id}` until `preview_images` is filled)."""
+    Same upload, validation and limits as `POST /v1/jobs`, and it counts as one against the key's: its images
+    spend the per-minute pixel budget and are stored against the storage quota (403 `storage_quota_exceeded`), and
+    it waits in the key's queued and running jobs. The preview runs as a short job (watch `/v1/jobs/{id}/events`,
+    or poll `GET /v1/previews/{id}` until `preview_images` is filled)."""
     submitted = await submit.submit(
         request, owner_id=principal.id, session=session, settings=settings, store=store,
         idempotency_key=idempotency_key, kind="preview",

@@ -12,7 +12,7 @@ from api.services.submit import Submitted
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 415, 422, 429, 503)
 }
 
 MULTIPART_BODY: dict[str, Any] = {

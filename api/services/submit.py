@@ -1,5 +1,6 @@
-"""Submitting a job or a preview: stream and check the upload, answer a dry run, replay an `Idempotency-Key`,
-enforce the per-key queue limit, store the images and the job row in one go, then ring the broker's doorbell.
+"""Submitting a job or a preview: stream and check the upload (within the key's upload limits), answer a dry run,
+replay an `Idempotency-Key`, enforce the per-key queue limit and storage quota, store the images and the job row in
+one go, then ring the broker's doorbell.
 
 An invalid request leaves nothing behind: nothing is stored before every check passed, and a failure while storing
 removes what was written.
@@ -26,10 +27,11 @@ from sqlalchemy.orm import Session
 from api.estimate import estimate_gpu_seconds
 from api.schemas import DryRunPublic, ImagePublic
 from api.submission import ValidatedJob, validate_submission
+from api.upload_guards import upload_guards
 from api.uploads import UploadLimits, parse_multipart
 from core.config import Settings
-from core.errors import TooManyRequests
-from core.jobs import client_side, idempotency
+from core.errors import QuotaExceeded, TooManyRequests
+from core.jobs import client_side, idempotency, usage
 from core.jobs.models import Job
 from core.queue import enqueue_training, queue_for_family
 from core.storage import ArtifactStore, input_key, job_prefix
@@ -57,6 +59,11 @@ class Received:
             digest.update(f"\n{upload.safe_name}:{upload.digest.hexdigest()}".encode())
         return digest.hexdigest()
 
+    @property
+    def input_bytes(self) -> int:
+        """The bytes the images would store."""
+        return sum(upload.size for upload, _, _ in self.validated.images)
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -67,9 +74,12 @@ class Submitted:
 
 
 @asynccontextmanager
-async def received_upload(request: Request, settings: Settings, kind: str) -> AsyncIterator[Received]:
+async def received_upload(
+    request: Request, settings: Settings, kind: str, owner_id: uuid.UUID
+) -> AsyncIterator[Received]:
     """Streams the multipart body to a temporary folder with the upload limits enforced while reading, then checks
-    the spec, every image and the webhook target; the files live until the block ends."""
+    the spec, every image (in the validation processes, within the key's limits) and the webhook target; the files
+    live until the block ends. A key has at most `max_uploads_per_key` of these at once."""
     limits = UploadLimits(
         max_files=settings.max_images,
         max_file_bytes=settings.max_file_bytes,
@@ -77,23 +87,51 @@ async def received_upload(request: Request, settings: Settings, kind: str) -> As
         max_field_bytes=settings.max_spec_bytes,
     )
     max_images = settings.max_images if kind == "training" else min(settings.max_images, MAX_PREVIEW_IMAGES)
-    with tempfile.TemporaryDirectory(prefix="dopsd-upload-") as tmp:
-        upload = await parse_multipart(request, Path(tmp), limits)
-        validated = await run_in_threadpool(validate_submission, upload, max_images)
-        webhook_events = await run_in_threadpool(
-            validate_webhook,
-            validated.spec.webhook_url,
-            validated.spec.webhook_events,
-            allow_private=settings.webhook_allow_private,
-        )
-        yield Received(validated=validated, webhook_events=webhook_events, kind=kind)
+    guards = upload_guards(request, settings)
+    async with guards.uploads.slot(owner_id):
+        with tempfile.TemporaryDirectory(prefix="dopsd-upload-") as tmp:
+            upload = await parse_multipart(request, Path(tmp), limits)
+            validated = await validate_submission(
+                upload, max_images, owner_id=owner_id, settings=settings, guards=guards
+            )
+            webhook_events = await run_in_threadpool(
+                validate_webhook,
+                validated.spec.webhook_url,
+                validated.spec.webhook_events,
+                allow_private=settings.webhook_allow_private,
+            )
+            yield Received(validated=validated, webhook_events=webhook_events, kind=kind)
 
 
-async def dry_run(request: Request, *, session: Session, settings: Settings, kind: str) -> DryRunPublic:
-    """Every check of a submission, then what it would do (resolved config, estimate, queue position); creates
-    nothing."""
-    async with received_upload(request, settings, kind) as received:
+def check_key_limits(*, session: Session, owner_id: uuid.UUID, settings: Settings, incoming_bytes: int) -> None:
+    """The key's standing limits, as a submission (or its dry run) meets them: its queued jobs (429
+    `too_many_queued_jobs`) and its storage quota (403 `storage_quota_exceeded`), this upload's bytes included."""
+    if client_side.count_queued(session=session, owner_id=owner_id) >= settings.max_queued_per_key:
+        raise TooManyRequests(
+            f"this key already has {settings.max_queued_per_key} queued jobs", retry_after_s=60,
+            code="too_many_queued_jobs",
+        )  # fmt: skip
+    quota = settings.max_stored_bytes_per_key
+    if quota:
+        stored = usage.stored_bytes(session=session, owner_id=owner_id)
+        if stored + incoming_bytes > quota:
+            raise QuotaExceeded(
+                f"this key stores {stored} bytes; with this upload's {incoming_bytes} it would pass its quota of "
+                f"{quota} bytes. Delete jobs you no longer need (GET /v1/usage shows what is stored)",
+                code="storage_quota_exceeded",
+                details={"stored_bytes": stored, "upload_bytes": incoming_bytes, "quota_bytes": quota},
+            )
+
+
+async def dry_run(
+    request: Request, *, owner_id: uuid.UUID, session: Session, settings: Settings, kind: str
+) -> DryRunPublic:
+    """Every check of a submission, the key's limits included (it answers what the submission would), then what
+    it would do (resolved config, estimate, queue position); creates nothing. It costs the key's upload limits as
+    a submission does."""
+    async with received_upload(request, settings, kind, owner_id) as received:
         validated = received.validated
+        check_key_limits(session=session, owner_id=owner_id, settings=settings, incoming_bytes=received.input_bytes)
         queue = queue_for_family(validated.preset.family)
         return DryRunPublic(
             config=validated.config,
@@ -116,17 +154,13 @@ async def submit(
     kind: str,
 ) -> Submitted:
     """The one submission path of training jobs and previews: check, replay or store and record, then dispatch."""
-    async with received_upload(request, settings, kind) as received:
+    async with received_upload(request, settings, kind, owner_id) as received:
         request_hash = received.request_hash()
         if idempotency_key:
             earlier = _replayed(session, owner_id, idempotency_key, request_hash, settings)
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
-        if client_side.count_queued(session=session, owner_id=owner_id) >= settings.max_queued_per_key:
-            raise TooManyRequests(
-                f"this key already has {settings.max_queued_per_key} queued jobs", retry_after_s=60,
-                code="too_many_queued_jobs",
-            )  # fmt: skip
+        check_key_limits(session=session, owner_id=owner_id, settings=settings, incoming_bytes=received.input_bytes)
         job_id = uuid.uuid4()
         try:
             job = await _store_and_record(session, store, settings, owner_id, job_id, received, idempotency_key)
@@ -164,6 +198,11 @@ async def _store_and_record(
     """Stores the images under the job's prefix, then commits the queued job (and its idempotency record)."""
     validated = received.validated
     images = await run_in_threadpool(_store_inputs, store, job_id, validated)
+    # Under the key's row lock, so two submissions of one key cannot both fit in the last of its quota.
+    usage.lock_key(session=session, owner_id=owner_id)
+    check_key_limits(
+        session=session, owner_id=owner_id, settings=settings, incoming_bytes=sum(i["size"] for i in images)
+    )
     job = client_side.create_job(
         session=session,
         job_id=job_id,

@@ -48,6 +48,7 @@ def create_job(
         spec=spec,
         config=config,
         images=images,
+        stored_bytes=sum(int(image["size"]) for image in images),
         status=JobStatus.QUEUED.value,
         total_steps=int(config.get("max_train_steps") or 0),
         dispatched_at=utcnow(),  # the caller sends the message right after committing
@@ -151,6 +152,17 @@ def request_cancel(*, session: Session, job: Job) -> Job:
     elif job.job_status != JobStatus.CANCELED:
         raise Conflict(f"job {job.id} already {job.status}", code="job_not_cancellable")
     return job
+
+
+def mark_deleted(*, session: Session, job: Job) -> None:
+    """Hides the job from its owner (404 from now on) and stops it: a queued job is canceled at once, a running
+    one's worker stops within a step and then deletes what it stored. The caller has deleted the job's objects
+    first (so a storage outage leaves the job visible, to be deleted again), commits, then deletes them once more:
+    what a running worker uploaded in between goes then, and what it uploads later goes when it stops."""
+    if not job.job_status.is_terminal:
+        request_cancel(session=session, job=job)
+    job.deleted = True
+    job.deleted_at = utcnow()
 
 
 def list_events(*, session: Session, job_id: uuid.UUID, after: int, limit: int) -> list[JobEvent]:

@@ -71,10 +71,18 @@ class Job(Base):
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     deleted: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    # When the job was deleted (`DELETE`, or retention); when the sweep found its stored objects gone after its
+    # worker stopped; when its personal data was erased from the database, `deletion_grace_s` later.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    objects_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    data_erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     # The evaluation report of a succeeded training job (`report.json`, docs/evaluation.md); null before or without.
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Bytes stored under the job's prefix: its inputs from submission on, then what its worker listed there when
+    # an attempt ended (checkpoints, samples, outputs). The storage quota sums it over a key's jobs not deleted.
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     artifacts: Mapped[list[JobArtifact]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobArtifact.name"
