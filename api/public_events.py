@@ -32,6 +32,7 @@ from core.events import (
     StartedPayload,
     SucceededPayload,
     TrainingPayload,
+    WarningPayload,
     parse_payload,
 )
 from core.storage import ArtifactStore
@@ -75,6 +76,7 @@ PublicPayload = (
     | FailedPayload
     | CanceledPayload
     | PurgedPayload
+    | WarningPayload
 )
 
 
@@ -183,6 +185,11 @@ class PurgedEvent(_Event):
     data: PurgedPayload
 
 
+class WarningEvent(_Event):
+    type: Literal[EventType.WARNING]
+    data: WarningPayload
+
+
 EventPublic = Annotated[
     QueuedEvent
     | StartedEvent
@@ -197,7 +204,8 @@ EventPublic = Annotated[
     | SucceededEvent
     | FailedEvent
     | CanceledEvent
-    | PurgedEvent,
+    | PurgedEvent
+    | WarningEvent,
     Field(discriminator="type"),
 ]
 # Validates one event into its type's model (`data` already a payload model: it is kept as it is).

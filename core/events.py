@@ -37,6 +37,7 @@ class EventType(enum.StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
     PURGED = "purged"
+    WARNING = "warning"
 
 
 def _absent(value: object) -> bool:
@@ -214,6 +215,15 @@ class PurgedPayload(EventPayload):
     reason: Literal["retention"]
 
 
+class WarningPayload(EventPayload):
+    """A stage after training failed (`report`, `gap`, `samples`, `formats`); the job still succeeds with its
+    adapter and what the other stages made, and `message` says what is missing and why."""
+
+    event_type: ClassVar[EventType] = EventType.WARNING
+    stage: str
+    message: str
+
+
 SucceededPayload = TrainingSucceededPayload | PreviewSucceededPayload
 AnyPayload = (
     QueuedPayload
@@ -230,6 +240,7 @@ AnyPayload = (
     | FailedPayload
     | CanceledPayload
     | PurgedPayload
+    | WarningPayload
 )
 
 # How each type's stored data is read back (a `succeeded` event is one of two shapes: training or preview).
@@ -248,6 +259,7 @@ PAYLOADS: dict[EventType, TypeAdapter[Any]] = {
     EventType.FAILED: TypeAdapter(FailedPayload),
     EventType.CANCELED: TypeAdapter(CanceledPayload),
     EventType.PURGED: TypeAdapter(PurgedPayload),
+    EventType.WARNING: TypeAdapter(WarningPayload),
 }
 
 # The webhooks a job gets when its spec names none.

@@ -142,6 +142,8 @@ def _train(ns: argparse.Namespace) -> int:
         print(f"error: teacher_blind: {exc.message} (--force trains anyway)", file=sys.stderr)
         return 3
     gap = result.metrics["teacher_student_gap"]
+    for warning in result.warnings:  # a stage after training failed; the adapter is written all the same
+        print(f"warning: {warning.stage}: {warning.message}", file=sys.stderr)
     print(f"adapter: {result.adapter_path}")
     if gap["relative_change"] is not None:
         print(f"teacher-student gap: {gap['before']:.4g} -> {gap['after']:.4g} ({gap['relative_change']:+.0%})")

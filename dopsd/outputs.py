@@ -1,12 +1,14 @@
 """What a finished run leaves in its output folder: the adapter files, `config.json` and `metrics.json`.
 
-The trainer writes the diffusers adapter first, before anything that can still fail (the final samples, the
-conversion to other formats), so a failure after training never loses the trained weights.
+The trainer writes the diffusers adapter first, before anything that can still fail (the report, the final samples,
+the conversion to other formats), so a failure after training never loses the trained weights.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,20 @@ def write_adapter(
     steps: int,
 ) -> Path:
     """Writes `pytorch_lora_weights.safetensors` (the pipeline's own LoRA saver, so diffusers loads it as is) with
-    our header metadata (method, version, base model, trigger, rank, alpha, steps), and the run's `config.json`."""
-    family.save_lora_weights(str(out), student, lora_metadata)
+    our header metadata (method, version, base model, trigger, rank, alpha, steps), and the run's `config.json`.
+
+    The file is written in a scratch folder and moved into place whole, so replacing an adapter (`keep: best`)
+    never leaves a half-written one where the last good one was."""
     path = out / LORA_WEIGHT_NAME
+    with tempfile.TemporaryDirectory(prefix=".adapter-", dir=out) as scratch:
+        family.save_lora_weights(scratch, student, lora_metadata)
+        _add_metadata(Path(scratch) / LORA_WEIGHT_NAME, family, cfg, steps)
+        os.replace(Path(scratch) / LORA_WEIGHT_NAME, path)
+    cfg.save(out / CONFIG_FILE)
+    return path
+
+
+def _add_metadata(path: Path, family: ModelFamily, cfg: DOPSDConfig, steps: int) -> None:
     add_file_metadata(
         path,
         {
@@ -50,8 +63,6 @@ def write_adapter(
             "dopsd.steps": str(steps),
         },
     )
-    cfg.save(out / CONFIG_FILE)
-    return path
 
 
 def write_other_formats(adapter_path: Path, cfg: DOPSDConfig, family: ModelFamily) -> list[Path]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -38,7 +38,8 @@ from dopsd.data import (
     resolve_caption,
 )
 from dopsd.errors import TrainingCancelled
-from dopsd.evidence import Evidence
+from dopsd.evaluation.report import Report
+from dopsd.evidence import REPORT_NAME, Evidence
 from dopsd.lora import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
@@ -63,6 +64,7 @@ from dopsd.sampling import SampleRenderer, SampleSet
 
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GAP_SEED_OFFSET = 1_000_003  # held-out noise for the gap metric never coincides with training noise
 MAX_GAP_PAIRS = 8
@@ -70,12 +72,41 @@ FEATURE_CHUNK = 8  # captions (or prompts) encoded per batch: 64 images with sev
 
 
 @dataclass(frozen=True)
+class RunWarning:
+    """A stage after training that failed (`report`, `gap`, `samples`, `formats`): the run kept its adapter and
+    what the other stages made, and says what is missing and why."""
+
+    stage: str
+    message: str
+
+
+@dataclass(frozen=True)
 class TrainingResult:
-    """Where a finished run put its outputs, and its headline metrics."""
+    """Where a finished run put its outputs, its headline metrics, and the stages after training that failed."""
 
     output_dir: Path
     adapter_path: Path
     metrics: dict[str, Any]
+    warnings: tuple[RunWarning, ...] = ()
+
+
+@dataclass
+class _AfterTraining:
+    """Runs the stages that follow the written adapter; a stage that fails becomes a `RunWarning` (logged with its
+    traceback) instead of failing a run whose weights are already safe. Only the trainer's own work goes through
+    here: a callback's exception (a stop, a lost lease, a storage outage) still ends the run."""
+
+    warnings: list[RunWarning] = field(default_factory=list)
+
+    def attempt(self, stage: str, what: str, work: Callable[[], T]) -> T | None:
+        """`work()`, or None (and a warning naming `what` could not be done) when it raises."""
+        try:
+            return work()
+        except Exception as exc:
+            message = f"{what} failed after training ({type(exc).__name__}: {exc}); the adapter is kept"
+            logger.warning("%s", message, exc_info=True)
+            self.warnings.append(RunWarning(stage, message[:1000]))
+            return None
 
 
 @dataclass
@@ -109,7 +140,8 @@ def train(
     `config` is taken as it is (a resolved `DOPSDConfig`). `family` lets a long-lived worker pass an already loaded
     model (its adapters are removed again at the end); `dataset` lets a caller pass images it already validated.
     Raises `TrainingCancelled` when a callback stops the run (after checkpointing), `DataError` for bad input,
-    `CheckpointError` for a bad resume.
+    `CheckpointError` for a bad resume. Once the adapter is written, a stage that fails (the report, the gap, the
+    final samples, the format conversion) does not raise: it is in `TrainingResult.warnings`.
     """
     cfg = config
     device, dtype = resolve_device(cfg)
@@ -315,12 +347,20 @@ class _Run:
             cb.on_checkpoint(state.step, path)
         return path
 
-    def samples(self, step: int, final: bool = False) -> SampleSet:
-        """Renders the sample images of `step` and tells the callbacks."""
+    def render(self, step: int, final: bool = False) -> SampleSet:
+        """Renders the sample images of `step`."""
         self.transformer.eval()
-        samples = self.renderer.render(self.out / "samples" / f"step-{step:08d}", step, final=final)
+        return self.renderer.render(self.out / "samples" / f"step-{step:08d}", step, final=final)
+
+    def announce(self, samples: SampleSet) -> None:
+        """Tells the callbacks about rendered samples."""
         for cb in self.callbacks:
             cb.on_samples(samples)
+
+    def samples(self, step: int, final: bool = False) -> SampleSet:
+        """Renders the sample images of `step` and tells the callbacks."""
+        samples = self.render(step, final=final)
+        self.announce(samples)
         return samples
 
 
@@ -448,29 +488,43 @@ def _train_loop(
             run.samples(state.step)
             evidence.quick_check(state.step, adapter_state(transformer, STUDENT_ADAPTER), callbacks)
 
-    # Outputs. The adapter (and config.json) first: what follows can still fail (the report, the gap, the final
-    # samples, the format conversion) and must not lose the trained weights. metrics.json last.
+    # Outputs. The adapter (and config.json) first: what follows (the report, the gap, the final samples, the
+    # format conversion) can still fail, and a failure there leaves the run with its adapter and a warning instead
+    # of losing the trained weights. metrics.json last.
     train_s = time.perf_counter() - t_loop
     transformer.eval()
     adapter_path = write_adapter(
         out, family, adapter_state(transformer, STUDENT_ADAPTER), lora_metadata, cfg, state.step
     )
+    adapter_step = state.step
+    after = _AfterTraining()
     # The report judges the adapter the run keeps: the last one, or (`keep: best`) an earlier sample step's that
     # did better, which then replaces it.
-    report = evidence.final_report(out, state.step)
+    report = after.attempt("report", "the evaluation report", lambda: evidence.final_report(out, state.step))
     kept = evidence.kept_state(report)
     if kept is not None:
         kept_step, kept_student = kept
-        load_adapter_state(transformer, STUDENT_ADAPTER, kept_student)
-        adapter_path = write_adapter(out, family, kept_student, lora_metadata, cfg, kept_step)
-        report = evidence.final_report(out, kept_step)
-        logger.info("kept the adapter of step %d (keep: best)", kept_step)
+        (out / REPORT_NAME).unlink(missing_ok=True)  # it judged the adapter about to be replaced
+
+        def keep_best() -> Report | None:
+            nonlocal adapter_path, adapter_step
+            load_adapter_state(transformer, STUDENT_ADAPTER, kept_student)
+            adapter_path = write_adapter(out, family, kept_student, lora_metadata, cfg, kept_step)
+            adapter_step = kept_step
+            logger.info("kept the adapter of step %d (keep: best)", kept_step)
+            return evidence.final_report(out, kept_step)
+
+        report = after.attempt("report", "keeping the best step's adapter and its report", keep_best)
     if report is not None:
         for cb in callbacks:
             cb.on_evaluation(report)
-    state.metrics["gap_after"] = gap.measure()
-    final_samples = run.samples(state.step, final=True)
-    write_other_formats(adapter_path, cfg, family)
+    state.metrics["gap_after"] = after.attempt("gap", "the teacher-student gap", gap.measure)
+    final_samples = after.attempt("samples", "the final samples", lambda: run.render(state.step, final=True))
+    if final_samples is not None:
+        run.announce(final_samples)
+    after.attempt(
+        "formats", f"the conversion to {cfg.output_formats}", lambda: write_other_formats(adapter_path, cfg, family)
+    )
     metrics = run_metrics(
         steps=state.step,
         loss=state.loss_history,
@@ -480,9 +534,9 @@ def _train_loop(
         gap_definition=gap.definition,
         timing_s={"load": load_s, "train": train_s, "per_step": train_s / max(1, state.step - start_step)},
         captions={it.name: list(it.captions) for it in dataset.items},
-        samples=[str(p.path.relative_to(out)) for p in final_samples.images],
+        samples=[str(p.path.relative_to(out)) for p in final_samples.images] if final_samples else [],
     )
-    metrics["kept_step"] = report.step if report is not None else state.step
+    metrics["kept_step"] = adapter_step
     metrics["evaluation"] = (
         None
         if report is None
@@ -494,10 +548,11 @@ def _train_loop(
     )
     if evidence.teacher_check is not None:
         metrics["teacher_check"] = evidence.teacher_check.to_dict()
+    metrics["warnings"] = [asdict(w) for w in after.warnings]
     write_metrics(out, metrics)
     for cb in callbacks:
         cb.on_train_end(out)
-    return TrainingResult(out, adapter_path, metrics)
+    return TrainingResult(out, adapter_path, metrics, tuple(after.warnings))
 
 
-__all__ = ["TrainingResult", "active_adapter", "resolve_device", "train"]
+__all__ = ["RunWarning", "TrainingResult", "active_adapter", "resolve_device", "train"]

@@ -57,6 +57,9 @@ class JobReporter(TrainerCallback):
         self.interval_s = interval_s
         self.lease_s = lease_s
         self._last_write = 0.0
+        # Set once a stop was asked for: the checkpoint the trainer writes on stopping stays on this machine (a
+        # canceled job never resumes, and a deleted one must leave nothing behind).
+        self.stopping = False
         self._claimed_at = time.monotonic()
         # Output files already in storage (samples, as they were made), named relative to the output folder.
         self.uploaded_outputs: list[dict[str, object]] = []
@@ -110,6 +113,10 @@ class JobReporter(TrainerCallback):
             stop.set()
             thread.join(timeout=5)
 
+    def warn(self, stage: str, message: str) -> None:
+        """Writes a `warning` event: a stage after training failed and the job goes on without what it makes."""
+        self._event(events.WarningPayload(stage=stage, message=message))
+
     def on_train_begin(self, total_steps: int, start_step: int) -> None:
         self._event(events.TrainingPayload(total_steps=total_steps, start_step=start_step))
 
@@ -138,9 +145,12 @@ class JobReporter(TrainerCallback):
         stop = retry_db(report, what=f"job {self.job_id} progress")
         if write:
             self._last_write = now
+        self.stopping = self.stopping or stop
         return TrainerControl(should_stop=stop)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        if self.stopping:
+            return
         self.renew_lease()  # checkpoints go up only while the job is still this worker's
         prefix = f"{checkpoint_prefix(self.job_id)}{path.name}/"
         upload_tree(self.store, path, prefix)

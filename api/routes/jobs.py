@@ -3,6 +3,7 @@ and webhook deliveries. Each route translates HTTP to one call of the service la
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -13,12 +14,14 @@ from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
 from api.routes.shared import ERRORS, MULTIPART_BODY, IdempotencyKey, mark_replayed
 from api.schemas import ArtifactsPublic, DryRunPublic, EventsPublic, JobPublic, JobsPublic, WebhookDeliveriesPublic
 from api.services import downloads, present, submit
-from api.services.event_stream import event_stream, resume_point
+from api.services.event_stream import StreamBounds, event_stream, resume_point
+from core.errors import ServiceUnavailable
 from core.jobs import client_side
 from core.jobs.states import JobStatus
 from core.storage import job_prefix
 
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 
@@ -48,7 +51,9 @@ async def create_job(
     request answers 409.
     """
     if dry_run:
-        plan = await submit.dry_run(request, session=session, settings=settings, kind="training")
+        plan = await submit.dry_run(
+            request, owner_id=principal.id, session=session, settings=settings, kind="training"
+        )
         return JSONResponse(plan.model_dump(mode="json"), status_code=200)
     submitted = await submit.submit(
         request, owner_id=principal.id, session=session, settings=settings, store=store,
@@ -99,8 +104,15 @@ def delete_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, 
         session.commit()
     # Objects first: if storage is down the client gets 503 and can retry the delete; the job stays visible.
     store.delete_prefix(job_prefix(job.id))
-    job.deleted = True  # hidden from now on; a worker still running it stops and deletes what it wrote
+    client_side.mark_deleted(session=session, job=job)  # hidden from now on
     session.commit()
+    # Once more, now that the job is marked: a running worker's upload in between (the sample or checkpoint of its
+    # last step) goes now, and what it stores later it deletes itself when it stops. A failure here is left to the
+    # maintenance sweep of deleted jobs.
+    try:
+        store.delete_prefix(job_prefix(job.id))
+    except ServiceUnavailable:
+        logger.warning("job %s: second pass of its delete failed; left to the deletion sweep", job.id)
     return Response(status_code=204)
 
 
@@ -124,15 +136,20 @@ def read_events(
 ) -> Any:
     """The job's events after `after`; with `Accept: text/event-stream`, a live server-sent stream.
 
+    A key holds at most `DOPSD_MAX_STREAMS_PER_KEY` streams at once (429 `too_many_streams` beyond); a stream ends
+    when its key is revoked, and after `DOPSD_STREAM_MAX_S`: reconnect with `Last-Event-ID` to continue.
+
     Types: queued, started, model_loaded, progress, checkpoint, sample (image and contact-sheet URLs, valid for
     `expires_in_s`), cancel_requested, requeued, succeeded, failed, canceled."""
     client_side.get_job(session=session, owner_id=principal.id, job_id=job_id)
     ttl = settings.presigned_url_ttl_s
     if accept and "text/event-stream" in accept:
         session.close()  # the stream opens its own short sessions: hold no transaction for its lifetime
+        slots = request.app.state.stream_slots
+        bounds = StreamBounds(principal.id, slots, slots.acquire(principal.id), settings.stream_max_s)
         stream = event_stream(
             request.app.state.sessionmaker, job_id, resume_point(after, last_event_id), store, ttl,
-            request.is_disconnected,
+            request.is_disconnected, bounds,
         )  # fmt: skip
         return StreamingResponse(
             stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

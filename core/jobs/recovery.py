@@ -1,4 +1,5 @@
-"""Recovery, what the periodic reaper does: jobs of dead workers, lost messages, retention."""
+"""Recovery, what the periodic reaper does: jobs of dead workers, lost messages, retention, and the sweep of deleted
+jobs (their leftover objects, then their personal data once the grace period is over)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.events import CanceledPayload, FailedPayload, PurgedPayload, RequeuedPayload, add_event
-from core.jobs.models import IdempotencyRecord, Job, utcnow
+from core.jobs.models import IdempotencyRecord, Job, JobArtifact, JobEvent, WebhookDelivery, utcnow
 from core.jobs.states import TERMINAL, JobStatus, Transition
 from core.jobs.transitions import move
 
@@ -79,7 +80,66 @@ def jobs_past_retention(*, session: Session, older_than_days: float, limit: int 
 
 
 def purge_job(*, session: Session, job_id: uuid.UUID) -> None:
-    """Marks a job whose stored objects were deleted by retention (it then answers 404)."""
+    """Marks a job whose stored objects were deleted by retention (it then answers 404, and its personal data is
+    erased after the deletion grace period, as after `DELETE`)."""
     job = session.get_one(Job, job_id)
-    job.deleted = True
+    now = utcnow()
+    job.deleted, job.deleted_at, job.objects_deleted_at = True, now, now
     add_event(session=session, job_id=job_id, payload=PurgedPayload(reason="retention"))
+
+
+def deleted_jobs_with_objects(*, session: Session, limit: int = 100) -> list[uuid.UUID]:
+    """Deleted jobs whose worker has stopped (the job is in a final state) and whose prefix has not been found empty
+    since: `DELETE` of a running job, a reaper's `ABANDON` of a deleted job whose worker was lost, a delete whose
+    storage call failed, and jobs deleted before the sweep existed."""
+    query = (
+        select(Job.id)
+        .where(Job.deleted.is_(True), Job.status.in_(sorted(TERMINAL)), Job.objects_deleted_at.is_(None))
+        .order_by(Job.deleted_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def mark_objects_deleted(*, session: Session, job_id: uuid.UUID) -> None:
+    """Records that a deleted job's prefix was emptied after its worker stopped."""
+    session.execute(update(Job).where(Job.id == job_id).values(objects_deleted_at=utcnow()))
+
+
+def jobs_to_erase(*, session: Session, grace_s: float, limit: int = 100) -> list[uuid.UUID]:
+    """Deleted jobs past the grace period whose objects are gone and whose personal data is still stored."""
+    cutoff = utcnow() - timedelta(seconds=grace_s)
+    query = (
+        select(Job.id)
+        .where(
+            Job.deleted.is_(True),
+            Job.objects_deleted_at.is_not(None),
+            Job.data_erased_at.is_(None),
+            Job.deleted_at < cutoff,
+        )
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def erase_job_data(*, session: Session, job_id: uuid.UUID) -> None:
+    """Erases what a deleted job held of its owner: the spec and resolved config (captions, trigger, prompts), the
+    image file names, the webhook URL, the error message and report (both may quote them), its events, artifacts,
+    webhook deliveries and idempotency records. What stays is the accounting row: ids, kind, preset, status,
+    timestamps, steps, GPU seconds and the error code."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            spec={},
+            config={},
+            images=[],
+            webhook_url=None,
+            webhook_events=None,
+            error_message=None,
+            report=None,
+            data_erased_at=utcnow(),
+        )
+    )
+    for table in (JobEvent, JobArtifact, WebhookDelivery, IdempotencyRecord):
+        session.execute(delete(table).where(table.job_id == job_id))

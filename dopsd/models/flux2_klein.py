@@ -15,6 +15,7 @@ Two teacher contexts (`teacher_context`):
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,6 +26,7 @@ from diffusers import Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 from PIL import Image
 
+from dopsd.data import resize_to_cover
 from dopsd.models.base import ModelFamily
 from dopsd.models.qwen_teacher import QwenVLTeacherEncoder
 
@@ -37,6 +39,25 @@ CONSISTENCY_INSTRUCTION = (
 )
 RELEASED_ROLLOUT_STEPS = 4  # the released script's `num_training_steps` for klein
 REFERENCE_TIME_COORDINATE = 10  # `_prepare_image_ids`: the first reference image sits at T = 10
+# The pipeline refuses a reference image (`image=`) with a side under this (`Flux2ImageProcessor.check_image_input`,
+# "Image too small: WxH. Both dimensions must be at least 64px"); the aspect buckets of a small resolution (80x48
+# at 64 px) fall under it, so the edit teacher's reference is enlarged to it before it is encoded or rendered.
+MIN_REFERENCE_SIDE = 64
+
+
+def reference_image(image: Image.Image, multiple: int, min_side: int = MIN_REFERENCE_SIDE) -> Image.Image:
+    """`image` as the edit teacher's reference: unchanged when both sides reach `min_side`, otherwise enlarged
+    (aspect kept, sides rounded up to `multiple`) so the pipeline accepts it when samples are rendered, and the
+    training teacher sees the very same reference tokens."""
+    short = min(image.size)
+    if short >= min_side:
+        return image
+    scale = min_side / short
+    size = (
+        math.ceil(image.width * scale / multiple) * multiple,
+        math.ceil(image.height * scale / multiple) * multiple,
+    )
+    return resize_to_cover(image, size)
 
 
 def teacher_edit_prompt(caption: str) -> str:
@@ -128,8 +149,9 @@ class Flux2KleinFamily(ModelFamily):
         if self.teacher_context == "edit":
             prompt = teacher_edit_prompt(caption)
             embeds = self._text_features([prompt], text_max_length)[0]
-            tokens, ids = self._reference_tokens(image)
-            return KleinCond(embeds, tokens, ids, image)
+            reference = reference_image(image, self.pipeline.vae_scale_factor * 2)
+            tokens, ids = self._reference_tokens(reference)
+            return KleinCond(embeds, tokens, ids, reference)
         assert self.teacher_encoder is not None
         self._encoders_to(self.device)
         feats = self.teacher_encoder.encode(
