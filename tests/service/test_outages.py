@@ -92,7 +92,7 @@ def worker_warnings(running: Stack, job_id: str, about: str) -> list[str]:
     ]
 
 
-def training(client: httpx.Client, *, steps: int = 40) -> dict[str, Any]:
+def training(client: httpx.Client, *, steps: int = 16) -> dict[str, Any]:
     """A job that checkpoints every 2 steps (uploads during training), seen past its 4th step."""
     spec = quick_spec(steps=steps, checkpointing_steps=2)
     job = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(spec)})
@@ -126,7 +126,7 @@ def test_a_storage_outage_within_the_tolerance_delays_the_job_which_then_finishe
             outages.storage.up()
         done = wait_for_status(client, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded", done["error"]
-    assert done["attempt"] == 1 and done["progress"]["step"] == 40
+    assert done["attempt"] == 1 and done["progress"]["step"] == 16
     assert len(adapters_of(running, job["id"])) == 1
 
 
@@ -162,7 +162,7 @@ def test_a_database_outage_within_the_tolerance_delays_the_job_which_then_finish
         eventually(lambda: client.get("/v1/jobs").status_code, lambda s: s == 200, "the API recovering")
         done = wait_for_status(client, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded", done["error"]
-    assert done["attempt"] == 1 and done["progress"]["step"] == 40
+    assert done["attempt"] == 1 and done["progress"]["step"] == 16
     assert len(adapters_of(running, job["id"])) == 1
 
 
@@ -171,7 +171,7 @@ def test_a_database_outage_longer_than_the_tolerance_fails_the_job_naming_the_da
 ) -> None:
     running = outages.stack
     with running.client(running.create_key("database-gone")) as client:
-        job = training(client, steps=200)
+        job = training(client)
         outages.database.down()
         try:
             eventually(  # the worker gave the job up; its failure waits for the database too, and is written then
