@@ -193,6 +193,8 @@ class Watcher:
             self._line("the worker was lost; the job is queued again and resumes from its last checkpoint")
         elif kind == "cancel_requested":
             self._line("cancel requested; stopping within one step")
+        elif kind == "warning":  # a stage after training failed; the adapter is there, this part is not
+            self._line(f"warning: {data.get('stage', 'a stage')}: {data.get('message', '')}".rstrip(": "))
         elif kind in TERMINAL_STATUSES:
             if kind == "succeeded" and self.bar is not None:
                 self.bar.n = self.bar.total

@@ -46,6 +46,8 @@ export function describeEvent(ev) {
       return `Put back in the queue after attempt ${d.after_attempt ?? "?"}.`;
     case "purged":
       return "Its data was deleted (retention period).";
+    case "warning":
+      return `Warning (${d.stage ?? "after training"}): ${sentence(d.message || "a step after training failed; the adapter is kept")}`;
     default:
       return sentence(ev.type.replaceAll("_", " "));
   }

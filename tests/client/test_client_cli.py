@@ -197,3 +197,18 @@ def _s3(stack: Stack) -> Any:
         aws_access_key_id=stack.env["DOPSD_S3_ACCESS_KEY_ID"],
         aws_secret_access_key=stack.env["DOPSD_S3_SECRET_ACCESS_KEY"],
     )  # fmt: skip
+
+
+def test_a_warning_event_is_shown_as_a_line_under_wait() -> None:
+    import io
+
+    from dopsd_client.cli import Watcher
+
+    out = io.StringIO()
+    Watcher(stream=out)(
+        {
+            "type": "warning",
+            "data": {"stage": "report", "message": "the evaluation report failed; the adapter is kept"},
+        }
+    )
+    assert out.getvalue().strip() == "warning: report: the evaluation report failed; the adapter is kept"
