@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -16,22 +18,28 @@ from core.jobs.models import ApiKey
 from core.storage import ArtifactStore
 
 
-def get_app_settings(request: Request) -> Settings:
+# The dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in the thread pool, and
+# those hops (and the GIL hand-overs they cost) were a measured share of every request's time (bench/service.py).
+
+
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was created with."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """A session for the request, committed by the handler, closed after it."""
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for the request, committed by the handler, closed after it (in the thread pool: closing rolls
+    back on the database). Making one does no I/O: it connects on first use, in the handler's thread."""
     session: Session = request.app.state.sessionmaker()
     try:
         yield session
     finally:
-        session.close()
+        with anyio.CancelScope(shield=True):  # closed also when the client went away
+            await run_in_threadpool(session.close)
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_store(request: Request) -> ArtifactStore:
     """The artifact store."""
     store: ArtifactStore = request.app.state.store
     return store

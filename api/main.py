@@ -6,15 +6,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.maintenance import service_maintenance
 from api.metrics import install_metrics
-from api.ratelimit import RateLimiter
+from api.ratelimit import make_rate_limiter
 from api.routes import api_router
 from api.routes.shared import publish_job_spec
 from api.routes.web import router as web_router
+from api.security_headers import SecurityHeaders
+from api.stream_slots import make_stream_slots
 from core import api_keys
 from core.config import Settings, get_settings
 from core.db import make_engine, make_sessionmaker, session_scope
@@ -39,7 +42,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.store.ensure_bucket()
             except Exception as exc:  # readiness reports it; the API still starts
                 logger.warning("object storage not reachable at start-up: %s", type(exc).__name__)
-        app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+        # Per-key limits: shared by every replica through Redis when there is one, else counted in this process.
+        shared = settings.shared_redis_url
+        app.state.redis = (
+            redis.Redis.from_url(shared, socket_timeout=1.0, socket_connect_timeout=1.0) if shared else None
+        )
+        app.state.rate_limiter = make_rate_limiter(settings.rate_limit_per_minute, app.state.redis)
+        app.state.stream_slots = make_stream_slots(settings.max_streams_per_key, app.state.redis)
         if settings.dev_api_key is not None:
             with session_scope(app.state.sessionmaker) as session:
                 api_keys.ensure_api_key(session=session, name="dev", key=settings.dev_api_key.get_secret_value())
@@ -54,6 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if maintenance is not None:
             maintenance.stop()
+        if app.state.redis is not None:
+            app.state.redis.close()
         engine.dispose()
 
     app = FastAPI(
@@ -63,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    install_metrics(app)
+    install_metrics(app, settings)
+    app.add_middleware(SecurityHeaders, settings=settings)  # outermost: on every response, errors included
     app.include_router(api_router)
     app.include_router(web_router)  # the web page at /app/ (not in the OpenAPI schema)
     publish_job_spec(app)

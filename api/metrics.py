@@ -1,20 +1,29 @@
 """Prometheus metrics at `/metrics`: HTTP latency measured in this process; jobs by state, queue depth, job
-duration and step time read from the job database at scrape time, so every API replica reports the same fleet."""
+duration and step time read from the job database at scrape time, so every API replica reports the same fleet.
+
+The job aggregates scan the job table, so a replica reuses them for `DOPSD_METRICS_CACHE_S` (one query set at a
+time, however many scrapers ask); with `DOPSD_METRICS_TOKEN` set, `/metrics` answers only that bearer token."""
 
 from __future__ import annotations
 
+import hmac
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.estimate import observed_step_seconds
+from core.config import Settings
+from core.errors import Unauthorized
 from core.jobs.models import Job
 from core.jobs.states import JobStatus
 from dopsd.presets import PRESETS
@@ -25,16 +34,28 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class JobCollector(Collector):
-    """Fleet-wide job metrics, computed from the database when Prometheus scrapes."""
+    """Fleet-wide job metrics, computed from the database when Prometheus scrapes and reused for `cache_s`."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, cache_s: float) -> None:
         self.app = app
+        self.cache_s = cache_s
+        self._cached: tuple[float, list[Metric]] | None = None
+        self._lock = threading.Lock()  # concurrent scrapes wait for one computation instead of each running it
 
     def collect(self) -> Iterator[Metric]:
+        """The job metrics, read again once the cached ones are older than `cache_s`."""
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self.cache_s:
+                sessions: sessionmaker[Session] | None = getattr(self.app.state, "sessionmaker", None)
+                if sessions is None:  # not started yet
+                    return
+                self._cached = (now, list(self._compute(sessions)))
+            metrics = self._cached[1]
+        yield from metrics
+
+    def _compute(self, sessions: sessionmaker[Session]) -> Iterator[Metric]:
         """Jobs by state and kind, queue depth per queue, job duration and recent step time per preset."""
-        sessions: sessionmaker[Session] | None = getattr(self.app.state, "sessionmaker", None)
-        if sessions is None:  # not started yet
-            return
         with sessions() as session:
             by_state = GaugeMetricFamily(
                 "dopsd_jobs", "Jobs by state and kind (deleted jobs excluded).", labels=["status", "kind"]
@@ -89,7 +110,36 @@ class JobCollector(Collector):
         return family
 
 
-def install_metrics(app: FastAPI) -> None:
+class LatencyMiddleware:
+    """ASGI middleware timing each request until its response starts, by route template, method and status.
+
+    A plain ASGI class, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs every request through a
+    task group and a memory stream, a measured share of a status poll's time (bench/service.py)."""
+
+    def __init__(self, app: ASGIApp, latency: Histogram) -> None:
+        self.app = app
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                template = getattr(scope.get("route"), "path", "unmatched")
+                elapsed = time.perf_counter() - started
+                self.latency.labels(template, scope["method"], str(message["status"])).observe(elapsed)
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def install_metrics(app: FastAPI, settings: Settings) -> None:
     """Adds the HTTP latency middleware and the `/metrics` route (its registry is the app's own)."""
     registry = CollectorRegistry()
     latency = Histogram(
@@ -99,20 +149,21 @@ def install_metrics(app: FastAPI) -> None:
         buckets=HTTP_BUCKETS,
         registry=registry,
     )
-    registry.register(JobCollector(app))
+    registry.register(JobCollector(app, settings.metrics_cache_s))
+    app.add_middleware(LatencyMiddleware, latency=latency)
+    token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        latency.labels(template, request.method, str(response.status_code)).observe(time.perf_counter() - started)
-        return response
+    def scraper(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        """With a metrics token configured, only a request bearing it may read the metrics."""
+        if token is None:
+            return
+        presented = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(presented, token):
+            raise Unauthorized("send `Authorization: Bearer <metrics token>`")
 
     router = APIRouter()
 
-    @router.get("/metrics", include_in_schema=False)
+    @router.get("/metrics", include_in_schema=False, dependencies=[Depends(scraper)])
     def metrics() -> Response:
         """Prometheus text exposition of this process's and the fleet's metrics."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

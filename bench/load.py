@@ -22,17 +22,14 @@ import httpx
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "concept" / "robot-1.png"
 
 
-def run_load(
-    url: str, keys: list[str], *, clients: int, seconds: float, jobs: int, interval_s: float = 0.0
-) -> dict[str, Any]:
-    """Runs the load and returns the measured figures.
+FINISHED = {"succeeded", "failed", "canceled"}
 
-    Client `n` uses `keys[n % len(keys)]` (per-key rate limits apply, as for real users) and waits `interval_s`
-    between its requests (0: as fast as the API answers).
-    """
+
+def submit_jobs(url: str, keys: list[str], jobs: int) -> dict[str, list[str]]:
+    """Each key submits `jobs` tiny jobs (a key sees only its own); their ids by key."""
     image = EXAMPLE.read_bytes()
     submitted: dict[str, list[str]] = {}
-    for key in keys:  # each key submits its own jobs: a key sees only its own
+    for key in keys:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
             for _ in range(jobs):
                 spec = {"preset": "tiny-z-image", "steps": 5, "validation_prompts": ["[V]"], "sample_seeds": [0]}
@@ -40,6 +37,43 @@ def run_load(
                 r = client.post("/v1/jobs", files=files, data={"spec": json.dumps(spec)})
                 r.raise_for_status()
                 submitted.setdefault(key, []).append(r.json()["id"])
+    return submitted
+
+
+def wait_finished(url: str, submitted: dict[str, list[str]], timeout_s: float = 600) -> None:
+    """Returns once every submitted job is finished, so that polling measures the API alone, not the API beside a
+    training job on the same cores."""
+    deadline = time.monotonic() + timeout_s
+    for key, ids in submitted.items():
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+            for job_id in ids:
+                while client.get(f"/v1/jobs/{job_id}").raise_for_status().json()["status"] not in FINISHED:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f} s")
+                    time.sleep(0.2)
+
+
+def run_load(
+    url: str,
+    keys: list[str],
+    *,
+    clients: int,
+    seconds: float,
+    jobs: int,
+    interval_s: float = 0.0,
+    settle: bool = False,
+    job_ids: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Runs the load and returns the measured figures.
+
+    Client `n` uses `keys[n % len(keys)]` (per-key rate limits apply, as for real users) and waits `interval_s`
+    between its requests (0: as fast as the API answers). Each key first submits `jobs` jobs, which train while the
+    clients poll; with `settle`, polling starts once they are finished. `job_ids` (ids by key) polls those jobs
+    instead and submits none.
+    """
+    submitted = job_ids if job_ids is not None else submit_jobs(url, keys, jobs)
+    if settle:
+        wait_finished(url, submitted)
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -88,7 +122,8 @@ def run_load(
         "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2),
         "errors": len(errors),
         "error_kinds": sorted(set(errors)),
-        "jobs_submitted": sum(len(v) for v in submitted.values()),
+        "jobs_submitted": 0 if job_ids is not None else sum(len(v) for v in submitted.values()),
+        "settled": settle,
         "keys": len(keys),
         "interval_s": interval_s,
     }
@@ -103,12 +138,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--jobs", type=int, default=1, help="jobs each key submits before the polling starts")
+    parser.add_argument("--settle", action="store_true", help="start polling once the submitted jobs are finished")
     args = parser.parse_args()
     if not args.key:
         parser.error("--key is required (dopsd keys create --name load)")
     result = run_load(
-        args.url, args.key, clients=args.clients, seconds=args.seconds, jobs=args.jobs, interval_s=args.interval
-    )
+        args.url, args.key, clients=args.clients, seconds=args.seconds, jobs=args.jobs, interval_s=args.interval,
+        settle=args.settle,
+    )  # fmt: skip
     print(json.dumps(result))
 
 

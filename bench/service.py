@@ -1,7 +1,7 @@
 """The service's own costs on the production-shaped stack on loopback: dispatch latency, job start-up on a cold and a
 warm worker, status-poll throughput under concurrent clients, and upload throughput with the API's peak memory.
 
-`python bench/service.py [--quick] [--jobs N] [--clients N] [--seconds S] [--images N]` starts a private stack with
+`python bench/service.py [--quick] [--jobs N] [--clients N] [--seconds S] [--images N] [--only PHASE]` starts a private stack with
 `scripts/stack.py`'s helpers (a fresh PostgreSQL database migrated to head, a Redis db of its own, a SeaweedFS S3
 server, the API under uvicorn and one Celery worker), measures, stops it all, and prints one JSON line. Upload limits
 are raised for the 5 MB images and the per-key rate limit for the polling clients; everything else is the default.
@@ -13,7 +13,8 @@ Traffic stays on loopback and every phase is bounded in time. The test suite run
 - start-up: from the job's `started` event to `model_loaded` and to `training` (inputs fetched, features cached,
   adapters made, the gap measured); job 1 meets a worker that has loaded no model (cold), jobs 2.. find the model in
   its cache (warm). Each job is canceled once training has begun, so the next one meets an idle worker.
-- polling: `bench/load.py`'s loop, `--clients` clients polling status and listing jobs as fast as answered.
+- polling: `bench/load.py`'s loop, `--clients` clients polling status and listing jobs as fast as answered, first
+  with no job training (every job finished), then while one job trains on the same cores (`while_training`).
 - upload: `--images` PNGs of 5 MB in one POST, against 2 of them and one small image; the API process's RSS sampled
   every 5 ms: its peak growth per uploaded MB tells streaming (0) from buffering (1).
 """
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -90,6 +91,7 @@ def private_stack(workdir: Path) -> Iterator[BenchStack]:
         )  # fmt: skip
         key = f"dopsd_bench_{secrets.token_urlsafe(16)}"
         env.update(
+            DOPSD_ENVIRONMENT="development",  # for the development key; everything else is the production shape
             DOPSD_DEV_API_KEY=key,
             DOPSD_MAX_FILE_BYTES=str(8 * 1024 * 1024),
             DOPSD_MAX_TOTAL_BYTES=str(512 * 1024 * 1024),
@@ -271,29 +273,65 @@ def bench_upload(bench: BenchStack, client: httpx.Client, images: int) -> dict[s
     }  # fmt: skip
 
 
+def api_cpu(bench: BenchStack, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs `load()` and adds the API process's CPU time per request: what a request costs the API, which a busy
+    machine changes much less than it changes latency."""
+    before = bench.api.cpu_times()
+    result = load()
+    after = bench.api.cpu_times()
+    spent = (after.user - before.user) + (after.system - before.system)
+    return {**result, "api_cpu_ms_per_request": round(1000 * spent / max(1, result["requests"]), 2)}
+
+
+def bench_polling(bench: BenchStack, client: httpx.Client, clients: int, seconds: float) -> dict[str, Any]:
+    """Status polling by `clients` clients, first with no job training (the API alone on the machine), then while
+    one job trains on the same cores (as production's API and worker share nothing, this is the worse case)."""
+    image = [("images", ("robot.png", EXAMPLE.read_bytes(), "image/png"))]
+    done = submit(client, image, TINY_SPEC)
+    wait_job(client, done, {"succeeded", "failed", "canceled"}, timeout_s=300, every_s=0.2)
+    idle = api_cpu(bench, lambda: run_load(bench.url, [bench.key], clients=clients, seconds=seconds, jobs=0,
+                                           job_ids={bench.key: [done]}))  # fmt: skip
+    training = submit(client, image, {**TINY_SPEC, "steps": 10_000, "sample_every": 0, "checkpointing_steps": 0})
+    wait_events(client, training, "progress", timeout_s=300)  # past model loading and the gate: training steps
+    busy = api_cpu(bench, lambda: run_load(bench.url, [bench.key], clients=clients, seconds=seconds, jobs=0,
+                                           job_ids={bench.key: [done, training]}))  # fmt: skip
+    still = client.get(f"/v1/jobs/{training}").raise_for_status().json()["status"]
+    client.post(f"/v1/jobs/{training}/cancel")
+    wait_job(client, training, {"succeeded", "failed", "canceled"}, timeout_s=120, every_s=0.1)
+    return {"clients": clients, **idle, "while_training": {**busy, "job_status_after": still}}
+
+
+PHASES = ("dispatch", "upload", "polling")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Starts the private stack, runs the four measurements, prints one JSON line."""
+    """Starts the private stack, runs the measurements (every phase, or those named with `--only`), prints one JSON
+    line."""
     parser = argparse.ArgumentParser(description="Service costs on a private production-shaped stack (one JSON line)")
     parser.add_argument("--quick", action="store_true", help="2 jobs, 4 clients x 2 s, 8 images (the test suite)")
     parser.add_argument(
         "--jobs", type=int, default=11, help="tiny jobs, one at a time (the first meets a cold worker)"
     )
-    parser.add_argument("--clients", type=int, default=32, help="concurrent polling clients")
-    parser.add_argument("--seconds", type=float, default=20.0, help="polling duration")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent polling clients")
+    parser.add_argument("--seconds", type=float, default=20.0, help="polling duration (each of the two runs)")
     parser.add_argument("--images", type=int, default=64, help="5 MB images in the big upload")
+    parser.add_argument("--only", action="append", choices=PHASES, help="run only this phase (repeatable)")
     args = parser.parse_args(argv)
     if args.quick:
         args.jobs, args.clients, args.seconds, args.images = 2, 4, 2.0, 8
+    phases = set(args.only or PHASES)
     t0 = time.perf_counter()
     record: dict[str, Any] = {"bench": "service", "quick": args.quick, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="dopsd-bench-") as tmp, private_stack(Path(tmp)) as bench:
         record["stack_start_s"] = round(time.perf_counter() - t0, 1)
         headers = {"Authorization": f"Bearer {bench.key}"}
         with httpx.Client(base_url=bench.url, headers=headers, timeout=120) as client:
-            record["dispatch"] = bench_dispatch(client, args.jobs)
-            record["upload"] = bench_upload(bench, client, args.images)
-        polling = run_load(bench.url, [bench.key], clients=args.clients, seconds=args.seconds, jobs=1)
-        record["polling"] = {"clients": args.clients, **polling}
+            if "dispatch" in phases:
+                record["dispatch"] = bench_dispatch(client, args.jobs)
+            if "upload" in phases:
+                record["upload"] = bench_upload(bench, client, args.images)
+            if "polling" in phases:
+                record["polling"] = bench_polling(bench, client, args.clients, args.seconds)
     record["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(record), flush=True)
     return 0

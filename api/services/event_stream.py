@@ -1,27 +1,46 @@
 """The live event stream of a job as server-sent events: the event log polled with short sessions (no
 transaction held open for the stream's lifetime), resumable with `Last-Event-ID`, ended once the job is finished
-and every event was sent."""
+and every event was sent.
+
+Streams are bounded: each holds one of its key's slots (`api.stream_slots`, at most `DOPSD_MAX_STREAMS_PER_KEY`
+over all replicas), ends when its key is revoked, and ends after `DOPSD_STREAM_MAX_S`, when the client reconnects
+with `Last-Event-ID` and loses nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
+import anyio
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.public_events import EventPublic
 from api.services.present import event_public
+from api.stream_slots import LEASE_S, StreamSlots
 from core.jobs import client_side
-from core.jobs.models import Job
+from core.jobs.models import ApiKey, Job
 from core.storage import ArtifactStore
 
 
 POLL_S = 0.5
 KEEP_ALIVE_S = 15.0
+RETRY_MS = 1000  # the reconnection delay an EventSource client takes from the stream's first line
+
+
+@dataclass(frozen=True)
+class StreamBounds:
+    """What bounds one stream: the key it runs for and the slot it holds, and how long it may last."""
+
+    key_id: uuid.UUID
+    slots: StreamSlots
+    slot: str
+    max_s: float
 
 
 def resume_point(after: int, last_event_id: str | None) -> int:
@@ -38,30 +57,53 @@ async def event_stream(
     store: ArtifactStore,
     ttl_s: int,
     is_disconnected: Callable[[], Awaitable[bool]],
+    bounds: StreamBounds,
 ) -> AsyncIterator[str]:
-    """Server-sent events of the job after event `after`, with a keep-alive comment while nothing happens."""
-    idle = 0.0
-    while not await is_disconnected():
+    """Server-sent events of the job after event `after`, with a keep-alive comment while nothing happens; ends
+    when the job is finished and sent, the key is revoked or the stream's lifetime is over. Frees its slot."""
+    started = time.monotonic()
+    renewed = started
+    try:
+        yield f"retry: {RETRY_MS}\n\n"
+        idle = 0.0
+        while not await is_disconnected():
+            renew = time.monotonic() - renewed >= LEASE_S / 3
 
-        def poll(cursor: int) -> tuple[list[EventPublic], bool]:
-            with sessions() as s:
-                found = client_side.list_events(session=s, job_id=job_id, after=cursor, limit=200)
-                events = [event_public(e, store, ttl_s) for e in found]
-                job = s.get(Job, job_id)
-                done = job is None or job.deleted or job.job_status.is_terminal
-                return events, done
+            def poll(cursor: int, renew: bool) -> tuple[list[EventPublic], bool, bool]:
+                if renew:
+                    bounds.slots.renew(bounds.key_id, bounds.slot)
+                with sessions() as s:
+                    found = client_side.list_events(session=s, job_id=job_id, after=cursor, limit=200)
+                    job = s.get(Job, job_id)
+                    # The key is read after the events: an event written once the key was revoked (revocation
+                    # cancels the key's jobs) is never sent.
+                    key = s.get(ApiKey, bounds.key_id)
+                    if key is None or key.revoked_at is not None:
+                        return [], False, True
+                    events = [event_public(e, store, ttl_s) for e in found]
+                    done = job is None or job.deleted or job.job_status.is_terminal
+                    return events, done, False
 
-        events, done = await run_in_threadpool(poll, after)
-        for e in events:
-            after = e.id
-            yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(e.model_dump(mode='json'))}\n\n"
-        if done and not events:
-            return
-        if events:
-            idle = 0.0
-        else:
-            idle += POLL_S
-            if idle >= KEEP_ALIVE_S:
+            events, done, revoked = await run_in_threadpool(poll, after, renew)
+            if renew:
+                renewed = time.monotonic()
+            if revoked:
+                return
+            for e in events:
+                after = e.id
+                yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(e.model_dump(mode='json'))}\n\n"
+            if done and not events:
+                return
+            if time.monotonic() - started >= bounds.max_s:
+                return  # the client reconnects with Last-Event-ID: nothing is lost
+            if events:
                 idle = 0.0
-                yield ": keep-alive\n\n"
-        await asyncio.sleep(POLL_S)
+            else:
+                idle += POLL_S
+                if idle >= KEEP_ALIVE_S:
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+            await asyncio.sleep(POLL_S)
+    finally:
+        with anyio.CancelScope(shield=True):  # also when the client went away and the stream is cancelled
+            await run_in_threadpool(bounds.slots.release, bounds.key_id, bounds.slot)

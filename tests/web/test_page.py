@@ -62,6 +62,24 @@ def page(context: Any) -> Iterator[Any]:
     assert not errors, f"script errors on the page: {errors}"
 
 
+# Every Content-Security-Policy violation on the page, recorded from before its first script runs.
+RECORD_CSP_VIOLATIONS = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => {
+    window.cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`);
+});
+"""
+
+
+def assert_security_headers(headers: dict[str, str]) -> None:
+    """The page's response headers: its own policy (no inline code, no framing), nosniff, no referrer."""
+    policy = headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy, policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy, policy
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "no-referrer"
+
+
 def sign_in(page: Any, key: str) -> None:
     """What the key form does, before any page script runs: the key in this tab's sessionStorage."""
     page.add_init_script(f"sessionStorage.setItem('dopsd.apiKey', {json.dumps(key)})")
@@ -102,9 +120,11 @@ def test_sign_in_upload_train_watch_and_download(page: Any, prod_stack: Stack, a
 
     requests: list[Any] = []
     page.on("request", lambda request: requests.append(request))
+    page.add_init_script(RECORD_CSP_VIOLATIONS)
 
-    page.goto("/")
+    response = page.goto("/")
     assert page.url.endswith("/app/")  # `/` redirects to the page
+    assert_security_headers(response.headers)
     key_field = page.get_by_label("API key", exact=True)
     key_field.fill("dopsd_wrong_key")
     page.get_by_role("button", name="Use this key").click()
@@ -217,6 +237,9 @@ def test_sign_in_upload_train_watch_and_download(page: Any, prod_stack: Stack, a
     polls = [r for r in requests if r.url.endswith(f"/v1/jobs/{job_id}")]
     assert len(polls) <= 2, [r.url for r in polls]
     assert not [r.url for r in requests if api_key in r.url]
+    # All of it under the page's Content-Security-Policy: nothing was blocked (scripts, styles, the API, the
+    # thumbnails' blob: URLs, the samples' signed storage URLs).
+    assert page.evaluate("window.cspViolations") == []
 
 
 def test_watch_a_running_job_then_cancel_and_delete_it(
