@@ -19,7 +19,7 @@ from core.storage import ArtifactStore
 
 
 # The dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in the thread pool, and
-# those hops (and the GIL hand-overs they cost) were a measured share of every request's time (bench/service.py).
+# those hops and their GIL hand-overs showed in a py-spy profile of bench/service.py's polling (run_sync, solve_dependencies).
 
 
 async def get_app_settings(request: Request) -> Settings:

@@ -283,18 +283,21 @@ def api_cpu(bench: BenchStack, load: Callable[[], dict[str, Any]]) -> dict[str, 
     return {**result, "api_cpu_ms_per_request": round(1000 * spent / max(1, result["requests"]), 2)}
 
 
-def bench_polling(bench: BenchStack, client: httpx.Client, clients: int, seconds: float) -> dict[str, Any]:
-    """Status polling by `clients` clients, first with no job training (the API alone on the machine), then while
-    one job trains on the same cores (as production's API and worker share nothing, this is the worse case)."""
+def bench_polling(
+    bench: BenchStack, client: httpx.Client, clients: int, seconds: float, interval_s: float = 0.0
+) -> dict[str, Any]:
+    """Status polling by `clients` clients (each waiting `interval_s` between its requests; 0: as fast as answered),
+    first with no job training (the API alone on the machine), then while one job trains on the same cores (as
+    production's API and worker share nothing, this is the worse case)."""
     image = [("images", ("robot.png", EXAMPLE.read_bytes(), "image/png"))]
     done = submit(client, image, TINY_SPEC)
     wait_job(client, done, {"succeeded", "failed", "canceled"}, timeout_s=300, every_s=0.2)
     idle = api_cpu(bench, lambda: run_load(bench.url, [bench.key], clients=clients, seconds=seconds, jobs=0,
-                                           job_ids={bench.key: [done]}))  # fmt: skip
+                                           job_ids={bench.key: [done]}, interval_s=interval_s))  # fmt: skip
     training = submit(client, image, {**TINY_SPEC, "steps": 10_000, "sample_every": 0, "checkpointing_steps": 0})
     wait_events(client, training, "progress", timeout_s=300)  # past model loading and the gate: training steps
     busy = api_cpu(bench, lambda: run_load(bench.url, [bench.key], clients=clients, seconds=seconds, jobs=0,
-                                           job_ids={bench.key: [done, training]}))  # fmt: skip
+                                           job_ids={bench.key: [done, training]}, interval_s=interval_s))  # fmt: skip
     still = client.get(f"/v1/jobs/{training}").raise_for_status().json()["status"]
     client.post(f"/v1/jobs/{training}/cancel")
     wait_job(client, training, {"succeeded", "failed", "canceled"}, timeout_s=120, every_s=0.1)
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50, help="concurrent polling clients")
     parser.add_argument("--seconds", type=float, default=20.0, help="polling duration (each of the two runs)")
     parser.add_argument("--images", type=int, default=64, help="5 MB images in the big upload")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds each polling client waits (0: none)")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only this phase (repeatable)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             if "upload" in phases:
                 record["upload"] = bench_upload(bench, client, args.images)
             if "polling" in phases:
-                record["polling"] = bench_polling(bench, client, args.clients, args.seconds)
+                record["polling"] = bench_polling(bench, client, args.clients, args.seconds, args.interval)
     record["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(record), flush=True)
     return 0

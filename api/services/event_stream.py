@@ -30,7 +30,6 @@ from core.storage import ArtifactStore
 
 POLL_S = 0.5
 KEEP_ALIVE_S = 15.0
-RETRY_MS = 1000  # the reconnection delay an EventSource client takes from the stream's first line
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,6 @@ async def event_stream(
     started = time.monotonic()
     renewed = started
     try:
-        yield f"retry: {RETRY_MS}\n\n"
         idle = 0.0
         while not await is_disconnected():
             renew = time.monotonic() - renewed >= LEASE_S / 3
