@@ -108,7 +108,9 @@ class Settings(BaseSettings):
         "broker's when it is redis://, else each process counts alone (embedded mode).",
     )
     max_streams_per_key: int = Field(
-        16, ge=1, description="Server-sent event streams one key may hold open at once, over all replicas (429 beyond)."
+        16,
+        ge=1,
+        description="Server-sent event streams one key may hold open at once, over all replicas (429 beyond).",
     )
     stream_max_s: float = Field(
         300.0, gt=0, description="An event stream ends after this long; the client reconnects with Last-Event-ID."
