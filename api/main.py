@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import anyio
 import redis
 from fastapi import FastAPI
 
@@ -33,7 +35,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url)
+        engine = make_engine(
+            settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
+        )
+        # Sessions are closed here, not in the thread pool that runs handlers: a session that holds a connection
+        # must never wait for a thread that itself waits for a connection (a deadlock under load).
+        app.state.session_closer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="session-close")
+        pooled = 15 if settings.is_sqlite else settings.database_pool_size + settings.database_max_overflow
+        app.state.session_slots = anyio.CapacityLimiter(pooled)  # SQLite: SQLAlchemy's default pool, 5 + 10
         app.state.settings = settings
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.store = make_store(settings)
@@ -65,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             maintenance.stop()
         if app.state.redis is not None:
             app.state.redis.close()
+        app.state.session_closer.shutdown(wait=True)
         engine.dispose()
 
     app = FastAPI(

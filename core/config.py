@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     )
     dev_api_key: SecretStr | None = Field(None, description="Registered at start-up in development, for scripts.")
 
+    database_pool_size: int = Field(10, ge=1, description="Database connections an API process keeps open.")
+    database_max_overflow: int = Field(
+        20, ge=0, description="Further database connections an API process may open at peaks."
+    )
+
     max_images: int = Field(64, ge=1, le=64)
     max_file_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_total_bytes: int = Field(512 * 1024 * 1024, ge=1024)

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
-from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep, end_session_early
 from api.routes.shared import ERRORS, MULTIPART_BODY, IdempotencyKey, mark_replayed
 from api.schemas import ArtifactsPublic, DryRunPublic, EventsPublic, JobPublic, JobsPublic, WebhookDeliveriesPublic
 from api.services import downloads, present, submit
@@ -144,7 +144,7 @@ def read_events(
     client_side.get_job(session=session, owner_id=principal.id, job_id=job_id)
     ttl = settings.presigned_url_ttl_s
     if accept and "text/event-stream" in accept:
-        session.close()  # the stream opens its own short sessions: hold no transaction for its lifetime
+        end_session_early(session)  # the stream opens its own short sessions: hold nothing for its lifetime
         slots = request.app.state.stream_slots
         bounds = StreamBounds(principal.id, slots, slots.acquire(principal.id), settings.stream_max_s)
         stream = event_stream(
