@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import threading
 import time
@@ -67,7 +68,8 @@ def run_load(
     """Runs the load and returns the measured figures.
 
     Client `n` uses `keys[n % len(keys)]` (per-key rate limits apply, as for real users) and waits `interval_s`
-    between its requests (0: as fast as the API answers). Each key first submits `jobs` jobs, which train while the
+    between its requests on average (0: as fast as the API answers; paced clients start at random phases and
+    jitter their waits by +-50%, so they do not arrive as one synchronized burst). Each key first submits `jobs` jobs, which train while the
     clients poll; with `settle`, polling starts once they are finished. `job_ids` (ids by key) polls those jobs
     instead and submits none.
     """
@@ -85,7 +87,10 @@ def run_load(
         key = keys[index % len(keys)]
         own_jobs = submitted[key]
         own_headers = {"Authorization": f"Bearer {key}"}
+        pacing = random.Random(index)  # paced clients start at their own phase, as real pollers do
         with httpx.Client(base_url=url, headers=own_headers, timeout=30) as c:
+            if interval_s:
+                time.sleep(pacing.uniform(0, interval_s))
             i = 0
             while time.monotonic() < deadline:
                 path = f"/v1/jobs/{own_jobs[i % len(own_jobs)]}" if i % 2 else "/v1/jobs?limit=20"
@@ -99,7 +104,7 @@ def run_load(
                 own.append(time.perf_counter() - start)
                 i += 1
                 if interval_s:
-                    time.sleep(interval_s)
+                    time.sleep(pacing.uniform(0.5, 1.5) * interval_s)
         with lock:
             latencies.extend(own)
             errors.extend(own_errors)
