@@ -7,15 +7,17 @@ import functools
 import json
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from api.archives import ArchiveLimits, ArchiveRefusal, archive_kind, expand_archive
 from api.image_checks import ImageRefusal, decode_all, read_headers
 from api.schemas import JobSpec
 from api.spec_fields import training_values
 from api.upload_guards import UploadGuards
-from api.uploads import ParsedUpload, UploadedFile
+from api.uploads import ParsedUpload, UploadedFile, safe_display_name
 from core.config import Settings
 from core.errors import InvalidImage, InvalidRequest, InvalidSpec, PayloadTooLarge
 from dopsd.config import DOPSDConfig
@@ -53,9 +55,12 @@ def parse_spec(raw: str | None) -> JobSpec:
         raise InvalidSpec("`spec` has invalid fields", details=details) from exc
 
 
-def build_config(spec: JobSpec, files: list[UploadedFile]) -> tuple[Preset, dict[str, Any]]:
+def build_config(
+    spec: JobSpec, files: list[UploadedFile], archive_captions: dict[str, list[str]] | None = None
+) -> tuple[Preset, dict[str, Any]]:
     """The resolved `DOPSDConfig` of a job, as a dict (resolved here, once: the worker and the trainer take it as
-    it is); captions are re-keyed to the stored file names."""
+    it is); captions are re-keyed to the stored file names. An archive's own captions (by member name) come
+    first, the spec's `captions` override them file by file."""
     values = training_values(spec)
     try:
         preset = get_preset(values["preset"])
@@ -65,7 +70,10 @@ def build_config(spec: JobSpec, files: list[UploadedFile]) -> tuple[Preset, dict
     unknown = sorted(set(values["captions"]) - set(by_name))
     if unknown:
         raise InvalidSpec(f"`captions` names files that were not uploaded: {', '.join(unknown)}", code="unknown_file")
-    captions = {by_name[name].safe_name: caps for name, caps in values["captions"].items()}
+    captions = {
+        f.safe_name: (archive_captions or {})[f.filename] for f in files if f.filename in (archive_captions or {})
+    }
+    captions.update({by_name[name].safe_name: caps for name, caps in values["captions"].items()})
     default_caption, trigger = values["default_caption"], values["trigger"]
     for f in files:
         # No caption and no default caption: the worker writes one (see dopsd.captioning).
@@ -123,7 +131,9 @@ def _refused(refusal: ImageRefusal) -> InvalidImage:
     return InvalidImage(message, code=refusal.code, details={"file": refusal.file, "reason": refusal.reason})
 
 
-def check_request(upload: ParsedUpload, max_images: int) -> tuple[JobSpec, Preset, dict[str, Any]]:
+def check_request(
+    upload: ParsedUpload, max_images: int, archive_captions: dict[str, list[str]] | None = None
+) -> tuple[JobSpec, Preset, dict[str, Any]]:
     """The checks of a submission that need no image decoded, in the order a client fixes them: fields, spec,
     file count, the config resolved against the preset (captions included)."""
     unexpected = sorted(set(upload.fields) - {"spec"})
@@ -134,14 +144,56 @@ def check_request(upload: ParsedUpload, max_images: int) -> tuple[JobSpec, Prese
         raise InvalidRequest("upload 1 to 64 images in the `images` field", code="no_images")
     if len(upload.files) > max_images:
         raise InvalidRequest(f"at most {max_images} images per job", code="too_many_files")
-    preset, config = build_config(spec, upload.files)
+    preset, config = build_config(spec, upload.files, archive_captions)
     return spec, preset, config
+
+
+async def expand_archive_upload(
+    upload: ParsedUpload, max_images: int, *, owner_id: uuid.UUID, settings: Settings, guards: UploadGuards
+) -> dict[str, list[str]] | None:
+    """When the one uploaded file is a zip or tar archive: expands it in a validation process, replaces the
+    upload's files with its images (each then checked like an uploaded image) and returns its captions by member
+    name. A refused member ends the submission with an error naming it; nothing is stored. None for images."""
+    if len(upload.files) != 1 or archive_kind(str(upload.files[0].path)) is None:
+        return None
+    archive = upload.files[0]
+    folder = archive.path.parent / "archive"
+    folder.mkdir()
+    limits = ArchiveLimits(
+        max_members=4 * max_images + 16,  # an image, its caption file and a folder each, and some archiver files
+        max_images=max_images,
+        max_member_bytes=settings.max_file_bytes,
+        max_total_bytes=settings.max_total_bytes,
+    )
+    expanded = await guards.checks.run(owner_id, guards.pool, expand_archive, str(archive.path), str(folder), limits)
+    if isinstance(expanded, ArchiveRefusal):
+        where = f"{archive.safe_name}: {expanded.member}: " if expanded.member else f"{archive.safe_name}: "
+        error = (
+            PayloadTooLarge if expanded.code in ("archive_too_large", "archive_too_many_members") else InvalidRequest
+        )
+        raise error(where + expanded.reason, code=expanded.code,
+                    details={"file": archive.safe_name, "member": expanded.member, "reason": expanded.reason})  # fmt: skip
+    taken: set[str] = set()
+    files = []
+    for index, (name, path) in enumerate(expanded.images):
+        member = UploadedFile(
+            index=index, filename=name, safe_name=safe_display_name(name, index, taken), path=Path(path)
+        )
+        data = member.path.read_bytes()
+        member.size = len(data)
+        member.digest.update(data)
+        files.append(member)
+    upload.files[:] = files
+    return expanded.captions
 
 
 async def validate_submission(
     upload: ParsedUpload, max_images: int, *, owner_id: uuid.UUID, settings: Settings, guards: UploadGuards
 ) -> ValidatedJob:
     """Every check of a job submission, in the order a client fixes them; the images last (they cost most)."""
-    spec, preset, config = check_request(upload, max_images)
+    archive_captions = await expand_archive_upload(
+        upload, max_images, owner_id=owner_id, settings=settings, guards=guards
+    )
+    spec, preset, config = check_request(upload, max_images, archive_captions)
     images = await validate_images(upload.files, preset, owner_id=owner_id, settings=settings, guards=guards)
     return ValidatedJob(spec=spec, preset=preset, config=config, images=images)

@@ -12,6 +12,7 @@ from typing import IO, Any
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from api.archives import looks_like_archive
 from core.errors import InvalidRequest, PayloadTooLarge
 
 
@@ -77,6 +78,7 @@ class _Collector:
         self._file: UploadedFile | None = None
         self._handle: IO[bytes] | None = None
         self._taken: set[str] = set()
+        self._file_limit = limits.max_file_bytes
 
     def callbacks(self) -> Any:
         return {
@@ -131,6 +133,11 @@ class _Collector:
                 safe_name=safe_display_name(filename, index, self._taken),
                 path=self.tmpdir / f"upload-{index:02d}",
             )
+            content_type = self._headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip()
+            if looks_like_archive(filename, content_type):  # one archive may carry the whole dataset
+                self._file_limit = self.limits.max_total_bytes
+            else:
+                self._file_limit = self.limits.max_file_bytes
             self._handle = self._file.path.open("wb")
             self.result.files.append(self._file)
 
@@ -138,9 +145,9 @@ class _Collector:
         n = end - start
         if self._file is not None and self._handle is not None:
             self._file.size += n
-            if self._file.size > self.limits.max_file_bytes:
+            if self._file.size > self._file_limit:
                 raise PayloadTooLarge(
-                    f"{self._file.safe_name}: larger than {self.limits.max_file_bytes} bytes",
+                    f"{self._file.safe_name}: larger than {self._file_limit} bytes",
                     code="file_too_large",
                     details={"file": self._file.safe_name},
                 )
