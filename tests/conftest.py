@@ -28,6 +28,9 @@ from tests.service.tcpproxy import TcpProxy
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Code imported into the test process itself (the worker's Celery app, its retry helpers) reads the settings of
+# a local trial; every production-shaped process a fixture starts says `production` (scripts/stack.stack_env).
+os.environ.setdefault("DOPSD_ENVIRONMENT", "development")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

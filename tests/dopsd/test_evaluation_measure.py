@@ -62,7 +62,10 @@ def test_destructive_lr_is_degraded_on_prior_drift_and_sharpness(measured: Measu
     assert bad.few_step_quality.verdict == "degraded"
     assert bad.figures["prior_drift_latent"].verdict == "degraded"
     assert bad.figures["prior_drift_pixel"].verdict == "degraded"
-    assert bad.figures["sharpness_prior"].verdict == "degraded"
+    # Sharpness moves on one prompt set or the other: on this machine's fp32 the prior prompts' change sits at its
+    # noise floor (inconclusive) while the concept prompts' is past it; another CPU gave the reverse.
+    sharpness = {bad.figures["sharpness_prior"].verdict, bad.figures["sharpness_concept"].verdict}
+    assert "degraded" in sharpness and "kept" not in sharpness, sharpness
     assert "drift" in bad.few_step_quality.summary and "learning rate" in bad.few_step_quality.summary
 
 

@@ -324,7 +324,9 @@ def test_x0_loss_is_the_velocity_loss_weighted_by_sigma_squared(preset_name: str
         loss_v, grad_v = rollout_loss_and_grad(family, x, pair, one_state, "velocity")
         assert loss_v > 0 and grad_v.abs().sum() > 0
         assert loss_x0 / loss_v == pytest.approx(DISTILL4_WEIGHTS[k], rel=1e-4)
-        torch.testing.assert_close(grad_x0, DISTILL4_WEIGHTS[k] * grad_v, rtol=1e-4, atol=1e-9)
+        # Elementwise, relative to the gradient's scale: a near-zero element differs by fp32 rounding alone.
+        scale = float(grad_v.abs().max())
+        torch.testing.assert_close(grad_x0, DISTILL4_WEIGHTS[k] * grad_v, rtol=1e-4, atol=1e-5 * scale)
         per_state_v.append(loss_v)
     # The whole roll-out averages the per-state losses with those weights (x0) or without them (velocity).
     full_x0, _ = rollout_loss_and_grad(family, noise, pair, sigmas, "x0")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import tomllib
 from collections.abc import Iterator
 from fnmatch import fnmatch
@@ -80,6 +81,18 @@ def assert_security_headers(headers: dict[str, str]) -> None:
     assert headers["referrer-policy"] == "no-referrer"
 
 
+def wait_for_js(page: Any, expression: str, timeout: float = 30_000) -> None:
+    """Waits until `expression` is true in the page. Evaluated from here, not by Playwright's in-page polling
+    (`wait_for_function`), which compiles the expression with `eval` and so breaks the page's Content-Security-Policy
+    (no `unsafe-eval`); `page.evaluate` goes through the browser's debugging protocol, which the policy does not
+    cover."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not true within {timeout / 1000:.0f} s: {expression}")
+        page.wait_for_timeout(100)
+
+
 def sign_in(page: Any, key: str) -> None:
     """What the key form does, before any page script runs: the key in this tab's sessionStorage."""
     page.add_init_script(f"sessionStorage.setItem('dopsd.apiKey', {json.dumps(key)})")
@@ -137,9 +150,10 @@ def test_sign_in_upload_train_watch_and_download(page: Any, prod_stack: Stack, a
 
     add_images(page)
     expect(page.locator("#file-list .file")).to_have_count(len(EXAMPLES) + 1)
-    page.wait_for_function(
+    wait_for_js(
+        page,
         f"document.querySelectorAll('#file-list img.thumb').length === {len(EXAMPLES)}"
-        " && [...document.querySelectorAll('#file-list img.thumb')].every(i => i.complete && i.naturalWidth > 0)"
+        " && [...document.querySelectorAll('#file-list img.thumb')].every(i => i.complete && i.naturalWidth > 0)",
     )  # thumbnails at once, from the local files; the broken file shows a placeholder
     broken = page.locator('.file[data-name="broken.png"]')
     expect(broken).to_have_attribute("data-status", "refused")
@@ -174,8 +188,8 @@ def test_sign_in_upload_train_watch_and_download(page: Any, prod_stack: Stack, a
         section = page.locator(f".sample-step[data-step='{step}']")
         expect(section.locator("figure[data-kind='base'] img")).to_have_count(1)
         expect(section.locator("figure[data-kind='adapter'] img")).to_have_count(1)
-    page.wait_for_function(
-        "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
+    wait_for_js(
+        page, "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
     )  # the presigned S3 URLs of the events load
     assert loaded_images(page, "#gallery img") >= 4
     expect(page.locator("#download-diffusers")).to_be_visible()
@@ -262,9 +276,9 @@ def test_watch_a_running_job_then_cancel_and_delete_it(
 
     row.get_by_role("link").click()
     page.wait_for_url(f"**/#/jobs/{job_id}")
-    page.wait_for_function("Number(document.querySelector('#progress-text')?.dataset.step) >= 6", timeout=120_000)
+    wait_for_js(page, "Number(document.querySelector('#progress-text')?.dataset.step) >= 6", timeout=120_000)
     expect(page.locator("#progress-text")).to_contain_text(re.compile(r"Step \d+ of 3000 · about .+ left"))
-    page.wait_for_function("document.querySelector('#loss-chart polyline')?.points.numberOfItems >= 2")
+    wait_for_js(page, "document.querySelector('#loss-chart polyline')?.points.numberOfItems >= 2")
     expect(page.locator(".sample-step[data-step='4'] figure[data-kind='adapter'] img")).to_have_count(1)  # live
     # The latest quick check's verdicts, live from the `evaluated` events of the sample steps.
     verdict = page.locator("#verdict")
@@ -305,7 +319,7 @@ def test_zero_shot_preview_before_training(page: Any, prod_stack: Stack, api_key
     preview = page.locator("#preview")
     expect(preview.locator(".badge")).to_have_attribute("data-status", "succeeded", timeout=150_000)
     expect(preview.locator("figure img")).to_have_count(2)  # one per reference image and prompt
-    page.wait_for_function("[...document.querySelectorAll('#preview img')].every(i => i.complete && i.naturalWidth)")
+    wait_for_js(page, "[...document.querySelectorAll('#preview img')].every(i => i.complete && i.naturalWidth)")
     expect(preview.locator("figcaption").first).to_contain_text("a photo of")
     preview_id = preview.get_by_role("link", name="Open the preview's page").get_attribute("href").rsplit("/", 1)[-1]
     assert prod_stack.client(api_key).get(f"/v1/jobs/{preview_id}").json()["kind"] == "preview"
