@@ -84,6 +84,10 @@ def image_files(paths: Sequence[Path | str]) -> builtins.list[Path]:
     return found
 
 
+# The comment a server sends before it ends a stream at its lifetime (`DOPSD_STREAM_MAX_S`): a planned end.
+LIFETIME_COMMENT = ": the stream's lifetime is over"
+
+
 def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, str]]:
     """Server-sent events from a stream's lines: `(id, event type, data)` for each dispatched event."""
     event_id: str | None = None
@@ -326,7 +330,7 @@ class DOPSDClient:
         last_id = after
         failures = 0
         while True:
-            finished = False
+            finished, planned_end = False, False
             try:
                 headers = {"Accept": "text/event-stream", "Last-Event-ID": str(last_id)}
                 timeout = httpx.Timeout(10.0, read=60.0)  # the server sends a keep-alive every 15 s
@@ -339,7 +343,14 @@ class DOPSDClient:
                     if response.is_error:
                         response.read()
                         raise _error_from(response)
-                    for sse_id, sse_type, data in parse_sse(response.iter_lines()):
+
+                    def lines(response: httpx.Response = response) -> Iterator[str]:
+                        nonlocal planned_end
+                        for line in response.iter_lines():
+                            planned_end = planned_end or line.startswith(LIFETIME_COMMENT)
+                            yield line
+
+                    for sse_id, sse_type, data in parse_sse(lines()):
                         event = _decode_event(sse_id, sse_type, data)
                         if isinstance(event.get("id"), int):
                             last_id = event["id"]
@@ -351,6 +362,9 @@ class DOPSDClient:
                 if self.get(job_id)["status"] in TERMINAL_STATUSES:
                     yield from self._events_after(job_id, last_id)  # it ended between two polls of the stream
                     return
+                if planned_end:  # the server ended it after its lifetime, as it does: not a failure
+                    failures = 0
+                    continue
                 # The stream closed early (a restarted API): continue where it stopped.
                 delay, error = 0.5, DOPSDAPIError(0, "stream_closed", "the event stream keeps closing early")
             except _Retry as retry:

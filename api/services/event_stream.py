@@ -29,6 +29,7 @@ from core.storage import ArtifactStore
 
 
 POLL_S = 0.5
+LIFETIME_COMMENT = ": the stream's lifetime is over; reconnect with Last-Event-ID"
 KEEP_ALIVE_S = 15.0
 
 
@@ -93,7 +94,10 @@ async def event_stream(
             if done and not events:
                 return
             if time.monotonic() - started >= bounds.max_s:
-                return  # the client reconnects with Last-Event-ID: nothing is lost
+                # A planned end, said so: the client reconnects with Last-Event-ID (nothing is lost) and does not
+                # count it as a failure.
+                yield f"{LIFETIME_COMMENT}\n\n"
+                return
             if events:
                 idle = 0.0
             else:

@@ -17,7 +17,7 @@ import pytest
 
 from scripts import stack
 from tests.conftest import REPO, Stack, example_files, quick_spec
-from tests.pace import FINISHED, PACE, eventually
+from tests.pace import FINISHED, PACE, eventually, wait_for_status
 
 
 RATE_PER_MINUTE = 20  # a bucket of 20, refilled at one token every 3 s
@@ -148,3 +148,41 @@ def test_revoking_a_key_ends_its_open_streams(prod_stack: Stack, replicas: Repli
             after = [e["type"] for e in events]
         assert "cancel_requested" not in after and "canceled" not in after, after
         assert c.get(f"/v1/jobs/{job_id}").status_code == 401
+
+
+def test_the_client_waits_on_a_quiet_job_across_stream_lifetimes_without_counting_them_as_failures(
+    prod_stack: Stack, replicas: Replicas
+) -> None:
+    import threading
+
+    from dopsd_client import DOPSDClient
+
+    busy_key, key = prod_stack.create_key("streams-busy"), prod_stack.create_key("streams-quiet")
+    busy = long_job(prod_stack, busy_key)  # holds the stack's one worker
+    with prod_stack.client(busy_key) as client:
+        wait_for_status(client, busy, {"running"})
+    with prod_stack.client(key) as client:
+        response = client.post("/v1/jobs", files=example_files(1), data={"spec": json.dumps(quick_spec())})
+        assert response.status_code == 202, response.text
+        quiet = response.json()["id"]  # queued behind it: no event for many stream lifetimes
+    seen: list[dict[str, Any]] = []
+    failure: list[BaseException] = []
+
+    def follow() -> None:
+        try:  # one reconnect allowed after a failure: the end of a lifetime must not count as one
+            seen.extend(DOPSDClient(replicas.urls[0], key).stream_events(quiet, max_reconnects=1))
+        except BaseException as exc:
+            failure.append(exc)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    try:
+        follower.start()
+        follower.join(timeout=4 * STREAM_MAX_S)  # four lifetimes of silence
+        assert not failure, failure
+        assert follower.is_alive()  # still following the queued job
+    finally:
+        prod_stack.client(key).post(f"/v1/jobs/{quiet}/cancel")
+        prod_stack.client(busy_key).post(f"/v1/jobs/{busy}/cancel")
+    follower.join(timeout=PACE.patience_s)
+    assert not failure, failure
+    assert [e["type"] for e in seen][-1] == "canceled"  # it saw the job end, then stopped
