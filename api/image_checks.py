@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from dopsd.data import MAX_IMAGE_PIXELS, SUPPORTED_FORMATS
+from dopsd.data import FORMAT_ALIASES, MAX_IMAGE_PIXELS, header_refusal
 
 
-# Pillow names multi-picture JPEGs (many cameras write them) "MPO"; they are JPEGs for our purposes.
-FORMAT_ALIASES = {"MPO": "JPEG"}
 # Every mode Pillow decodes PNG, JPEG and WebP files to; `dopsd.data` converts each of them to RGB.
 CONVERTIBLE_MODES = frozenset(
     {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "I", "I;16", "I;16B", "I;16L", "I;16N",
@@ -91,21 +89,10 @@ def read_header(path: str, name: str, *, min_side: int) -> ImageHeader | ImageRe
         return opened
     with opened as img:
         width, height = img.size
-        if width <= 0 or height <= 0:
-            return ImageRefusal("unreadable_image", f"invalid image dimensions {width}x{height}", name)
-        if width * height > MAX_IMAGE_PIXELS:
-            return ImageRefusal(
-                "decompression_bomb",
-                f"image is {width}x{height} = {width * height} pixels, more than the limit of {MAX_IMAGE_PIXELS}",
-                name,
-            )
+        refused = header_refusal(width, height, img.format, max_pixels=MAX_IMAGE_PIXELS)
+        if refused is not None:
+            return ImageRefusal(*refused, name)
         fmt = FORMAT_ALIASES.get(img.format or "", img.format or "")
-        if fmt not in SUPPORTED_FORMATS:
-            return ImageRefusal(
-                "unsupported_format",
-                f"unsupported image format {img.format or 'unknown'} (supported: {', '.join(SUPPORTED_FORMATS)})",
-                name,
-            )
     if min(width, height) < min_side:  # EXIF orientation swaps the sides, never changes the short one
         return ImageRefusal(
             "image_too_small",

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "BASE_BUCKETS_1MP",
     "CAPTIONS_FILE_NAME",
+    "FORMAT_ALIASES",
     "MAX_IMAGES",
     "MAX_IMAGE_PIXELS",
     "SUPPORTED_FORMATS",
@@ -31,6 +32,7 @@ __all__ = [
     "ConceptItem",
     "DataError",
     "buckets_for_resolution",
+    "header_refusal",
     "load_captions_file",
     "load_concept_dataset",
     "load_image",
@@ -52,7 +54,7 @@ CAPTIONS_FILE_NAME: str = "captions.json"
 
 # Pillow format names that are the same container as a supported format. Many cameras write multi-picture
 # JPEGs which Pillow reports as "MPO"; they are ordinary JPEGs for our purposes (the first picture is used).
-_FORMAT_ALIASES: dict[str, str] = {"MPO": "JPEG"}
+FORMAT_ALIASES: dict[str, str] = {"MPO": "JPEG"}
 
 # Aspect buckets at ~1 megapixel, as (width, height).
 BASE_BUCKETS_1MP: tuple[tuple[int, int], ...] = (
@@ -141,6 +143,24 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def header_refusal(width: int, height: int, image_format: str | None, *, max_pixels: int) -> tuple[str, str] | None:
+    """Why an image's header alone refuses it, as (code, reason): invalid dimensions, more pixels than
+    `max_pixels` (a decompression bomb), a format other than PNG, JPEG or WebP; None if it passes. One rule for the
+    API, which checks uploads before decoding them, and the trainer, which checks them again as it loads them."""
+    if width <= 0 or height <= 0:
+        return "unreadable_image", f"invalid image dimensions {width}x{height}"
+    if width * height > max_pixels:
+        return (
+            "decompression_bomb",
+            f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
+        )
+    if FORMAT_ALIASES.get(image_format or "", image_format or "") not in SUPPORTED_FORMATS:
+        return "unsupported_format", (
+            f"unsupported image format {image_format or 'unknown'} (supported: {', '.join(SUPPORTED_FORMATS)})"
+        )
+    return None
+
+
 def load_image(
     path: Path | str,
     *,
@@ -188,21 +208,9 @@ def load_image(
 
         with opened as img:
             width, height = img.size
-            if width <= 0 or height <= 0:
-                raise DataError("unreadable_image", f"invalid image dimensions {width}x{height}", label)
-            if width * height > limit:
-                raise DataError(
-                    "decompression_bomb",
-                    f"image is {width}x{height} = {width * height} pixels, more than the limit of {limit}",
-                    label,
-                )
-            fmt = _FORMAT_ALIASES.get(img.format or "", img.format or "")
-            if fmt not in SUPPORTED_FORMATS:
-                raise DataError(
-                    "unsupported_format",
-                    f"unsupported image format {img.format or 'unknown'} (supported: {', '.join(SUPPORTED_FORMATS)})",
-                    label,
-                )
+            refused = header_refusal(width, height, img.format, max_pixels=limit)
+            if refused is not None:
+                raise DataError(*refused, label)
             try:
                 img.load()
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
