@@ -1,4 +1,5 @@
-"""Typed errors the trainer raises, so callers (the CLI, the worker) can react without parsing messages."""
+"""Typed errors the trainer and the generation engine raise, so callers (the CLI, the worker) can react without
+parsing messages."""
 
 from __future__ import annotations
 
@@ -28,3 +29,12 @@ class TeacherBlind(ValueError):
         super().__init__(message)
         self.message = message
         self.figures = figures
+
+
+class GenerationCancelled(Exception):
+    """Raised between pipeline calls when `should_stop` asked a generation to stop; `images_done` images were
+    rendered before it (and are discarded: a generation succeeds whole or not at all)."""
+
+    def __init__(self, images_done: int) -> None:
+        super().__init__(f"generation cancelled after {images_done} images")
+        self.images_done = images_done

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dopsd.data import buckets_for_resolution
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -24,6 +26,9 @@ class Preset:
         dtype: the weight dtype on that device.
         min_image_side: the smallest accepted short side of a training image, in pixels.
         native_sample_steps: the number of denoising steps the distilled model was made for.
+        native_guidance_scale: the guidance scale of that few-step setting, as the family's pipeline takes it
+            (Z-Image-Turbo 0.0: `ZImagePipeline` runs CFG for any value above 0; distilled FLUX.2-klein 1.0:
+            `Flux2KleinPipeline` ignores guidance for a distilled model and its model card samples at 1.0).
         text_encoder_layers: hidden-state layers whose concatenation is the text feature (FLUX.2); empty when
             the family uses its pipeline's fixed choice (Z-Image: the second to last).
         defaults: training values for `DOPSDConfig` fields the user left unset (`config_defaults()` adds the
@@ -44,6 +49,7 @@ class Preset:
     dtype: Literal["bfloat16", "float32"]
     min_image_side: int
     native_sample_steps: int
+    native_guidance_scale: float
     text_encoder_layers: tuple[int, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
     step_seconds: float = 0.05
@@ -54,6 +60,12 @@ class Preset:
     def is_tiny(self) -> bool:
         """Whether the model is built in code (no weights, no download, CPU-sized)."""
         return self.base_model.startswith("tiny://")
+
+    def generation_sizes(self) -> list[tuple[int, int]]:
+        """The (width, height) sizes a generation may ask for: the aspect buckets of the preset's training
+        `resolution` (`dopsd.data.buckets_for_resolution`), square first; every side a multiple of 16, which both
+        families' pipelines need (VAE factor 8 x patch 2)."""
+        return buckets_for_resolution(int(self.defaults["resolution"]))
 
     def config_defaults(self) -> dict[str, Any]:
         """The value of every preset-defaulted `DOPSDConfig` field: the weights, the native sampling steps, the
@@ -87,6 +99,7 @@ _Z_IMAGE_TURBO = Preset(
     dtype="bfloat16",
     min_image_side=256,
     native_sample_steps=8,
+    native_guidance_scale=0.0,
     defaults={
         "learning_rate": 1e-4,
         "rank": 64,
@@ -132,6 +145,7 @@ _TINY_Z_IMAGE = Preset(
     dtype="float32",
     min_image_side=32,
     native_sample_steps=8,
+    native_guidance_scale=0.0,
     defaults={
         **_TINY_TRAINING,
         "rollout_schedule": "distill4",
@@ -171,6 +185,7 @@ def _real_klein(size: str, text_encoder: str, vlm: str, step_seconds: float) -> 
         dtype="bfloat16",
         min_image_side=256,
         native_sample_steps=4,
+        native_guidance_scale=1.0,
         text_encoder_layers=(9, 18, 27),
         defaults=dict(_KLEIN_DEFAULTS),
         step_seconds=step_seconds,
@@ -190,6 +205,7 @@ _TINY_FLUX2_KLEIN = Preset(
     dtype="float32",
     min_image_side=32,
     native_sample_steps=4,
+    native_guidance_scale=1.0,
     text_encoder_layers=(1, 2, 3),
     defaults={
         **_KLEIN_DEFAULTS,

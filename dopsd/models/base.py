@@ -127,6 +127,30 @@ class ModelFamily(ABC):
     ) -> Image.Image:
         """One image from the family's own pipeline for `cond`."""
 
+    @abstractmethod
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        generators: Sequence[torch.Generator],
+        *,
+        width: int,
+        height: int,
+        num_steps: int,
+        guidance_scale: float,
+        max_sequence_length: int | None = None,
+    ) -> list[Image.Image]:
+        """One pipeline call with prompt strings: image `i` from `prompts[i]` and the noise of `generators[i]`.
+
+        The call a diffusers user makes (`pipe(prompt=[...], generator=[...], ...)`), so guidance works the
+        pipeline's way; the family adds its own fixed kwargs. `max_sequence_length`: what the pipeline pads or
+        truncates a prompt to (`None`: the pipeline's default, 512). Whatever adapters are active are used.
+        """
+
+    def _text_encoder_on_device(self) -> None:
+        """Puts the text encoder back on the device (training releases it to the CPU once features are cached); the
+        teacher VLM stays where it is, rendering from prompts does not need it."""
+        self.pipeline.text_encoder.to(self.device)
+
     def save_lora_weights(
         self, directory: str, state_dict: dict[str, torch.Tensor], adapter_metadata: dict[str, Any]
     ) -> None:

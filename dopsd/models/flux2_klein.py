@@ -239,3 +239,33 @@ class Flux2KleinFamily(ModelFamily):
         )
         image: Image.Image = out.images[0]
         return image
+
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        generators: Sequence[torch.Generator],
+        *,
+        width: int,
+        height: int,
+        num_steps: int,
+        guidance_scale: float,
+        max_sequence_length: int | None = None,
+    ) -> list[Image.Image]:
+        """`Flux2KleinPipeline(prompt=[...], generator=[...])` with the family's text-encoder layers; the distilled
+        pipeline (`is_distilled`) ignores guidance above 1 (its native setting is 1.0), a base klein runs CFG."""
+        if len(prompts) != len(generators):
+            raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
+        self._text_encoder_on_device()
+        extra: dict[str, Any] = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        out = self.pipeline(
+            prompt=list(prompts),
+            height=height,
+            width=width,
+            num_inference_steps=num_steps,
+            guidance_scale=guidance_scale,
+            generator=list(generators),
+            text_encoder_out_layers=self.text_layers,
+            **extra,
+        )
+        return list(out.images)

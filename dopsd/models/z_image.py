@@ -122,3 +122,32 @@ class ZImageFamily(ModelFamily):
         )
         image: Image.Image = out.images[0]
         return image
+
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompts: Sequence[str],
+        generators: Sequence[torch.Generator],
+        *,
+        width: int,
+        height: int,
+        num_steps: int,
+        guidance_scale: float,
+        max_sequence_length: int | None = None,
+    ) -> list[Image.Image]:
+        """`ZImagePipeline(prompt=[...], generator=[...])`; guidance above 0 runs the pipeline's CFG against the empty
+        negative prompt (Turbo's native setting is 0: none)."""
+        if len(prompts) != len(generators):
+            raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
+        self._text_encoder_on_device()
+        extra: dict[str, Any] = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        out = self.pipeline(
+            prompt=list(prompts),  # the pipeline rewrites the list in place
+            height=height,
+            width=width,
+            num_inference_steps=num_steps,
+            guidance_scale=guidance_scale,
+            generator=list(generators),
+            **extra,
+        )
+        return list(out.images)
