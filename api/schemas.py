@@ -22,6 +22,11 @@ class JobSpec(_TrainingSpec):  # its training fields are generated: read them wi
 
     model_config = ConfigDict(extra="forbid")
 
+    images_url: Annotated[str, Field(min_length=8, max_length=2000)] | None = Field(
+        None,
+        description="Instead of uploading `images`: an https:// URL of one .zip, .tar or .tar.gz archive of the "
+        "images (with sidecar .txt captions or a captions.json), fetched by the service during the submission.",
+    )
     webhook_url: Annotated[str, Field(min_length=8, max_length=2000, pattern=r"^https?://")] | None = Field(
         None, description="Standard Webhooks POSTs of this job's events, signed with the key's secret."
     )

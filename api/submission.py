@@ -1,5 +1,7 @@
 """Turning a multipart upload into a validated job: spec -> resolved `DOPSDConfig`, then every image checked in the
-validation processes (`api/image_checks.py`) within the pixel limits. An invalid request creates nothing."""
+validation processes (`api/image_checks.py`) within the pixel limits. The images come as files, as one archive
+(`api/archives.py`), or as an archive the API fetches from `spec.images_url` (`api/remote_archive.py`). An invalid
+request creates nothing."""
 
 from __future__ import annotations
 
@@ -11,15 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from api.archives import ArchiveLimits, ArchiveRefusal, archive_kind, expand_archive
 from api.image_checks import ImageRefusal, decode_all, read_headers
+from api.remote_archive import FetchRules, fetch_archive
 from api.schemas import JobSpec
 from api.spec_fields import training_values
 from api.upload_guards import UploadGuards
 from api.uploads import ParsedUpload, UploadedFile, safe_display_name
 from core.config import Settings
-from core.errors import InvalidImage, InvalidRequest, InvalidSpec, PayloadTooLarge
+from core.errors import Conflict, InvalidImage, InvalidRequest, InvalidSpec, PayloadTooLarge
+from core.jobs import client_side
+from core.jobs.states import JobStatus
+from core.storage import ADAPTER_FILES
 from dopsd.config import DOPSDConfig
 from dopsd.data import DataError, resolve_caption
 from dopsd.presets import Preset, get_preset
@@ -131,21 +138,33 @@ def _refused(refusal: ImageRefusal) -> InvalidImage:
     return InvalidImage(message, code=refusal.code, details={"file": refusal.file, "reason": refusal.reason})
 
 
-def check_request(
-    upload: ParsedUpload, max_images: int, archive_captions: dict[str, list[str]] | None = None
-) -> tuple[JobSpec, Preset, dict[str, Any]]:
-    """The checks of a submission that need no image decoded, in the order a client fixes them: fields, spec,
-    file count, the config resolved against the preset (captions included)."""
+def check_fields(upload: ParsedUpload) -> JobSpec:
+    """The first checks of a submission, in the order a client fixes them: no unexpected form field, then the
+    spec; and the images given one way, as `images` files or as `spec.images_url`, not both."""
     unexpected = sorted(set(upload.fields) - {"spec"})
     if unexpected:
         raise InvalidRequest(f"unexpected form fields: {', '.join(unexpected)}")
     spec = parse_spec(upload.fields.get("spec"))
+    if spec.images_url is not None and upload.files:
+        raise InvalidSpec(
+            "send the images one way: as `images` files or as one archive named by `spec.images_url`, not both"
+        )
+    return spec
+
+
+def check_request(
+    upload: ParsedUpload, spec: JobSpec, max_images: int, archive_captions: dict[str, list[str]] | None = None
+) -> tuple[Preset, dict[str, Any]]:
+    """The checks of a submission that need no image decoded, after `check_fields`: file count, the config
+    resolved against the preset (captions included)."""
     if not upload.files:
-        raise InvalidRequest("upload 1 to 64 images in the `images` field", code="no_images")
+        raise InvalidRequest(
+            "upload 1 to 64 images in the `images` field, or name one archive of them in `spec.images_url`",
+            code="no_images",
+        )
     if len(upload.files) > max_images:
         raise InvalidRequest(f"at most {max_images} images per job", code="too_many_files")
-    preset, config = build_config(spec, upload.files, archive_captions)
-    return spec, preset, config
+    return build_config(spec, upload.files, archive_captions)
 
 
 async def expand_archive_upload(
@@ -188,12 +207,69 @@ async def expand_archive_upload(
 
 
 async def validate_submission(
-    upload: ParsedUpload, max_images: int, *, owner_id: uuid.UUID, settings: Settings, guards: UploadGuards
+    upload: ParsedUpload,
+    spec: JobSpec,
+    max_images: int,
+    *,
+    owner_id: uuid.UUID,
+    settings: Settings,
+    guards: UploadGuards,
+    fetch: FetchRules,
+    folder: Path,
 ) -> ValidatedJob:
-    """Every check of a job submission, in the order a client fixes them; the images last (they cost most)."""
+    """Every check of a job submission whose fields and spec passed `check_fields`, in the order a client fixes
+    them; the images last (they cost most). A `spec.images_url` is fetched into `folder` first, within `fetch`,
+    and then taken as an uploaded archive."""
+    if spec.images_url is not None:
+        upload.files.append(await fetch_archive(spec.images_url, folder, fetch))
     archive_captions = await expand_archive_upload(
         upload, max_images, owner_id=owner_id, settings=settings, guards=guards
     )
-    spec, preset, config = check_request(upload, max_images, archive_captions)
+    preset, config = check_request(upload, spec, max_images, archive_captions)
     images = await validate_images(upload.files, preset, owner_id=owner_id, settings=settings, guards=guards)
     return ValidatedJob(spec=spec, preset=preset, config=config, images=images)
+
+
+def resolve_init_adapter(validated: ValidatedJob, *, session: Session, owner_id: uuid.UUID, kind: str) -> None:
+    """`spec.init_adapter`: the earlier training job a new one continues. It must be the caller's (another key's
+    job, a deleted or an unknown one: 404 `job_not_found`), a training job (400 `init_adapter_not_training`) of the
+    same preset (400 `init_adapter_preset_mismatch`) that succeeded with a stored adapter (409
+    `init_adapter_not_ready`). The resolved config then names it (`init_adapter`: the job's id; its worker fetches
+    the adapter) and takes its rank and alpha: a spec that asks for others is a 400 `init_adapter_rank_mismatch`.
+    A preview shows what the base model sees, so it takes none (400 `init_adapter_not_supported`)."""
+    parent_id = validated.spec.init_adapter
+    if parent_id is None:
+        return
+    if kind != "training":
+        raise InvalidSpec(
+            "`init_adapter` is for training jobs; a preview shows the base model", code="init_adapter_not_supported"
+        )
+    parent = client_side.get_job(session=session, owner_id=owner_id, job_id=parent_id)  # 404 for another key's job
+    if parent.kind != "training":
+        raise InvalidSpec(
+            f"job {parent_id} is a {parent.kind}, not a training job with an adapter", code="init_adapter_not_training"
+        )
+    if parent.job_status != JobStatus.SUCCEEDED:
+        raise Conflict(
+            f"job {parent_id} is {parent.status}; a job can continue it once it succeeded",
+            code="init_adapter_not_ready",
+        )
+    if parent.preset != validated.preset.name:
+        raise InvalidSpec(
+            f"job {parent_id} trained an adapter for {parent.preset}, not for {validated.preset.name}",
+            code="init_adapter_preset_mismatch",
+        )
+    if not any(a.name == ADAPTER_FILES["diffusers"] for a in parent.artifacts):
+        raise Conflict(f"job {parent_id} has no stored adapter to continue", code="init_adapter_not_ready")
+    asked = training_values(validated.spec)
+    shape = {"rank": parent.config["rank"], "lora_alpha": parent.config["lora_alpha"]}
+    for name, value in shape.items():
+        if asked.get(name) is not None and asked[name] != value:
+            raise InvalidSpec(
+                f"`{name}` {asked[name]:g} differs from the adapter's {value:g} (job {parent_id}); a continued job "
+                f"keeps the adapter's shape: leave `{name}` unset",
+                code="init_adapter_rank_mismatch",
+            )
+    resolved = DOPSDConfig.from_dict({**validated.config, **shape, "init_adapter": str(parent.id)}).to_dict()
+    validated.config.clear()
+    validated.config.update(resolved)

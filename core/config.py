@@ -178,6 +178,28 @@ class Settings(BaseSettings):
     webhook_max_response_bytes: int = Field(
         4096, ge=0, description="Bytes of a receiver's answer the sender reads at most (never decompressed)."
     )
+    images_url_allow_private: bool = Field(
+        False,
+        description="Allow `spec.images_url` on loopback/private addresses, and plain http:// there (tests, "
+        "on-premises object stores); otherwise only https:// URLs on public addresses are fetched.",
+    )
+    images_url_max_bytes: int | None = Field(
+        None, ge=1024, description="Bytes a `spec.images_url` archive may have, counted as it streams; unset: "
+        "DOPSD_MAX_TOTAL_BYTES (what an uploaded archive may have).",
+    )  # fmt: skip
+    images_url_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="The longest a `spec.images_url` fetch may take in all (resolution, connections, redirects, "
+        "the whole body); a server that trickles is cut at this, not per read.",
+    )
+    images_url_max_redirects: int = Field(
+        3, ge=0, description="Redirects a `spec.images_url` fetch follows, each target checked again like the URL."
+    )
+    images_url_ca_bundle: Path | None = Field(
+        None,
+        description="CA certificates (PEM) that `spec.images_url` servers are verified against; unset: certifi's.",
+    )
     maintenance_in_api: bool | None = Field(
         None,
         description=(

@@ -277,6 +277,7 @@ def prod_stack(
         DOPSD_MAX_QUEUED_PER_KEY="6",
         DOPSD_RATE_LIMIT_PER_MINUTE="1000",
         DOPSD_WEBHOOK_ALLOW_PRIVATE="true",  # the tests' receivers listen on loopback
+        DOPSD_IMAGES_URL_ALLOW_PRIVATE="true",  # and so do their `spec.images_url` servers
         DOPSD_WEBHOOK_RETRY_DELAYS_S="[0.3, 0.6]",
         DOPSD_WEBHOOK_POLL_INTERVAL_S="0.2",
         DOPSD_MAINTENANCE_IN_API="false",  # the production shape: `dopsd maintain` is a process of its own

@@ -8,12 +8,13 @@ removes what was written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.estimate import estimate_gpu_seconds
-from api.schemas import DryRunPublic, ImagePublic
-from api.submission import ValidatedJob, validate_submission
+from api.remote_archive import fetch_rules
+from api.schemas import DryRunPublic, ImagePublic, JobSpec
+from api.submission import ValidatedJob, check_fields, validate_submission
 from api.upload_guards import upload_guards
-from api.uploads import UploadLimits, parse_multipart
+from api.uploads import UploadedFile, UploadLimits, parse_multipart
 from core.config import Settings
 from core.errors import QuotaExceeded, TooManyRequests
 from core.jobs import client_side, idempotency, usage
@@ -52,17 +54,26 @@ class Received:
     kind: str
 
     def request_hash(self) -> str:
-        """What makes two submissions the same request: the kind, the spec and every file's name and bytes."""
-        spec = json.dumps({"kind": self.kind, **self.validated.spec.model_dump(mode="json")}, sort_keys=True)
-        digest = hashlib.sha256(spec.encode())
-        for upload, _, _ in self.validated.images:
-            digest.update(f"\n{upload.safe_name}:{upload.digest.hexdigest()}".encode())
-        return digest.hexdigest()
+        """What makes two submissions the same request (see `submission_hash`)."""
+        spec = self.validated.spec
+        return submission_hash(self.kind, spec, [] if spec.images_url else [u for u, _, _ in self.validated.images])
 
     @property
     def input_bytes(self) -> int:
         """The bytes the images would store."""
         return sum(upload.size for upload, _, _ in self.validated.images)
+
+
+def submission_hash(kind: str, spec: JobSpec, files: list[UploadedFile]) -> str:
+    """What makes two submissions the same request: the kind, the spec and every uploaded file's name and bytes.
+    An archive fetched from `spec.images_url` counts as its URL (in the spec), not as the bytes fetched: a client's
+    retry is the same request though the URL has expired since (a presigned URL) or now serves other bytes, and it
+    is answered before anything is fetched again."""
+    described = json.dumps({"kind": kind, **spec.model_dump(mode="json")}, sort_keys=True)
+    digest = hashlib.sha256(described.encode())
+    for upload in files:
+        digest.update(f"\n{upload.safe_name}:{upload.digest.hexdigest()}".encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -75,11 +86,17 @@ class Submitted:
 
 @asynccontextmanager
 async def received_upload(
-    request: Request, settings: Settings, kind: str, owner_id: uuid.UUID
-) -> AsyncIterator[Received]:
+    request: Request,
+    settings: Settings,
+    kind: str,
+    owner_id: uuid.UUID,
+    replay: Callable[[str], Job | None] | None = None,
+) -> AsyncIterator[Received | Job]:
     """Streams the multipart body to a temporary folder with the upload limits enforced while reading, then checks
-    the spec, every image (in the validation processes, within the key's limits) and the webhook target; the files
-    live until the block ends. A key has at most `max_uploads_per_key` of these at once."""
+    the spec, fetches a `spec.images_url` archive, checks every image (in the validation processes, within the
+    key's limits) and the webhook target; the files live until the block ends. A key has at most
+    `max_uploads_per_key` of these (fetches included) at once. With `replay`, a `spec.images_url` request whose
+    hash it maps to an earlier job yields that job, before anything is fetched."""
     limits = UploadLimits(
         max_files=settings.max_images,
         max_file_bytes=settings.max_file_bytes,
@@ -91,9 +108,15 @@ async def received_upload(
     async with guards.uploads.slot(owner_id):
         with tempfile.TemporaryDirectory(prefix="dopsd-upload-") as tmp:
             upload = await parse_multipart(request, Path(tmp), limits)
+            spec = check_fields(upload)
+            earlier = replay(submission_hash(kind, spec, [])) if replay and spec.images_url else None
+            if earlier is not None:
+                yield earlier
+                return
             validated = await validate_submission(
-                upload, max_images, owner_id=owner_id, settings=settings, guards=guards
-            )
+                upload, spec, max_images, owner_id=owner_id, settings=settings, guards=guards,
+                fetch=fetch_rules(settings, request.app.state), folder=Path(tmp),
+            )  # fmt: skip
             webhook_events = await run_in_threadpool(
                 validate_webhook,
                 validated.spec.webhook_url,
@@ -130,6 +153,7 @@ async def dry_run(
     it would do (resolved config, estimate, queue position); creates nothing. It costs the key's upload limits as
     a submission does."""
     async with received_upload(request, settings, kind, owner_id) as received:
+        assert isinstance(received, Received)  # no `replay`: never an earlier job
         validated = received.validated
         check_key_limits(session=session, owner_id=owner_id, settings=settings, incoming_bytes=received.input_bytes)
         queue = queue_for_family(validated.preset.family)
@@ -154,7 +178,10 @@ async def submit(
     kind: str,
 ) -> Submitted:
     """The one submission path of training jobs and previews: check, replay or store and record, then dispatch."""
-    async with received_upload(request, settings, kind, owner_id) as received:
+    replay = functools.partial(_replayed, session, owner_id, idempotency_key or "", settings=settings)
+    async with received_upload(request, settings, kind, owner_id, replay if idempotency_key else None) as received:
+        if isinstance(received, Job):  # a `spec.images_url` request replayed before its fetch
+            return Submitted(received, replayed=True)
         request_hash = received.request_hash()
         if idempotency_key:
             earlier = _replayed(session, owner_id, idempotency_key, request_hash, settings)

@@ -1,152 +1,61 @@
-"""Which URLs may receive webhooks, and which addresses a delivery may connect to.
+"""Which URLs may receive webhooks, and which addresses a delivery may connect to: the checks of
+`core/outbound.py` (shared with `spec.images_url`), with the webhook's wording and its event filter.
 
-One parser, httpx's (the one that sends), reads a webhook URL at submission and at every attempt, so what is
-checked is what is sent to. An attempt resolves the host once, checks every address it got, and connects to
-exactly those (`Target.addresses`): a name that answers a public address to the check and a private one to the
-connection (DNS rebinding) cannot steer a delivery to an address nobody checked.
+A webhook URL is read at submission and at every attempt; an attempt resolves the host once, checks every address
+it got, and connects to exactly those (`Target.addresses`).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-import socket
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from collections.abc import Sequence
 
 import httpx
 
 from core.errors import InvalidSpec
 from core.events import DEFAULT_WEBHOOK_EVENTS, EventType
+from core.outbound import (
+    WEBHOOK,
+    AddressPolicy,
+    HostUnresolved,
+    IPAddress,
+    Resolver,
+    Target,
+    TargetError,
+    UrlInvalid,
+    any_address,
+    embedded_ipv4,
+    policy_for,
+    public_only,
+    redacted,
+    system_resolver,
+)
+from core.outbound import check_target as check_outbound_target
+from core.outbound import parse_url as parse_outbound_url
 
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# host, port -> the host's addresses, in the order to try them (`system_resolver`; tests give their own).
-Resolver = Callable[[str, int], Sequence[str]]
-# Whether a delivery may connect to an address (`public_only`, or `any_address` where private ones are allowed).
-AddressPolicy = Callable[[IPAddress], bool]
+# The webhook names of the shared errors (the same classes).
+WebhookTargetError = TargetError
+WebhookUrlInvalid = UrlInvalid
+WebhookHostUnresolved = HostUnresolved
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: local-use NAT64, any embedding
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix: the IPv4 address is the last 32 bits
-_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible ::a.b.c.d
-_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # SIIT IPv4-translated ::ffff:0:a.b.c.d
-
-
-class WebhookTargetError(Exception):
-    """The URL may not receive webhooks (malformed, not http(s), unresolvable, or on a refused address)."""
-
-
-class WebhookUrlInvalid(WebhookTargetError):
-    """The URL cannot be parsed as an http(s) URL with a valid host and port."""
-
-
-class WebhookHostUnresolved(WebhookTargetError):
-    """The webhook's host name does not resolve (now: a delivery retries later)."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """A checked webhook target: the URL as httpx reads it, its host as the Host header and TLS server name
-    carry it (IDNA), its port, and the addresses that were checked, which are the only ones to connect to."""
-
-    url: httpx.URL
-    host: str
-    port: int
-    addresses: tuple[IPAddress, ...]
-
-    @property
-    def host_is_address(self) -> bool:
-        """Whether the URL names an address literal (no name to resolve, no TLS server name to send)."""
-        return _as_address(self.host) is not None
+__all__ = [
+    "AddressPolicy", "IPAddress", "Resolver", "Target", "WebhookHostUnresolved", "WebhookTargetError",
+    "WebhookUrlInvalid", "any_address", "check_target", "embedded_ipv4", "parse_url", "policy_for", "public_only",
+    "redacted", "system_resolver", "validate_webhook",
+]  # fmt: skip
 
 
 def parse_url(url: str) -> httpx.URL:
-    """The URL as the sender reads it; `WebhookUrlInvalid` unless it is http(s) with a valid host and port
-    (httpx alone accepts ports above 65535 and hosts with spaces)."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise WebhookUrlInvalid(f"the webhook URL is not a valid URL ({exc})") from exc
-    if parsed.scheme not in ("http", "https"):
-        raise WebhookUrlInvalid("the webhook URL must be an http:// or https:// URL")
-    host = parsed.raw_host.decode("ascii", errors="replace").lower()
-    if not host:
-        raise WebhookUrlInvalid("the webhook URL must name a host")
-    if parsed.port is not None and not 1 <= parsed.port <= 65535:
-        raise WebhookUrlInvalid(f"the webhook URL's port {parsed.port} is not between 1 and 65535")
-    if _as_address(host) is None and not _is_hostname(host):
-        raise WebhookUrlInvalid("the webhook URL's host is neither a host name nor an IP address")
-    return parsed
-
-
-def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address carries and reaches, if any: IPv4-mapped `::ffff:a.b.c.d`,
-    IPv4-compatible `::a.b.c.d`, IPv4-translated, NAT64 `64:ff9b::/96`, 6to4 `2002::/16` and Teredo."""
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address.teredo is not None:
-        return address.teredo[1]
-    if address in _NAT64 or address in _COMPATIBLE or address in _TRANSLATED:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return None
-
-
-def public_only(address: IPAddress) -> bool:
-    """The default address policy: only globally routable unicast addresses, and no IPv6 address that embeds
-    (and so reaches) a loopback, private or otherwise non-public IPv4 address. The service must not probe its
-    own network."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address in _NAT64_LOCAL:
-            return False
-        embedded = embedded_ipv4(address)
-        if embedded is not None and not public_only(embedded):
-            return False
-    return address.is_global and not address.is_multicast
-
-
-def any_address(address: IPAddress) -> bool:  # noqa: ARG001 (a policy takes the address)
-    """The address policy where the operator allows private receivers (`DOPSD_WEBHOOK_ALLOW_PRIVATE`)."""
-    return True
-
-
-def policy_for(allow_private: bool) -> AddressPolicy:
-    """The address policy of a setting: `any_address` when private receivers are allowed, else `public_only`."""
-    return any_address if allow_private else public_only
-
-
-def system_resolver(host: str, port: int) -> list[str]:
-    """The host's addresses from the system resolver (TCP), in its order, without repeats."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    """The webhook URL as the sender reads it; `WebhookUrlInvalid` unless it is http(s) with a valid host and
+    port."""
+    return parse_outbound_url(url, WEBHOOK)
 
 
 def check_target(url: str, policy: AddressPolicy, resolver: Resolver = system_resolver) -> Target:
-    """Parses `url`, resolves its host once and checks every address with `policy`. Returns the target with the
-    checked addresses; raises `WebhookUrlInvalid`, `WebhookHostUnresolved`, or `WebhookTargetError` when any
-    address is refused."""
-    parsed = parse_url(url)
-    host = parsed.raw_host.decode("ascii").lower()
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    literal = _as_address(host)
-    if literal is not None:
-        addresses: tuple[IPAddress, ...] = (literal,)
-    else:
-        try:
-            answers = resolver(host, port)
-        except (OSError, UnicodeError) as exc:
-            raise WebhookHostUnresolved(f"the webhook host {host!r} does not resolve") from exc
-        resolved = [_as_address(a) for a in answers]
-        addresses = tuple(a for a in resolved if a is not None)
-        if not addresses or len(addresses) != len(resolved):
-            raise WebhookHostUnresolved(f"the webhook host {host!r} does not resolve to an IP address")
-    for address in addresses:
-        if not policy(address):
-            raise WebhookTargetError(f"the webhook host {host!r} is on a private or loopback address ({address})")
-    return Target(url=parsed, host=host, port=port, addresses=addresses)
+    """Parses a webhook URL, resolves its host once and checks every address with `policy`. Returns the target
+    with the checked addresses; raises `WebhookUrlInvalid`, `WebhookHostUnresolved`, or `WebhookTargetError` when
+    any address is refused."""
+    return check_outbound_target(url, policy, resolver, WEBHOOK)
 
 
 def validate_webhook(
@@ -164,28 +73,3 @@ def validate_webhook(
     except WebhookTargetError as exc:
         raise InvalidSpec(str(exc), code="webhook_url_refused") from exc
     return [EventType(e).value for e in dict.fromkeys(events or DEFAULT_WEBHOOK_EVENTS)]
-
-
-def redacted(url: str) -> str:
-    """The URL for logs: scheme, host, port and path, without credentials, query string or fragment (they may
-    carry a receiver's token)."""
-    try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-        host = parts.hostname or ""
-    except ValueError:
-        return "<malformed URL>"
-    host = f"[{host}]" if ":" in host else host
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
-def _as_address(host: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def _is_hostname(host: str) -> bool:
-    name = host.removesuffix(".")
-    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
