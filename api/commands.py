@@ -107,20 +107,33 @@ def _maintain(_: argparse.Namespace) -> int:
     return 0
 
 
-def worker_command(queues: list[str], *, pool: str = "prefork") -> list[str]:
+def worker_command(queues: list[str], *, pool: str = "prefork", name: str = "dopsd") -> list[str]:
     """The command line of one worker process (concurrency 1: one job per GPU)."""
     return [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO",
-        f"--pool={pool}", "--concurrency=1", "-Q", ",".join(queues), "-n", f"dopsd-{os.getpid()}@%h",
+        f"--pool={pool}", "--concurrency=1", "-Q", ",".join(queues), "-n", f"{name}-{os.getpid()}@%h",
     ]  # fmt: skip
 
 
-def all_queues() -> list[str]:
-    """Every model family's queue."""
+def training_queues() -> list[str]:
+    """Every model family's training queue."""
     from core.queue import queue_for_family
     from dopsd.presets import PRESETS
 
     return sorted({queue_for_family(p.family) for p in PRESETS.values()})
+
+
+def generation_queues() -> list[str]:
+    """Every model family's generation queue."""
+    from core.queue import generation_queue_for_family
+    from dopsd.presets import PRESETS
+
+    return sorted({generation_queue_for_family(p.family) for p in PRESETS.values()})
+
+
+def all_queues() -> list[str]:
+    """Every queue, training and generation (one worker that takes everything, as the test stack runs)."""
+    return training_queues() + generation_queues()
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -133,13 +146,21 @@ def _serve(ns: argparse.Namespace) -> int:
     if "DOPSD_PUBLIC_URL" not in os.environ:
         settings = settings.model_copy(update={"public_url": f"http://{ns.host}:{ns.port}"})
     migrate()
-    worker = None if ns.no_worker else subprocess.Popen(worker_command(all_queues()))
+    # Two worker processes, so a generation never waits behind a training job: one per pool, as a deployment runs.
+    workers = (
+        []
+        if ns.no_worker
+        else [
+            subprocess.Popen(worker_command(training_queues(), name="dopsd-train")),
+            subprocess.Popen(worker_command(generation_queues(), name="dopsd-generate")),
+        ]
+    )
     key = (
         settings.dev_api_key.get_secret_value() if settings.dev_api_key else "<your key: dopsd keys create --name me>"
     )
     base = f"http://{ns.host}:{ns.port}"
     print(
-        f"\nD-OPSD service on {base} (docs: {base}/docs); worker: {'off' if worker is None else 'running'}\n"
+        f"\nD-OPSD service on {base} (docs: {base}/docs); workers: {'off' if not workers else 'training + generation'}\n"
         "Submit a job on the bundled example images:\n"
         f"  curl -s -H 'Authorization: Bearer {key}' \\\n"
         "    -F images=@examples/concept/robot-1.png -F images=@examples/concept/robot-2.png \\\n"
@@ -151,8 +172,9 @@ def _serve(ns: argparse.Namespace) -> int:
     try:
         uvicorn.run(create_app(settings), host=ns.host, port=ns.port, log_level="info")
     finally:
-        if worker is not None:
+        for worker in workers:
             worker.terminate()
+        for worker in workers:
             worker.wait(timeout=30)
     return 0
 
@@ -178,7 +200,9 @@ def register(sub: Any) -> None:
     )
     maintain.set_defaults(func=_maintain)
 
-    serve = sub.add_parser("serve", help="run the API and one worker process (embedded mode by default)")
+    serve = sub.add_parser(
+        "serve", help="run the API and its worker processes, training and generation (embedded mode by default)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-worker", action="store_true", help="run the API only")

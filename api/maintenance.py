@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.public_events import public_event_data
 from core.config import Settings
 from core.maintenance.loops import Maintenance, MaintenanceDeps
-from core.queue import enqueue_training
+from core.queue import enqueue
 from core.storage import ArtifactStore
 
 
@@ -27,7 +27,7 @@ def service_maintenance(settings: Settings, sessions: sessionmaker[Session], sto
             settings=settings,
             sessions=sessions,
             store=store,
-            dispatch=functools.partial(enqueue_training, settings),
+            dispatch=functools.partial(enqueue, settings),
             public_data=public_data,
         )
     )

@@ -33,6 +33,13 @@ class JobSpec(_TrainingSpec):  # its training fields are generated: read them wi
     webhook_events: list[EventType] | None = Field(
         None, max_length=len(EventType), description="Event types to POST (default: started, sample and the outcome)."
     )
+    init_adapter: uuid.UUID | None = Field(
+        None,
+        description="Continue training from the adapter of an earlier succeeded training job of this key and "
+        "preset (its id): more steps on the same concept, or a new concept on top. The student and the EMA "
+        "teacher start from its weights, rank and alpha are its (leave them unset), and the report gains a "
+        "`retention` section: that job's validation prompts rendered again, compared with its final samples.",
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -68,7 +75,7 @@ class JobPublic(BaseModel):
     """A job as its owner sees it."""
 
     id: uuid.UUID
-    kind: Literal["training", "preview"]
+    kind: Literal["training", "preview", "generation"]
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     preset: str
     created_at: datetime

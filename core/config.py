@@ -106,6 +106,24 @@ class Settings(BaseSettings):
     )
     max_running_per_key: int = Field(2, ge=1, description="Jobs of one key that run at once; more wait queued.")
     max_queued_per_key: int = Field(20, ge=1, description="Queued jobs one key may have; more are refused (429).")
+    max_running_generations_per_key: int = Field(
+        4, ge=1, description="Generations of one key that run at once (apart from its training jobs); more wait."
+    )
+    max_queued_generations_per_key: int = Field(
+        50, ge=1, description="Queued generations one key may have; more are refused (429 `too_many_queued_jobs`)."
+    )
+    generation_max_images: int = Field(
+        16, ge=1, le=64, description="Images one generation may ask for (prompts x seeds); more are refused (400)."
+    )
+    generation_max_batch: int = Field(
+        4,
+        ge=1,
+        description="Images a generation worker renders in one pipeline call; queued generations of the same preset, "
+        "size, settings and adapters are claimed together up to this (1: no batching; docs/generations.md).",
+    )
+    generation_adapter_cache: int = Field(
+        8, ge=0, description="Adapters a generation worker keeps loaded in memory between requests (an LRU)."
+    )
     rate_limit_per_minute: int = Field(600, ge=1, description="Requests per key and minute (429 beyond).")
     redis_url: str | None = Field(
         None,

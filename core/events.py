@@ -105,7 +105,7 @@ class CheckpointPayload(EventPayload):
     step: int
 
 
-SampleKind = Literal["base", "adapter", "teacher", "preview"]
+SampleKind = Literal["base", "adapter", "teacher", "preview", "generation"]
 
 
 class SampleImage(BaseModel):
@@ -192,6 +192,18 @@ class PreviewSucceededPayload(EventPayload):
     render_s: float
 
 
+class GenerationSucceededPayload(EventPayload):
+    """A generation finished: GPU time, its images (they came in its `sample` event), how long rendering took, and
+    how many images shared its pipeline calls (`batch_images`; more than `images` when other requests joined)."""
+
+    event_type: ClassVar[EventType] = EventType.SUCCEEDED
+    gpu_seconds: float
+    images: int
+    render_s: float
+    batch_images: int
+    adapters_cached: int
+
+
 class FailedPayload(EventPayload):
     """The job failed with a stable `code` (the readable `message` is left out when there is none)."""
 
@@ -224,7 +236,7 @@ class WarningPayload(EventPayload):
     message: str
 
 
-SucceededPayload = TrainingSucceededPayload | PreviewSucceededPayload
+SucceededPayload = TrainingSucceededPayload | GenerationSucceededPayload | PreviewSucceededPayload
 AnyPayload = (
     QueuedPayload
     | StartedPayload
@@ -243,7 +255,8 @@ AnyPayload = (
     | WarningPayload
 )
 
-# How each type's stored data is read back (a `succeeded` event is one of two shapes: training or preview).
+# How each type's stored data is read back (a `succeeded` event is one of three shapes: training, generation or
+# preview, tried in that order; a generation's carries `batch_images`, which a preview's lacks).
 PAYLOADS: dict[EventType, TypeAdapter[Any]] = {
     EventType.QUEUED: TypeAdapter(QueuedPayload),
     EventType.STARTED: TypeAdapter(StartedPayload),

@@ -14,11 +14,24 @@ from core.config import Settings
 
 
 TASK_TRAIN = "dopsd.train_job"
+TASK_GENERATE = "dopsd.generate"
+_GENERATION_PREFIX = "generate."
 
 
 def queue_for_family(family: str) -> str:
-    """One queue per model family, so GPU workers can be routed by the weights they hold."""
+    """One training queue per model family, so GPU workers can be routed by the weights they hold."""
     return f"train.{family}"
+
+
+def generation_queue_for_family(family: str) -> str:
+    """One generation queue per model family, apart from training: a generation of seconds never waits behind a
+    training job of hours when the deployment gives generations workers of their own (docs/generations.md)."""
+    return f"{_GENERATION_PREFIX}{family}"
+
+
+def task_for_queue(queue: str) -> str:
+    """The task a job's message names, by the queue the job waits in."""
+    return TASK_GENERATE if queue.startswith(_GENERATION_PREFIX) else TASK_TRAIN
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -60,6 +73,7 @@ def producer(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_training(settings: Settings, job_id: uuid.UUID, queue: str) -> None:
-    """Rings the doorbell for `job_id` on `queue`; call only after the job row is committed."""
-    producer(settings).send_task(TASK_TRAIN, args=[str(job_id)], queue=queue)
+def enqueue(settings: Settings, job_id: uuid.UUID, queue: str) -> None:
+    """Rings the doorbell for `job_id` on `queue` (training or generation); call only after the job row is
+    committed."""
+    producer(settings).send_task(task_for_queue(queue), args=[str(job_id)], queue=queue)

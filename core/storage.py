@@ -43,6 +43,11 @@ def checkpoint_prefix(job_id: uuid.UUID) -> str:
     return f"{job_prefix(job_id)}checkpoints/"
 
 
+def generation_image_name(index: int, seed: int) -> str:
+    """The artifact name of a generation's `index`-th image (prompt-major, one per seed): names sort in order."""
+    return f"images/{index:03d}-seed-{seed}.png"
+
+
 def output_key(job_id: uuid.UUID, relative: str) -> str:
     """Key of an output file, `relative` to the trainer's output folder."""
     return f"{job_prefix(job_id)}outputs/{relative}"

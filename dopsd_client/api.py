@@ -259,6 +259,46 @@ class DOPSDClient:
         result: dict[str, Any] = self._json("GET", f"/v1/previews/{preview_id}")
         return result
 
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        preset: str,
+        seeds: Sequence[int] | None = None,
+        num_images: int | None = None,
+        adapters: Sequence[tuple[str, float]] = (),
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Queues a generation: each prompt x each seed, from `preset` with `adapters` (training job id, scale)
+        combined; unset size, steps and guidance take the preset's native few-step setting. Returns the generation;
+        `wait_generation()` follows it to its images."""
+        body: dict[str, Any] = {
+            "preset": preset,
+            "prompt": prompt if isinstance(prompt, str) else list(prompt),
+            "adapters": [{"job_id": job_id, "scale": scale} for job_id, scale in adapters],
+        }
+        optional = {"seeds": list(seeds) if seeds is not None else None, "num_images": num_images, "width": width,
+                    "height": height, "steps": steps, "guidance_scale": guidance_scale}  # fmt: skip
+        body.update({k: v for k, v in optional.items() if v is not None})
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        result: dict[str, Any] = self._send("POST", "/v1/generations", json=body, headers=headers).json()
+        return result
+
+    def get_generation(self, generation_id: str) -> dict[str, Any]:
+        """A generation, with `images` (`url`, `prompt`, `seed`, `width`, `height`) once it succeeded."""
+        result: dict[str, Any] = self._json("GET", f"/v1/generations/{generation_id}")
+        return result
+
+    def wait_generation(self, generation_id: str) -> dict[str, Any]:
+        """Follows the generation's events until it has ended and returns it (its `status` says how)."""
+        for _ in self.stream_events(generation_id):
+            pass
+        return self.get_generation(generation_id)
+
     def get(self, job_id: str) -> dict[str, Any]:
         """One job: status, queue position, progress, timestamps, resolved config, error, links."""
         result: dict[str, Any] = self._json("GET", f"/v1/jobs/{job_id}")

@@ -352,6 +352,43 @@ def _preview(client: DOPSDClient, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_arg(value: str) -> tuple[str, float]:
+    """`JOB_ID` or `JOB_ID:SCALE` (scale 1 by default)."""
+    job_id, _, scale = value.partition(":")
+    try:
+        return job_id, float(scale) if scale else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JOB_ID or JOB_ID:SCALE: {value!r}") from None
+
+
+def _generate(client: DOPSDClient, ns: argparse.Namespace) -> int:
+    generation = client.generate(
+        ns.prompt, preset=ns.preset, seeds=ns.seed, num_images=ns.num_images, adapters=ns.adapter or (),
+        width=ns.width, height=ns.height, steps=ns.steps, guidance_scale=ns.guidance_scale,
+    )  # fmt: skip
+    if not ns.json:
+        _out(f"generation {generation['id']} {generation['status']}")
+    try:
+        done = client.wait_generation(generation["id"])
+    except KeyboardInterrupt:
+        _err(f"stopped watching; the generation goes on (GET /v1/generations/{generation['id']})")
+        return EXIT_INTERRUPTED
+    if ns.json:
+        _out(json.dumps(done, indent=2))
+    if done["status"] != "succeeded":
+        error = done.get("error") or {}
+        _err(f"generation {done['id']} {done['status']}: {error.get('code', '')} {error.get('message', '')}".rstrip())
+        return EXIT_JOB_FAILED
+    for n, image in enumerate(done["images"]):
+        line = f"seed {image['seed']} {image['prompt']!r}: {image['url']}"
+        if ns.out is not None:
+            path = client.download_url(image["url"], Path(ns.out) / f"{n:02d}-seed{image['seed']}.png")
+            line = f"{line}\n  -> {path}"
+        if not ns.json:
+            _out(line)
+    return 0
+
+
 def _print_plan(plan: dict[str, Any]) -> None:
     config = plan.get("config") or {}
     _out("dry run: the API accepted the request and created nothing")
@@ -493,6 +530,7 @@ def _usage(client: DOPSDClient, ns: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[DOPSDClient, argparse.Namespace], int]] = {
     "submit": _submit,
     "preview": _preview,
+    "generate": _generate,
     "status": _status,
     "events": _events,
     "download": _download,
@@ -583,6 +621,24 @@ def register(sub: Any) -> None:
     _add_input_flags(preview)
     preview.add_argument("--out", type=Path, help="folder to download the preview images into")
     preview.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    generate = commands.add_parser(
+        "generate", help="make images with the base model and your adapters; print (or download) them"
+    )
+    generate.add_argument("--preset", default="tiny-z-image", help="the base model (default tiny-z-image)")
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    generate.add_argument("--seed", type=int, action="append", help="a seed (repeat; one image per seed and prompt)")
+    generate.add_argument("--num-images", type=int, help="images per prompt with random seeds (without --seed)")
+    generate.add_argument(
+        "--adapter", type=_adapter_arg, action="append", metavar="JOB_ID[:SCALE]",
+        help="a succeeded training job's adapter at a scale (default 1); repeat to combine",
+    )  # fmt: skip
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--steps", type=int, help="denoising steps (default: the preset's native few)")
+    generate.add_argument("--guidance-scale", type=float)
+    generate.add_argument("--out", type=Path, help="folder to download the images into")
+    generate.add_argument("--json", action="store_true", help="print the API's JSON")
 
     status = commands.add_parser("status", help="a job's status, progress and error")
     status.add_argument("job_id")

@@ -169,11 +169,14 @@ def start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[byt
     return process
 
 
-def start_worker(env: dict[str, str], log: Path, name: str = "worker") -> subprocess.Popen[bytes]:
-    """One Celery worker process (concurrency 1) consuming every model family's queue."""
+def start_worker(
+    env: dict[str, str], log: Path, name: str = "worker", queues: list[str] | None = None
+) -> subprocess.Popen[bytes]:
+    """One Celery worker process (concurrency 1) consuming `queues` (default: every queue, training and
+    generation, of every model family)."""
     from api.commands import all_queues, worker_command
 
-    command = worker_command(all_queues())
+    command = worker_command(queues or all_queues())
     command[command.index("-n") + 1] = f"{name}-{os.getpid()}@%h"
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True

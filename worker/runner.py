@@ -159,16 +159,16 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
     except TrainingCancelled as exc:
         _cancel(resources, job_id, exc.step, worker_id, reporter.gpu_seconds())
     except Exception as exc:
-        code, message = _classify(exc, settings.max_job_s)
+        code, message = classify_failure(exc, settings.max_job_s)
         if code == "internal":
             logger.exception("job %s: unexpected error", job_id)
         _fail(sessions, job_id, code, message, worker_id, reporter.gpu_seconds())
     finally:
-        _delete_if_deleted(resources, job_id)
+        delete_if_deleted(resources, job_id)
         record_stored_bytes(resources.sessions, resources.store, job_id)  # what the key's storage quota counts
 
 
-def _delete_if_deleted(resources: WorkerResources, job_id: uuid.UUID) -> None:
+def delete_if_deleted(resources: WorkerResources, job_id: uuid.UUID) -> None:
     """Deletes every stored object of a job that was deleted while this worker ran it, however the attempt ended
     (stopped, failed, lease lost). This worker uploads nothing after it, and `DELETE` marks the job before its
     own last pass over the prefix, so between the two nothing this worker wrote can stay. A failure here is left
@@ -186,7 +186,7 @@ def _delete_if_deleted(resources: WorkerResources, job_id: uuid.UUID) -> None:
 
 def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id: str, gpu_s: float) -> None:
     """Records a stop its owner asked for. A canceled job never resumes, so its checkpoints go (a deleted job's
-    objects all go, in `_delete_if_deleted`)."""
+    objects all go, in `delete_if_deleted`)."""
 
     def cancel() -> bool:
         with session_scope(resources.sessions) as session:
@@ -199,7 +199,7 @@ def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id:
     logger.info("job %s: canceled at step %d", job_id, step)
 
 
-def _classify(exc: Exception, max_job_s: int) -> tuple[str, str]:
+def classify_failure(exc: Exception, max_job_s: int) -> tuple[str, str]:
     """The stable error code and readable message of a failure: the one place failures are classified."""
     if isinstance(exc, TeacherBlind):
         return "teacher_blind", exc.message

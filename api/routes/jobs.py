@@ -3,25 +3,20 @@ and webhook deliveries. Each route translates HTTP to one call of the service la
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
-from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep, end_session_early
-from api.routes.shared import ERRORS, MULTIPART_BODY, IdempotencyKey, mark_replayed
+from api.deps import PrincipalDep, SessionDep, SettingsDep, StoreDep
+from api.routes.shared import ERRORS, MULTIPART_BODY, IdempotencyKey, events_response, mark_replayed
 from api.schemas import ArtifactsPublic, DryRunPublic, EventsPublic, JobPublic, JobsPublic, WebhookDeliveriesPublic
-from api.services import downloads, present, submit
-from api.services.event_stream import StreamBounds, event_stream, resume_point
-from core.errors import ServiceUnavailable
+from api.services import deletion, downloads, present, submit
 from core.jobs import client_side
 from core.jobs.states import JobStatus
-from core.storage import job_prefix
 
 
-logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 
@@ -98,21 +93,7 @@ def cancel_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep) 
 @router.delete("/{job_id}", status_code=204, operation_id="jobs-delete_job")
 def delete_job(job_id: uuid.UUID, principal: PrincipalDep, session: SessionDep, store: StoreDep) -> Response:
     """Cancels the job if needed and deletes everything stored for it."""
-    job = client_side.get_job(session=session, owner_id=principal.id, job_id=job_id)
-    if not job.job_status.is_terminal:
-        client_side.request_cancel(session=session, job=job)
-        session.commit()
-    # Objects first: if storage is down the client gets 503 and can retry the delete; the job stays visible.
-    store.delete_prefix(job_prefix(job.id))
-    client_side.mark_deleted(session=session, job=job)  # hidden from now on
-    session.commit()
-    # Once more, now that the job is marked: a running worker's upload in between (the sample or checkpoint of its
-    # last step) goes now, and what it stores later it deletes itself when it stops. A failure here is left to the
-    # maintenance sweep of deleted jobs.
-    try:
-        store.delete_prefix(job_prefix(job.id))
-    except ServiceUnavailable:
-        logger.warning("job %s: second pass of its delete failed; left to the deletion sweep", job.id)
+    deletion.delete_job(session, store, client_side.get_job(session=session, owner_id=principal.id, job_id=job_id))
     return Response(status_code=204)
 
 
@@ -142,22 +123,10 @@ def read_events(
     Types: queued, started, model_loaded, progress, checkpoint, sample (image and contact-sheet URLs, valid for
     `expires_in_s`), cancel_requested, requeued, succeeded, failed, canceled."""
     client_side.get_job(session=session, owner_id=principal.id, job_id=job_id)
-    ttl = settings.presigned_url_ttl_s
-    if accept and "text/event-stream" in accept:
-        end_session_early(session)  # the stream opens its own short sessions: hold nothing for its lifetime
-        slots = request.app.state.stream_slots
-        bounds = StreamBounds(principal.id, slots, slots.acquire(principal.id), settings.stream_max_s)
-        stream = event_stream(
-            request.app.state.sessionmaker, job_id, resume_point(after, last_event_id), store, ttl,
-            request.is_disconnected, bounds,
-        )  # fmt: skip
-        return StreamingResponse(
-            stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-    events = client_side.list_events(session=session, job_id=job_id, after=after, limit=limit)
-    return EventsPublic(
-        data=[present.event_public(e, store, ttl) for e in events], next_after=events[-1].id if events else after
-    )
+    return events_response(
+        request, job_id, principal.id, session, store, settings, after=after, limit=limit, accept=accept,
+        last_event_id=last_event_id,
+    )  # fmt: skip
 
 
 @router.get(

@@ -35,7 +35,7 @@ from core.config import Settings
 from core.errors import QuotaExceeded, TooManyRequests
 from core.jobs import client_side, idempotency, usage
 from core.jobs.models import Job
-from core.queue import enqueue_training, queue_for_family
+from core.queue import enqueue, queue_for_family
 from core.storage import ArtifactStore, input_key, job_prefix
 from core.webhooks import validate_webhook
 
@@ -126,10 +126,13 @@ async def received_upload(
             yield Received(validated=validated, webhook_events=webhook_events, kind=kind)
 
 
-def check_key_limits(*, session: Session, owner_id: uuid.UUID, settings: Settings, incoming_bytes: int) -> None:
+def check_key_limits(
+    *, session: Session, owner_id: uuid.UUID, settings: Settings, incoming_bytes: int, queued: bool = True
+) -> None:
     """The key's standing limits, as a submission (or its dry run) meets them: its queued jobs (429
-    `too_many_queued_jobs`) and its storage quota (403 `storage_quota_exceeded`), this upload's bytes included."""
-    if client_side.count_queued(session=session, owner_id=owner_id) >= settings.max_queued_per_key:
+    `too_many_queued_jobs`; not with `queued=False`, for generations, which have their own) and its storage quota
+    (403 `storage_quota_exceeded`), this upload's bytes included."""
+    if queued and client_side.count_queued(session=session, owner_id=owner_id) >= settings.max_queued_per_key:
         raise TooManyRequests(
             f"this key already has {settings.max_queued_per_key} queued jobs", retry_after_s=60,
             code="too_many_queued_jobs",
@@ -178,13 +181,13 @@ async def submit(
     kind: str,
 ) -> Submitted:
     """The one submission path of training jobs and previews: check, replay or store and record, then dispatch."""
-    replay = functools.partial(_replayed, session, owner_id, idempotency_key or "", settings=settings)
+    replay = functools.partial(find_replay, session, owner_id, idempotency_key or "", settings=settings)
     async with received_upload(request, settings, kind, owner_id, replay if idempotency_key else None) as received:
         if isinstance(received, Job):  # a `spec.images_url` request replayed before its fetch
             return Submitted(received, replayed=True)
         request_hash = received.request_hash()
         if idempotency_key:
-            earlier = _replayed(session, owner_id, idempotency_key, request_hash, settings)
+            earlier = find_replay(session, owner_id, idempotency_key, request_hash, settings)
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
         check_key_limits(session=session, owner_id=owner_id, settings=settings, incoming_bytes=received.input_bytes)
@@ -195,7 +198,7 @@ async def submit(
             # A concurrent request with the same Idempotency-Key won the race: answer with its job.
             session.rollback()
             await run_in_threadpool(store.delete_prefix, job_prefix(job_id))
-            earlier = _replayed(session, owner_id, idempotency_key or "", request_hash, settings)
+            earlier = find_replay(session, owner_id, idempotency_key or "", request_hash, settings)
             if earlier is None:
                 raise
             return Submitted(earlier, replayed=True)
@@ -203,11 +206,12 @@ async def submit(
             session.rollback()
             await run_in_threadpool(store.delete_prefix, job_prefix(job_id))
             raise
-    await _dispatch(settings, job)
+    await dispatch(settings, job)
     return Submitted(job, replayed=False)
 
 
-def _replayed(session: Session, owner_id: uuid.UUID, key: str, request_hash: str, settings: Settings) -> Job | None:
+def find_replay(session: Session, owner_id: uuid.UUID, key: str, request_hash: str, settings: Settings) -> Job | None:
+    """The job an earlier request with this `Idempotency-Key` made (409 when that request was a different one)."""
     return idempotency.find_idempotent_job(
         session=session, owner_id=owner_id, key=key, request_hash=request_hash, ttl_s=settings.idempotency_ttl_s
     )
@@ -261,9 +265,10 @@ def _store_inputs(store: ArtifactStore, job_id: uuid.UUID, validated: ValidatedJ
     return images
 
 
-async def _dispatch(settings: Settings, job: Job) -> None:
+async def dispatch(settings: Settings, job: Job) -> None:
+    """Sends the committed job's message; a broker that is down leaves it to the reaper."""
     try:
-        await run_in_threadpool(enqueue_training, settings, job.id, job.queue)
+        await run_in_threadpool(enqueue, settings, job.id, job.queue)
     except Exception as exc:
         # The job is committed and queued: the reaper sends its message once the broker is back.
         logger.warning("job %s: broker unreachable (%s); the reaper will dispatch it", job.id, type(exc).__name__)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from core.errors import Conflict, InvalidRequest, NotFound
 from core.events import CanceledPayload, CancelRequestedPayload, EventType, QueuedPayload, add_event
-from core.jobs.models import Job, JobEvent, utcnow
+from core.jobs.models import GENERATION, Job, JobEvent, utcnow
 from core.jobs.states import JobStatus, Transition
 from core.jobs.transitions import move
 
@@ -177,13 +177,15 @@ def latest_event(*, session: Session, job_id: uuid.UUID, type: EventType) -> Job
     return session.scalars(query.limit(1)).first()
 
 
-def count_queued(*, session: Session, owner_id: uuid.UUID) -> int:
-    """How many of a key's jobs wait in the queue."""
+def count_queued(*, session: Session, owner_id: uuid.UUID, generations: bool = False) -> int:
+    """How many of a key's jobs wait in the queue: its training jobs and previews, or (`generations`) its
+    generations, which have limits of their own."""
+    kind = Job.kind == GENERATION if generations else Job.kind != GENERATION
     return int(
         session.scalar(
             select(func.count())
             .select_from(Job)
-            .where(Job.owner_id == owner_id, Job.status == JobStatus.QUEUED, Job.deleted.is_(False))
+            .where(Job.owner_id == owner_id, Job.status == JobStatus.QUEUED, Job.deleted.is_(False), kind)
         )
         or 0
     )

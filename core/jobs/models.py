@@ -18,6 +18,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# What a job is (`Job.kind`): a training run, a zero-shot preview, or a generation of images with adapters.
+TRAINING, PREVIEW, GENERATION = "training", "preview", "generation"
+
 # BigInteger autoincrement ids on PostgreSQL; SQLite only autoincrements INTEGER primary keys.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 

@@ -21,19 +21,27 @@ from core.events import (
     add_event,
     succeeded_payload,
 )
-from core.jobs.models import ApiKey, Job, JobArtifact, utcnow
+from core.jobs.models import GENERATION, ApiKey, Job, JobArtifact, utcnow
 from core.jobs.states import JobStatus, Transition
 from core.jobs.transitions import move
 
 
 def claim_job(
-    *, session: Session, job_id: uuid.UUID, worker_id: str, lease_s: int, max_running_per_key: int = 1_000_000
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    worker_id: str,
+    lease_s: int,
+    max_running_per_key: int = 1_000_000,
+    generations: bool = False,
 ) -> int | None:
     """Takes a job for this worker in one conditional UPDATE, and commits; returns the attempt number.
 
     A queued job is taken; so is a running one whose lease ran out (its worker died and the broker delivered the
     message again). Anything else returns None: a duplicate delivery of a live or finished job does nothing, and a
-    job whose key already runs `max_running_per_key` jobs stays queued (the reaper offers it again later).
+    job whose key already runs `max_running_per_key` jobs stays queued (the reaper offers it again later). The
+    running jobs counted are the key's training jobs and previews, or with `generations` its generations: the two
+    have limits of their own, so a key's long training never holds its generations back.
     """
     owner_id = session.scalar(select(Job.owner_id).where(Job.id == job_id))
     if owner_id is None:
@@ -48,7 +56,12 @@ def claim_job(
     running_of_owner = (
         select(func.count())
         .select_from(other)
-        .where(other.owner_id == Job.owner_id, other.status == JobStatus.RUNNING, other.id != Job.id)
+        .where(
+            other.owner_id == Job.owner_id,
+            other.status == JobStatus.RUNNING,
+            other.id != Job.id,
+            other.kind == GENERATION if generations else other.kind != GENERATION,
+        )
         .scalar_subquery()
     )
     result = session.execute(

@@ -18,7 +18,7 @@ from core.storage import ArtifactStore, job_prefix
 
 logger = logging.getLogger(__name__)
 
-# Sends a job's message to its queue (in the services: `core.queue.enqueue_training` bound to the settings).
+# Sends a job's message to its queue (in the services: `core.queue.enqueue` bound to the settings).
 Dispatch = Callable[[uuid.UUID, str], None]
 
 
