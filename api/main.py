@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import anyio
 import redis
 from fastapi import FastAPI
+from sqlalchemy.orm import Session
 
+from api.database import Database
 from api.errors import install_error_handlers
 from api.maintenance import service_maintenance
 from api.metrics import install_metrics
@@ -22,11 +22,16 @@ from api.security_headers import SecurityHeaders
 from api.stream_slots import make_stream_slots
 from core import api_keys
 from core.config import Settings, get_settings
-from core.db import make_engine, make_sessionmaker, session_scope
+from core.db import make_engine, make_sessionmaker
 from core.storage import S3Store, make_store
 
 
 logger = logging.getLogger(__name__)
+
+
+def _ensure_dev_key(session: Session, key: str) -> None:
+    api_keys.ensure_api_key(session=session, name="dev", key=key)
+    session.commit()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,16 +40,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(
-            settings.database_url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow
+        pool_size, max_overflow = settings.database_pool_size, settings.database_max_overflow
+        # Every session the API opens holds one of as many slots as this pool has connections (api.database).
+        database = Database(
+            make_engine(settings.database_url, pool_size=pool_size, max_overflow=max_overflow),
+            pool_size + max_overflow,
         )
-        # Sessions are closed here, not in the thread pool that runs handlers: a session that holds a connection
-        # must never wait for a thread that itself waits for a connection (a deadlock under load).
-        app.state.session_closer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="session-close")
-        pooled = 15 if settings.is_sqlite else settings.database_pool_size + settings.database_max_overflow
-        app.state.session_slots = anyio.CapacityLimiter(pooled)  # SQLite: SQLAlchemy's default pool, 5 + 10
+        app.state.database = database
         app.state.settings = settings
-        app.state.sessionmaker = make_sessionmaker(engine)
         app.state.store = make_store(settings)
         if isinstance(app.state.store, S3Store):
             try:
@@ -59,23 +62,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rate_limiter = make_rate_limiter(settings.rate_limit_per_minute, app.state.redis)
         app.state.stream_slots = make_stream_slots(settings.max_streams_per_key, app.state.redis)
         if settings.dev_api_key is not None:
-            with session_scope(app.state.sessionmaker) as session:
-                api_keys.ensure_api_key(session=session, name="dev", key=settings.dev_api_key.get_secret_value())
-        # Embedded mode runs maintenance here; the production shape runs it as `dopsd maintain`.
-        maintenance = (
-            service_maintenance(settings, app.state.sessionmaker, app.state.store)
-            if settings.api_runs_maintenance
-            else None
-        )
-        if maintenance is not None:
+            dev_key = settings.dev_api_key.get_secret_value()
+            await database.run(lambda session: _ensure_dev_key(session, dev_key))
+        # Embedded mode runs maintenance here, on an engine (a pool) of its own, as `dopsd maintain` has one: its
+        # threads never take a request's connection. The production shape runs it as `dopsd maintain`.
+        maintenance = None
+        if settings.api_runs_maintenance:
+            maintenance_engine = make_engine(settings.database_url)
+            maintenance = service_maintenance(settings, make_sessionmaker(maintenance_engine), app.state.store)
             maintenance.start()
         yield
         if maintenance is not None:
             maintenance.stop()
+            maintenance_engine.dispose()
         if app.state.redis is not None:
             app.state.redis.close()
-        app.state.session_closer.shutdown(wait=True)
-        engine.dispose()
+        database.close()
 
     app = FastAPI(
         title="D-OPSD fine-tuning service",

@@ -12,15 +12,17 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import ColumnElement, case, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.database import Database
 from api.estimate import observed_step_seconds
 from core.config import Settings
 from core.errors import Unauthorized
@@ -34,61 +36,67 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class JobCollector(Collector):
-    """Fleet-wide job metrics, computed from the database when Prometheus scrapes and reused for `cache_s`."""
+    """Fleet-wide job metrics, computed from the database before a scrape (`refresh`) and reused for `cache_s`."""
 
-    def __init__(self, app: FastAPI, cache_s: float) -> None:
-        self.app = app
+    def __init__(self, cache_s: float) -> None:
         self.cache_s = cache_s
         self._cached: tuple[float, list[Metric]] | None = None
         self._lock = threading.Lock()  # concurrent scrapes wait for one computation instead of each running it
 
-    def collect(self) -> Iterator[Metric]:
-        """The job metrics, read again once the cached ones are older than `cache_s`."""
+    def _fresh(self) -> bool:
+        return self._cached is not None and time.monotonic() - self._cached[0] < self.cache_s
+
+    async def refresh(self, database: Database) -> None:
+        """Reads the job metrics again, in a session of the API's database slots, once the cached ones are older
+        than `cache_s`."""
+        if not self._fresh():
+            await database.run(self._refresh)
+
+    def _refresh(self, session: Session) -> None:
         with self._lock:
-            now = time.monotonic()
-            if self._cached is None or now - self._cached[0] >= self.cache_s:
-                sessions: sessionmaker[Session] | None = getattr(self.app.state, "sessionmaker", None)
-                if sessions is None:  # not started yet
-                    return
-                self._cached = (now, list(self._compute(sessions)))
-            metrics = self._cached[1]
-        yield from metrics
+            if not self._fresh():
+                self._cached = (time.monotonic(), list(self._compute(session)))
 
-    def _compute(self, sessions: sessionmaker[Session]) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Metric]:
+        """The job metrics last read (none before the first `refresh`)."""
+        cached = self._cached
+        if cached is not None:
+            yield from cached[1]
+
+    def _compute(self, session: Session) -> Iterator[Metric]:
         """Jobs by state and kind, queue depth per queue, job duration and recent step time per preset."""
-        with sessions() as session:
-            by_state = GaugeMetricFamily(
-                "dopsd_jobs", "Jobs by state and kind (deleted jobs excluded).", labels=["status", "kind"]
-            )
-            rows = session.execute(
-                select(Job.status, Job.kind, func.count()).where(Job.deleted.is_(False)).group_by(Job.status, Job.kind)
-            )
-            counts = {(status, kind): n for status, kind, n in rows}
-            for status in JobStatus:
-                for kind in ("training", "preview"):
-                    by_state.add_metric([status.value, kind], counts.get((status.value, kind), 0))
-            yield by_state
+        by_state = GaugeMetricFamily(
+            "dopsd_jobs", "Jobs by state and kind (deleted jobs excluded).", labels=["status", "kind"]
+        )
+        rows = session.execute(
+            select(Job.status, Job.kind, func.count()).where(Job.deleted.is_(False)).group_by(Job.status, Job.kind)
+        )
+        counts = {(status, kind): n for status, kind, n in rows}
+        for status in JobStatus:
+            for kind in ("training", "preview"):
+                by_state.add_metric([status.value, kind], counts.get((status.value, kind), 0))
+        yield by_state
 
-            depth = GaugeMetricFamily("dopsd_queue_depth", "Jobs waiting per worker queue.", labels=["queue"])
-            queued = session.execute(
-                select(Job.queue, func.count())
-                .where(Job.status == JobStatus.QUEUED.value, Job.deleted.is_(False))
-                .group_by(Job.queue)
-            )
-            for queue, n in queued:
-                depth.add_metric([queue], n)
-            yield depth
+        depth = GaugeMetricFamily("dopsd_queue_depth", "Jobs waiting per worker queue.", labels=["queue"])
+        queued = session.execute(
+            select(Job.queue, func.count())
+            .where(Job.status == JobStatus.QUEUED.value, Job.deleted.is_(False))
+            .group_by(Job.queue)
+        )
+        for queue, n in queued:
+            depth.add_metric([queue], n)
+        yield depth
 
-            yield self._durations(session)
+        yield self._durations(session)
 
-            step = GaugeMetricFamily(
-                "dopsd_step_seconds", "Median seconds per training step of the preset's last jobs.", labels=["preset"]
-            )
-            for name in PRESETS:
-                observed = observed_step_seconds(session=session, preset=name)
-                if observed is not None:
-                    step.add_metric([name], observed)
-            yield step
+        step = GaugeMetricFamily(
+            "dopsd_step_seconds", "Median seconds per training step of the preset's last jobs.", labels=["preset"]
+        )
+        for name in PRESETS:
+            observed = observed_step_seconds(session=session, preset=name)
+            if observed is not None:
+                step.add_metric([name], observed)
+        yield step
 
     def _durations(self, session: Session) -> Metric:
         """From start to end of every finished job (all time, so the histogram only grows), by kind and outcome."""
@@ -108,6 +116,27 @@ class JobCollector(Collector):
             buckets = [(str(b), float(c or 0)) for b, c in zip(DURATION_BUCKETS, cumulative, strict=True)]
             family.add_metric([kind, status], [*buckets, ("+Inf", float(count))], sum_value=float(total))
         return family
+
+
+class DatabaseSlotsCollector(Collector):
+    """This process's database session slots (`api.database`): how many there are, held and waited for."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        """The slots' capacity, the sessions open and the callers waiting for one, now (none before start-up)."""
+        database: Database | None = getattr(self.app.state, "database", None)
+        if database is None:
+            return
+        for name, help_text, value in (
+            ("dopsd_database_session_slots", "Database sessions this API process may hold: its pool's connections.",
+             database.capacity),
+            ("dopsd_database_sessions", "Database sessions this API process holds now.", database.in_use),
+            ("dopsd_database_session_waiters", "Requests of this API process waiting for a database session.",
+             database.waiting),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(name, help_text, value=value)
 
 
 class LatencyMiddleware:
@@ -149,7 +178,9 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
         buckets=HTTP_BUCKETS,
         registry=registry,
     )
-    registry.register(JobCollector(app, settings.metrics_cache_s))
+    jobs = JobCollector(settings.metrics_cache_s)
+    registry.register(jobs)
+    registry.register(DatabaseSlotsCollector(app))
     app.add_middleware(LatencyMiddleware, latency=latency)
     token = settings.metrics_token.get_secret_value().encode() if settings.metrics_token else None
 
@@ -164,8 +195,9 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
     router = APIRouter()
 
     @router.get("/metrics", include_in_schema=False, dependencies=[Depends(scraper)])
-    def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         """Prometheus text exposition of this process's and the fleet's metrics."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        await jobs.refresh(request.app.state.database)
+        return Response(await run_in_threadpool(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)

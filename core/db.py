@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Dialect, Engine, MetaData, QueuePool, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -40,10 +40,16 @@ class Base(DeclarativeBase):
 
 
 def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20) -> Engine:
-    """An engine for `url` (a server database: a pool of `pool_size` connections, `max_overflow` more at peaks);
-    SQLite gets WAL and a busy timeout so the API and a worker process can share it."""
+    """An engine for `url` with a pool of `pool_size` connections and `max_overflow` more at peaks, a server
+    database or a SQLite file alike (the API gives out as many session slots as that, `api.database`); SQLite gets
+    WAL and a busy timeout so the API and a worker process can share it. An in-memory SQLite database keeps
+    SQLAlchemy's one connection per thread."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        in_memory = make_url(url).database in (None, "", ":memory:") or "mode=memory" in url
+        pool: dict[str, Any] = (
+            {} if in_memory else {"poolclass": QueuePool, "pool_size": pool_size, "max_overflow": max_overflow}
+        )
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]

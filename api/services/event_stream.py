@@ -2,7 +2,8 @@
 transaction held open for the stream's lifetime), resumable with `Last-Event-ID`, ended once the job is finished
 and every event was sent.
 
-Streams are bounded: each holds one of its key's slots (`api.stream_slots`, at most `DOPSD_MAX_STREAMS_PER_KEY`
+Each poll takes one of the API's database slots for its session (`api.database`), as a request does. Streams are
+bounded: each holds one of its key's stream slots (`api.stream_slots`, at most `DOPSD_MAX_STREAMS_PER_KEY`
 over all replicas), ends when its key is revoked, and ends after `DOPSD_STREAM_MAX_S`, when the client reconnects
 with `Last-Event-ID` and loses nothing."""
 
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 
 import anyio
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+from api.database import Database
 from api.public_events import EventPublic
 from api.services.present import event_public
 from api.stream_slots import LEASE_S, StreamSlots
@@ -51,7 +53,7 @@ def resume_point(after: int, last_event_id: str | None) -> int:
 
 
 async def event_stream(
-    sessions: sessionmaker[Session],
+    database: Database,
     job_id: uuid.UUID,
     after: int,
     store: ArtifactStore,
@@ -66,26 +68,24 @@ async def event_stream(
     try:
         idle = 0.0
         while not await is_disconnected():
-            renew = time.monotonic() - renewed >= LEASE_S / 3
-
-            def poll(cursor: int, renew: bool) -> tuple[list[EventPublic], bool, bool]:
-                if renew:
-                    bounds.slots.renew(bounds.key_id, bounds.slot)
-                with sessions() as s:
-                    found = client_side.list_events(session=s, job_id=job_id, after=cursor, limit=200)
-                    job = s.get(Job, job_id)
-                    # The key is read after the events: an event written once the key was revoked (revocation
-                    # cancels the key's jobs) is never sent.
-                    key = s.get(ApiKey, bounds.key_id)
-                    if key is None or key.revoked_at is not None:
-                        return [], False, True
-                    events = [event_public(e, store, ttl_s) for e in found]
-                    done = job is None or job.deleted or job.job_status.is_terminal
-                    return events, done, False
-
-            events, done, revoked = await run_in_threadpool(poll, after, renew)
-            if renew:
+            if time.monotonic() - renewed >= LEASE_S / 3:
+                await run_in_threadpool(bounds.slots.renew, bounds.key_id, bounds.slot)
                 renewed = time.monotonic()
+
+            def poll(s: Session, cursor: int = after) -> tuple[list[EventPublic], bool, bool]:
+                found = client_side.list_events(session=s, job_id=job_id, after=cursor, limit=200)
+                job = s.get(Job, job_id)
+                # The key is read after the events: an event written once the key was revoked (revocation cancels
+                # the key's jobs) is never sent.
+                key = s.get(ApiKey, bounds.key_id)
+                if key is None or key.revoked_at is not None:
+                    return [], False, True
+                events = [event_public(e, store, ttl_s) for e in found]
+                done = job is None or job.deleted or job.job_status.is_terminal
+                return events, done, False
+
+            # Each poll is a short session in one of the API's database slots, like a request's (api.database).
+            events, done, revoked = await database.run(poll)
             if revoked:
                 return
             for e in events:
