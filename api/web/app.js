@@ -1,5 +1,5 @@
 // The web page of the fine-tuning service, a client of the public REST API and nothing more: this entry module
-// routes between the views (#/new, #/jobs, #/jobs/<id>, and the key form while the tab has no key) and shows the
+// routes between the views (#/new, #/jobs, #/jobs/<id>, #/generations, and the key form while the tab has no key) and shows the
 // key box in the header. Plain ES modules, no build step:
 //   api.js             the REST client (Bearer key, errors, the job's event stream over fetch)
 //   service-info.js    presets and the JobSpec's bounds and defaults, as the API publishes them
@@ -8,9 +8,11 @@
 //   new-job*.js        the new-job form: layout and submit, its state, images, estimate, preview
 //   job-list.js        the job list
 //   job-page.js        the job view and its cards: job-status, job-results, job-chart, job-log, job-gallery
+//   generate.js        the job view's "Try it" card and the gallery of generations (#/generations)
 
 import { clearKey, getKey, whenKeyRejected } from "./api.js";
 import { h, main } from "./dom.js";
+import { viewGenerations } from "./generate.js";
 import { viewJobs } from "./job-list.js";
 import { viewJob } from "./job-page.js";
 import { viewKey } from "./key-form.js";
@@ -42,6 +44,7 @@ function route(message) {
   let m;
   if (hash === "#/new") viewNew(signal);
   else if (hash === "#/jobs") viewJobs(signal);
+  else if (hash === "#/generations") viewGenerations(signal);
   else if ((m = hash.match(/^#\/jobs\/([0-9a-fA-F-]{36})$/))) viewJob(signal, m[1].toLowerCase());
   else location.replace("#/new");
 }

@@ -16,6 +16,7 @@
 import { api, ApiError, followEvents, TERMINAL_STATUSES } from "./api.js";
 import { errorBox, focusHeading, h, main } from "./dom.js";
 import { describeError } from "./format.js";
+import { tryCard } from "./generate.js";
 import { galleryCard } from "./job-gallery.js";
 import { lossCard } from "./job-chart.js";
 import { logCard } from "./job-log.js";
@@ -24,7 +25,7 @@ import { headerPart, statusCard } from "./job-status.js";
 import { verdictCard } from "./job-verdict.js";
 
 // Top to bottom; cards in one row stand side by side on a wide screen.
-const LAYOUT = [[headerPart], [statusCard], [verdictCard], [resultsCard], [lossCard, logCard], [galleryCard]];
+const LAYOUT = [[headerPart], [statusCard], [verdictCard], [resultsCard], [tryCard], [lossCard, logCard], [galleryCard]];
 
 /** What an event says about the job itself (status, progress, error); the cards read the rest. */
 function applyToJob(job, ev) {

@@ -46,3 +46,36 @@ def browser() -> Iterator[Any]:
         chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture
+def context(browser: Any, prod_stack: Stack) -> Iterator[Any]:
+    """A fresh browser profile (its own sessionStorage) on a desktop-sized screen."""
+    ctx = browser.new_context(
+        base_url=prod_stack.base_url, viewport={"width": 1280, "height": 900}, accept_downloads=True,
+        color_scheme="light",
+    )  # fmt: skip
+    ctx.set_default_timeout(20_000)
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"])
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def page(context: Any) -> Iterator[Any]:
+    """A tab that fails the test on any uncaught script error."""
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield tab
+    assert not errors, f"script errors on the page: {errors}"
+
+
+@pytest.fixture(autouse=True)
+def patient_expectations() -> None:
+    """The worker shares two CPU cores with everything else: give assertions the context's 20 s, not 5 s."""
+    try:
+        from playwright.sync_api import expect
+    except ImportError:  # the browser tests skip; the others need no browser
+        return
+    expect.set_options(timeout=20_000)

@@ -14,13 +14,11 @@ import os
 import re
 import time
 import tomllib
-from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import Stack, example_files, quick_spec
 
@@ -38,29 +36,6 @@ DROP_BROKEN_FILE = """() => {
     dt.items.add(new File(["this is text, not a PNG"], "broken.png", { type: "image/png" }));
     return dt;
 }"""
-
-
-@pytest.fixture
-def context(browser: Any, prod_stack: Stack) -> Iterator[Any]:
-    """A fresh browser profile (its own sessionStorage) on a desktop-sized screen."""
-    ctx = browser.new_context(
-        base_url=prod_stack.base_url, viewport={"width": 1280, "height": 900}, accept_downloads=True,
-        color_scheme="light",
-    )  # fmt: skip
-    ctx.set_default_timeout(20_000)
-    ctx.grant_permissions(["clipboard-read", "clipboard-write"])
-    yield ctx
-    ctx.close()
-
-
-@pytest.fixture
-def page(context: Any) -> Iterator[Any]:
-    """A tab that fails the test on any uncaught script error."""
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield tab
-    assert not errors, f"script errors on the page: {errors}"
 
 
 # Every Content-Security-Policy violation on the page, recorded from before its first script runs.
@@ -116,16 +91,6 @@ def add_images(page: Any) -> None:
     """The example images through the file input, the broken file dropped on the drop zone."""
     page.set_input_files("#images", [str(p) for p in EXAMPLES])
     page.dispatch_event("#dropzone", "drop", {"dataTransfer": page.evaluate_handle(DROP_BROKEN_FILE)})
-
-
-@pytest.fixture(autouse=True)
-def patient_expectations() -> None:
-    """The worker shares two CPU cores with everything else: give assertions the context's 20 s, not 5 s."""
-    try:
-        from playwright.sync_api import expect
-    except ImportError:  # the browser tests skip; the others need no browser
-        return
-    expect.set_options(timeout=20_000)
 
 
 def test_sign_in_upload_train_watch_and_download(page: Any, prod_stack: Stack, api_key: str, tmp_path: Path) -> None:
