@@ -132,12 +132,17 @@ class _Adapter:
 
 
 class AdapterCache:
-    """An LRU of adapter state dicts by name, at most `capacity` of them (0: nothing kept, every use reads)."""
+    """An LRU of adapter state dicts by name: at most `capacity` of them (0: nothing kept, every use reads) and, with
+    `max_bytes`, at most that many bytes of tensors (the newest entry always stays: it is in use). A rank-64
+    Z-Image-Turbo adapter as the trainer writes it (fp32) is about 0.64 GB, so a worker sets one or both bounds."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         if capacity < 0:
             raise ValueError(f"the adapter cache size must be >= 0, got {capacity}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"the adapter cache's byte bound must be >= 0, got {max_bytes}")
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[str, _Adapter] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -157,10 +162,18 @@ class AdapterCache:
         entry = read(spec.path)
         if self.capacity > 0:
             self._entries[spec.name] = entry
-            while len(self._entries) > self.capacity:
+            while len(self._entries) > self.capacity or (len(self._entries) > 1 and self._over_bytes()):
                 self._entries.popitem(last=False)
                 self.evictions += 1
         return entry
+
+    def _over_bytes(self) -> bool:
+        return self.max_bytes is not None and self.nbytes > self.max_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held."""
+        return sum(e.nbytes for e in self._entries.values())
 
     def stats(self) -> dict[str, int]:
         """hits, misses, size (adapters held), evictions, bytes (their tensors), capacity."""
@@ -169,7 +182,7 @@ class AdapterCache:
             "misses": self.misses,
             "size": len(self._entries),
             "evictions": self.evictions,
-            "bytes": sum(e.nbytes for e in self._entries.values()),
+            "bytes": self.nbytes,
             "capacity": self.capacity,
         }
 
@@ -185,6 +198,7 @@ class Generator:
     Args:
         family: the base pipeline (a worker's cached family; training may use it between calls, never during one).
         adapter_cache_size: how many adapters' state dicts stay in memory (LRU by name; 0 reads every use).
+        adapter_cache_bytes: and at most this many bytes of them (`None`: bounded by the count only).
         max_batch: the most images in one pipeline call. Compatible requests (same settings, same adapters at the
             same scales) share calls. One call of N images is faster than N calls of one on the tiny models on CPU
             (`bench/generation.py`, docs/performance.md); on a GPU at 1024^2 a batch costs memory in proportion.
@@ -201,13 +215,14 @@ class Generator:
         adapter_cache_size: int = 8,
         max_batch: int = 4,
         max_sequence_length: int | None = None,
+        adapter_cache_bytes: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.family = family
         self.max_batch = max_batch
         self.max_sequence_length = max_sequence_length
-        self.cache = AdapterCache(adapter_cache_size)
+        self.cache = AdapterCache(adapter_cache_size, adapter_cache_bytes)
         self._lock = threading.Lock()
 
     def cache_stats(self) -> dict[str, int]:
@@ -338,6 +353,10 @@ class Generator:
                         adapter_name=peft_name,
                         metadata=entry.metadata,
                         _pipeline=pipeline,
+                        # as `load_lora_weights` passes it: LoRA layers made empty and filled from the state dict,
+                        # no random init thrown away (on the CPU the layers then share the cached tensors, which
+                        # nothing writes to)
+                        low_cpu_mem_usage=True,
                     )
             except (ValueError, RuntimeError, KeyError) as exc:
                 self._delete([peft_name])  # whatever part of it was injected

@@ -398,6 +398,23 @@ def test_lru_is_bounded_counts_and_reads_a_file_once(preset_name: str, family: M
     assert not getattr(family.transformer, "peft_config", None)
 
 
+def test_lru_byte_bound(preset_name: str, family: ModelFamily, adapters: tuple[Path, Path]) -> None:
+    """With a byte bound of one adapter's size, the second evicts the first; the newest always stays."""
+    engine = Generator(family, adapter_cache_size=8, max_sequence_length=max_length(preset_name))
+    engine.generate([request(preset_name, AdapterSpec("a", adapters[0]))])
+    one_adapter = engine.cache_stats()["bytes"]
+    bounded = Generator(family, adapter_cache_size=8, adapter_cache_bytes=one_adapter,
+                        max_sequence_length=max_length(preset_name))  # fmt: skip
+    bounded.generate(
+        [request(preset_name, AdapterSpec("a", adapters[0])), request(preset_name, AdapterSpec("b", adapters[1]))]
+    )
+    stats = bounded.cache_stats()
+    assert (stats["size"], stats["evictions"], stats["bytes"]) == (1, 1, one_adapter) and bounded.is_cached("b")
+    tiny = Generator(family, adapter_cache_bytes=1, max_sequence_length=max_length(preset_name))
+    tiny.generate([request(preset_name, AdapterSpec("a", adapters[0]))])
+    assert tiny.cache_stats()["size"] == 1  # over the bound alone, still kept: it is the one in use
+
+
 def test_warm_adapter_skips_the_file(preset_name: str, generator: Generator, adapters: tuple[Path, Path]) -> None:
     """A second use of a cached adapter reads nothing: the spec's path may even be gone."""
     spec = AdapterSpec(f"{preset_name}-a", adapters[0])
