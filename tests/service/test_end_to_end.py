@@ -1,4 +1,5 @@
-"""A client's whole journey through HTTP: submit images, watch the job, download the adapter, load it in diffusers.
+"""A client's whole journey through HTTP: submit images, watch the job, download the adapter, load it in diffusers,
+make an image with it through the service and find it equal to diffusers' own.
 
 Runs against the production-shaped stack (PostgreSQL, Redis, SeaweedFS, a real Celery worker process) and against
 the embedded mode of `make run` (SQLite, the filesystem broker, local artifacts, a real worker process).
@@ -6,6 +7,7 @@ the embedded mode of `make run` (SQLite, the filesystem broker, local artifacts,
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ZImagePipeline
+from PIL import Image
 
 from tests.conftest import Stack, example_files, quick_spec
 from tests.pace import wait_for_status
@@ -68,6 +71,21 @@ def test_submit_train_download_and_load_in_diffusers(
         assert redirect.status_code == 302
         url = redirect.headers["location"]
 
+        # Then images with it, through the service's generation workers.
+        body = {
+            "preset": "tiny-z-image",
+            "prompt": "a photo of [V]",
+            "seeds": [0],
+            "adapters": [{"job_id": job["id"]}],
+        }
+        response = client.post("/v1/generations", json=body)
+        assert response.status_code == 202, response.text
+        generation = wait_for_status(client, response.json()["id"], {"succeeded", "failed", "canceled"})
+        assert generation["status"] == "succeeded", generation["error"]
+        generated = client.get(f"/v1/generations/{generation['id']}").json()
+        assert generated["prompts"] == ["a photo of sks"] and generated["steps"] == 8
+        image_url = generated["images"][0]["url"]
+
     # The short-lived URL needs no API key: it is the grant for this one object.
     download = httpx.get(url, timeout=30)
     assert download.status_code == 200
@@ -79,7 +97,10 @@ def test_submit_train_download_and_load_in_diffusers(
     pipe.set_progress_bar_config(disable=True)
     base = render(pipe)
     pipe.load_lora_weights(adapter)
-    assert np.abs(render(pipe) - base).max() > 5, "the downloaded adapter must change the output"
+    tuned = render(pipe)
+    assert np.abs(tuned - base).max() > 5, "the downloaded adapter must change the output"
+    served = np.asarray(Image.open(io.BytesIO(httpx.get(image_url, timeout=30).content)), dtype=np.int16)
+    assert np.abs(served - tuned).max() <= 1, "the service's generation is what diffusers makes with the adapter"
 
 
 def test_event_stream_replays_a_finished_job(any_stack: tuple[Stack, str]) -> None:
