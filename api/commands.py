@@ -45,6 +45,7 @@ def _sessions() -> Any:
 
 def _keys(ns: argparse.Namespace) -> int:
     from core import api_keys
+    from core.config import get_settings
     from core.db import session_scope
     from core.errors import DomainError
     from core.jobs.models import ApiKey
@@ -65,6 +66,8 @@ def _keys(ns: argparse.Namespace) -> int:
             except DomainError as exc:
                 print(f"error: {exc.message}", file=sys.stderr)
                 return 1
+            session.commit()  # before the API replicas are told: they read the key again, and find it revoked
+            api_keys.announce_revocation(get_settings().shared_redis_url)
             print(f"revoked key {record.id} ({record.prefix}..., named {record.name!r})")
         else:
             for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
@@ -166,7 +169,12 @@ def _serve(ns: argparse.Namespace) -> int:
         "    -F images=@examples/concept/robot-1.png -F images=@examples/concept/robot-2.png \\\n"
         '    -F \'spec={"preset": "tiny-z-image", "trigger": "sks", "steps": 30}\' '
         f"{base}/v1/jobs\n"
-        f"Then: curl -s -H 'Authorization: Bearer {key}' {base}/v1/jobs/<id>\n",
+        f"Then: curl -s -H 'Authorization: Bearer {key}' {base}/v1/jobs/<id>\n"
+        "Once it succeeded, make images with its adapter:\n"
+        f"  curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
+        '    -d \'{"preset": "tiny-z-image", "prompt": "a photo of [V]", "seeds": [0], "adapters": [{"job_id": "<id>"}]}\' '
+        f"{base}/v1/generations\n"
+        f"Or open {base}/app/ (the web page) with the key above.\n",
         flush=True,
     )
     try:
