@@ -119,8 +119,9 @@ class Stack:
         KEYS_MADE.append((self, key))
         return key, secret
 
-    def s3_keys(self, prefix: str = "jobs/") -> list[str]:
-        """Every object key under `prefix` in the stack's bucket, read straight from the S3 server."""
+    def s3_objects(self, prefix: str = "jobs/") -> dict[str, int]:
+        """Every object under `prefix` in the stack's bucket with its size in bytes, by key, in key order, read
+        straight from the S3 server."""
         import boto3
 
         client = boto3.client(
@@ -129,7 +130,11 @@ class Stack:
             aws_secret_access_key=self.env["DOPSD_S3_SECRET_ACCESS_KEY"],
         )  # fmt: skip
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.env["DOPSD_S3_BUCKET"], Prefix=prefix)
-        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+        return dict(sorted((o["Key"], int(o["Size"])) for page in pages for o in page.get("Contents", [])))
+
+    def s3_keys(self, prefix: str = "jobs/") -> list[str]:
+        """Every object key under `prefix` in the stack's bucket, in order (`s3_objects` without the sizes)."""
+        return list(self.s3_objects(prefix))
 
     def client(self, key: str | None) -> httpx.Client:
         """An HTTP client for the API, authenticated with `key`."""

@@ -109,21 +109,31 @@ def test_the_tolerance_is_ten_minutes_unless_an_operator_says_otherwise() -> Non
     assert Settings(signing_key="a-real-signing-key").outage_tolerance_s == 600  # type: ignore[arg-type]
 
 
-def test_a_storage_outage_within_the_tolerance_delays_the_job_which_then_finishes_once(outages: OutageStack) -> None:
+@pytest.mark.parametrize(
+    ("dependency", "warning"),
+    [("storage", "failed (object storage"), ("database", "database unavailable")],
+    ids=["storage", "database"],
+)
+def test_an_outage_within_the_tolerance_delays_the_job_which_then_finishes_once(
+    outages: OutageStack, dependency: str, warning: str
+) -> None:
     running = outages.stack
-    with running.client(running.create_key("storage-blip")) as client:
+    proxy: TcpProxy = getattr(outages, dependency)
+    with running.client(running.create_key(f"{dependency}-blip")) as client:
         job = training(client)
-        outages.storage.down()
+        proxy.down()
         down_at = time.monotonic()
         try:
-            eventually(  # the worker met the outage and waits for storage
-                lambda: worker_warnings(running, job["id"], "failed (object storage"),
+            # The worker met the outage and waits (through the API meanwhile, a database outage answers 503).
+            eventually(
+                lambda: worker_warnings(running, job["id"], warning),
                 bool,
-                "a worker warning that it waits for storage",
+                f"a worker warning that it waits for the {dependency}",
             )
             time.sleep(max(0.0, SHORT_OUTAGE_S - (time.monotonic() - down_at)))  # the outage lasts this long
         finally:
-            outages.storage.up()
+            proxy.up()
+        eventually(lambda: client.get("/v1/jobs").status_code, lambda s: s == 200, "the API answering again")
         done = wait_for_status(client, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded", done["error"]
     assert done["attempt"] == 1 and done["progress"]["step"] == 16
@@ -142,28 +152,6 @@ def test_a_storage_outage_longer_than_the_tolerance_fails_the_job_naming_storage
     assert done["status"] == "failed"
     assert done["error"]["code"] == "storage_unavailable", done["error"]
     assert "object storage was unreachable for" in done["error"]["message"]
-
-
-def test_a_database_outage_within_the_tolerance_delays_the_job_which_then_finishes_once(outages: OutageStack) -> None:
-    running = outages.stack
-    with running.client(running.create_key("database-blip")) as client:
-        job = training(client)
-        outages.database.down()
-        try:
-            # Nothing answers through the API meanwhile (503): the worker's own log says it waits.
-            eventually(
-                lambda: worker_warnings(running, job["id"], "database unavailable"),
-                bool,
-                "a worker warning that it waits for the database",
-            )
-            time.sleep(SHORT_OUTAGE_S)
-        finally:
-            outages.database.up()
-        eventually(lambda: client.get("/v1/jobs").status_code, lambda s: s == 200, "the API recovering")
-        done = wait_for_status(client, job["id"], {"succeeded", "failed"})
-    assert done["status"] == "succeeded", done["error"]
-    assert done["attempt"] == 1 and done["progress"]["step"] == 16
-    assert len(adapters_of(running, job["id"])) == 1
 
 
 def test_a_database_outage_longer_than_the_tolerance_fails_the_job_naming_the_database(

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import boto3
 import httpx
 import psutil
 import pytest
@@ -129,17 +128,6 @@ def test_a_keys_uploads_beyond_its_limit_are_refused_and_others_go_through(
     )
 
 
-def stored_under(prod_stack: Stack, prefix: str) -> int:
-    """Bytes under `prefix` in the stack's bucket, as the S3 server lists them."""
-    client = boto3.client(
-        "s3", endpoint_url=prod_stack.env["DOPSD_S3_ENDPOINT_URL"], region_name="us-east-1",
-        aws_access_key_id=prod_stack.env["DOPSD_S3_ACCESS_KEY_ID"],
-        aws_secret_access_key=prod_stack.env["DOPSD_S3_SECRET_ACCESS_KEY"],
-    )  # fmt: skip
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=prod_stack.env["DOPSD_S3_BUCKET"], Prefix=prefix)
-    return sum(o["Size"] for page in pages for o in page.get("Contents", []))
-
-
 def test_usage_counts_what_the_worker_stored_until_the_job_is_deleted(prod_stack: Stack) -> None:
     key = prod_stack.create_key("usage")
     with prod_stack.client(key) as client:
@@ -148,7 +136,7 @@ def test_usage_counts_what_the_worker_stored_until_the_job_is_deleted(prod_stack
         assert client.get("/v1/usage").json()["stored_bytes"] == inputs
         done = wait_for_status(client, job["id"], {"succeeded", "failed", "canceled"})
         assert done["status"] == "succeeded", done
-        in_s3 = stored_under(prod_stack, f"jobs/{job['id']}/")
+        in_s3 = sum(prod_stack.s3_objects(f"jobs/{job['id']}/").values())  # as the S3 server lists them
         assert in_s3 > inputs  # the adapter, samples, reports went up too
         usage = eventually(lambda: client.get("/v1/usage").json(), lambda u: u["stored_bytes"] == in_s3,
                            "usage counting what the worker stored")  # fmt: skip
