@@ -521,7 +521,8 @@ def _usage(client: DOPSDClient, ns: argparse.Namespace) -> int:
     stored, quota = _size(usage["stored_bytes"]), usage.get("quota_bytes")
     _out(f"stored:      {stored} of {_size(quota)}" if quota else f"stored:      {stored} (no quota)")
     _out(f"gpu seconds: {usage['gpu_seconds']:.1f}")
-    for label, counts in (("jobs", usage["jobs"]), ("previews", usage["previews"])):
+    kinds = (("jobs", usage["jobs"]), ("previews", usage["previews"]), ("generations", usage.get("generations", {})))
+    for label, counts in kinds:
         listed = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none"
         _out(f"{label + ':':12} {listed}")
     return 0

@@ -1,4 +1,4 @@
-"""What a key uses and may use, for `GET /v1/usage`: its jobs and previews by status, GPU-seconds, bytes stored
+"""What a key uses and may use, for `GET /v1/usage`: its jobs, previews and generations by status, GPU-seconds, bytes stored
 against its quota, and the per-key limits its requests meet."""
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class KeyLimitsPublic(BaseModel):
     max_image_pixels: int = Field(description="Pixels of one image (413 `image_too_large`).")
     max_request_pixels: int = Field(description="Pixels of all images of one request (413 `too_many_pixels`).")
     requests_per_minute: int = Field(description="Requests of every kind (429 `rate_limited`).")
+    max_queued_generations: int = Field(description="Queued generations at once (429 `too_many_queued_jobs`).")
+    max_running_generations: int = Field(description="Generations that run at once, apart from training jobs.")
+    max_images_per_generation: int = Field(description="Prompts x seeds of one generation (422 `too_many_images`).")
 
 
 class UsagePublic(BaseModel):
@@ -33,6 +36,7 @@ class UsagePublic(BaseModel):
 
     jobs: dict[str, int] = Field(description="Training jobs by status (deleted jobs excluded).")
     previews: dict[str, int] = Field(description="Previews by status (deleted ones excluded).")
+    generations: dict[str, int] = Field(description="Generations by status (deleted ones excluded).")
     gpu_seconds: float = Field(description="GPU-seconds of every job and preview this key ran, deleted ones included.")
     stored_bytes: int = Field(description="Bytes stored across this key's jobs and previews now.")
     quota_bytes: int | None = Field(description="The storage quota (null: none).")
@@ -47,6 +51,7 @@ def usage_public(*, session: Session, owner_id: uuid.UUID, settings: Settings) -
     return UsagePublic(
         jobs=used.jobs_by_status,
         previews=used.previews_by_status,
+        generations=used.generations_by_status,
         gpu_seconds=round(used.gpu_seconds, 3),
         stored_bytes=used.stored_bytes,
         quota_bytes=quota,
@@ -59,5 +64,8 @@ def usage_public(*, session: Session, owner_id: uuid.UUID, settings: Settings) -
             max_image_pixels=settings.max_image_pixels,
             max_request_pixels=settings.max_request_pixels,
             requests_per_minute=settings.rate_limit_per_minute,
+            max_queued_generations=settings.max_queued_generations_per_key,
+            max_running_generations=settings.max_running_generations_per_key,
+            max_images_per_generation=settings.generation_max_images,
         ),
     )

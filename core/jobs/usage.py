@@ -31,11 +31,12 @@ def stored_bytes(*, session: Session, owner_id: uuid.UUID) -> int:
 
 @dataclass(frozen=True)
 class KeyUsage:
-    """One key's totals: jobs (training and previews, deleted ones excluded) by status, GPU-seconds of every job it
+    """One key's totals: jobs (training, previews and generations, deleted ones excluded) by status, GPU-seconds of every job it
     ran (deleted ones included: they were used), and bytes stored now."""
 
     jobs_by_status: dict[str, int]
     previews_by_status: dict[str, int]
+    generations_by_status: dict[str, int]
     gpu_seconds: float
     stored_bytes: int
 
@@ -49,10 +50,12 @@ def key_usage(*, session: Session, owner_id: uuid.UUID) -> KeyUsage:
     ).all()
     jobs = {status: int(n) for kind, status, n in rows if kind == "training"}
     previews = {status: int(n) for kind, status, n in rows if kind == "preview"}
+    generations = {status: int(n) for kind, status, n in rows if kind == "generation"}
     gpu = session.scalar(select(func.coalesce(func.sum(Job.gpu_seconds), 0.0)).where(Job.owner_id == owner_id))
     return KeyUsage(
         jobs_by_status=jobs,
         previews_by_status=previews,
+        generations_by_status=generations,
         gpu_seconds=float(gpu or 0.0),
         stored_bytes=stored_bytes(session=session, owner_id=owner_id),
     )

@@ -171,6 +171,8 @@ def test_idempotency_events_and_delete(prod_stack: Stack, owner: str) -> None:
         assert types[:2] == ["queued", "started"] and types[-1] == "succeeded", types
         sample = next(e for e in events if e["type"] == "sample")
         assert [i["kind"] for i in sample["data"]["images"]] == ["generation"]
+        usage = client.get("/v1/usage").json()
+        assert usage["generations"].get("succeeded", 0) >= 1 and usage["limits"]["max_images_per_generation"] == 16
         assert client.delete(f"/v1/generations/{done['id']}").status_code == 204
         assert client.get(f"/v1/generations/{done['id']}").status_code == 404
     assert prod_stack.s3_keys(f"jobs/{done['id']}/") == []
