@@ -8,14 +8,15 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from core.jobs.models import Job, JobEvent
+from core.jobs.models import GENERATION, Job, JobEvent
 
 
 def message(event: JobEvent, job: Job, data: dict[str, Any]) -> dict[str, Any]:
     """The body of one webhook: Standard Webhooks' {type, timestamp, data} with the job and event ids in data.
-    `timestamp` is when the event happened; it is the same in every attempt."""
+    `type` is `job.<event>`, or `generation.<event>` for a generation. `timestamp` is when the event happened; it is
+    the same in every attempt."""
     return {
-        "type": f"job.{event.type}",
+        "type": f"{'generation' if job.kind == GENERATION else 'job'}.{event.type}",
         "timestamp": event.created_at.isoformat().replace("+00:00", "Z"),
         "data": {"job_id": str(job.id), "job_kind": job.kind, "event_id": event.id, **data},
     }

@@ -178,6 +178,32 @@ def test_idempotency_events_and_delete(prod_stack: Stack, owner: str) -> None:
     assert prod_stack.s3_keys(f"jobs/{done['id']}/") == []
 
 
+def test_a_generations_webhooks_are_signed_and_carry_its_images(prod_stack: Stack) -> None:
+    from standardwebhooks.webhooks import Webhook
+
+    from tests.service.test_user_features import Receiver
+
+    key, secret = prod_stack.create_key_with_secret("generation-hooks")
+    receiver = Receiver()
+    try:
+        with prod_stack.client(key) as client:
+            done = generate(client, prompt="a green cube", seeds=[9], webhook_url=receiver.url)
+            assert done["status"] == "succeeded"
+            eventually(
+                lambda: client.get(f"/v1/generations/{done['id']}/webhook-deliveries").json()["data"],
+                lambda found: len(found) == 3 and all(d["status"] == "delivered" for d in found),
+                "the generation's webhooks delivered",
+            )
+        bodies = [Webhook(secret).verify(body, headers) for headers, body in receiver.requests]
+    finally:
+        receiver.close()
+    assert [b["type"] for b in bodies] == ["generation.started", "generation.sample", "generation.succeeded"]
+    assert all(b["data"]["job_id"] == done["id"] and b["data"]["job_kind"] == "generation" for b in bodies)
+    image = bodies[1]["data"]["images"][0]
+    assert (image["kind"], image["seed"]) == ("generation", 9)
+    assert pixels(image["url"]).shape == (64, 64, 3)  # the URL in the webhook works
+
+
 @pytest.fixture
 def generation_worker(prod_stack: Stack) -> Iterator[Callable[[], None]]:
     """A second worker that takes generations only, started by the test (as a deployment runs its pools)."""
