@@ -14,6 +14,7 @@ from api.database import Database
 from api.errors import install_error_handlers
 from api.maintenance import service_maintenance
 from api.metrics import install_metrics
+from api.principals import Principals
 from api.ratelimit import make_rate_limiter
 from api.routes import api_router
 from api.routes.shared import publish_job_spec
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis.Redis.from_url(shared, socket_timeout=1.0, socket_connect_timeout=1.0) if shared else None
         )
         app.state.rate_limiter = make_rate_limiter(settings.rate_limit_per_minute, app.state.redis)
+        app.state.principals = Principals(app.state.rate_limiter, app.state.redis)
         app.state.stream_slots = make_stream_slots(settings.max_streams_per_key, app.state.redis)
         if settings.dev_api_key is not None:
             dev_key = settings.dev_api_key.get_secret_value()

@@ -1,5 +1,8 @@
 """Per-key request rate limiting: a token bucket per API key, shared by every API replica through Redis when one
-is configured (one atomic Lua script per request), else kept in this process (embedded mode)."""
+is configured (one atomic Lua script per request), else kept in this process (embedded mode).
+
+The same Redis call reads the key revocation counter (`core.api_keys.REVOCATIONS_KEY`), which lets an API process
+keep the keys it authenticated for a few seconds (`api.principals`) without a revocation ever being missed."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Protocol
 
 import redis
 
+from core.api_keys import REVOCATIONS_KEY
 from core.errors import TooManyRequests
 
 
@@ -21,8 +25,9 @@ logger = logging.getLogger(__name__)
 class RateLimiter(Protocol):
     """Takes one request from a key's allowance, or raises `TooManyRequests` with the seconds to wait."""
 
-    def check(self, key_id: uuid.UUID) -> None:
-        """One request of `key_id`."""
+    def check(self, key_id: uuid.UUID) -> int | None:
+        """One request of `key_id`; returns the key revocation counter read at the same time, or None where there
+        is none to read (in process, or Redis not answering)."""
 
 
 def _refused(tokens: float, rate: float) -> TooManyRequests:
@@ -40,7 +45,8 @@ class InProcessRateLimiter:
         self._lock = threading.Lock()
 
     def check(self, key_id: uuid.UUID) -> None:
-        """Takes one token from the key's bucket, or raises with the seconds until one is back."""
+        """Takes one token from the key's bucket, or raises with the seconds until one is back (no revocation
+        counter: returns None)."""
         now = time.monotonic()
         with self._lock:
             tokens, last = self._buckets.get(key_id, (self.capacity, now))
@@ -51,8 +57,9 @@ class InProcessRateLimiter:
             self._buckets[key_id] = (tokens - 1.0, now)
 
 
-# The bucket as a hash {tokens, ts}; Redis' own clock, so replicas on different hosts agree. Returns
-# {allowed, tokens left as a string} (a Lua number would be truncated to an integer).
+# The bucket as a hash {tokens, ts}; Redis' own clock, so replicas on different hosts agree. KEYS[2]: the key
+# revocation counter. Returns {allowed, tokens left as a string (a Lua number would be truncated to an integer),
+# the revocation counter (0 when never set)}.
 TOKEN_BUCKET = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
@@ -69,7 +76,7 @@ if tokens >= 1 then
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 1)
-return {allowed, tostring(tokens)}
+return {allowed, tostring(tokens), tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 
 
@@ -84,15 +91,19 @@ class RedisRateLimiter:
         self.prefix = prefix
         self._script = client.register_script(TOKEN_BUCKET)
 
-    def check(self, key_id: uuid.UUID) -> None:
-        """Takes one token from the key's shared bucket, or raises with the seconds until one is back."""
+    def check(self, key_id: uuid.UUID) -> int | None:
+        """Takes one token from the key's shared bucket, or raises with the seconds until one is back; returns the
+        revocation counter (None if Redis did not answer)."""
         try:
-            allowed, tokens = self._script(keys=[f"{self.prefix}{key_id}"], args=[self.capacity, self.rate])
+            allowed, tokens, revocations = self._script(
+                keys=[f"{self.prefix}{key_id}", REVOCATIONS_KEY], args=[self.capacity, self.rate]
+            )
         except redis.RedisError as exc:
             logger.warning("rate limit not applied, Redis unavailable: %s", type(exc).__name__)
-            return
+            return None
         if not int(allowed):
             raise _refused(float(tokens), self.rate)
+        return int(revocations)
 
 
 def make_rate_limiter(per_minute: int, client: redis.Redis | None) -> RateLimiter:

@@ -1,10 +1,18 @@
-"""API keys: registering, revoking and authenticating the keys clients present (only hashes are stored)."""
+"""API keys: registering, revoking and authenticating the keys clients present (only hashes are stored).
+
+An API process may keep a key it authenticated for `CACHE_S` (`api.principals`) while no key was revoked since:
+each revocation, once committed, increments a counter in the Redis the API replicas share (`REVOCATIONS_KEY`),
+which every request reads with its rate limit. A revocation thus takes effect at once on every replica. If that
+Redis cannot be told, `announce_revocation` waits out `CACHE_S` instead, so that when it returns no replica accepts
+the key any more."""
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
+import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,6 +24,9 @@ from core.security import generate_api_key, generate_webhook_secret, hash_api_ke
 
 
 logger = logging.getLogger(__name__)
+
+REVOCATIONS_KEY = "dopsd:api-keys:revocations"
+CACHE_S = 5.0  # the longest an API process keeps an authenticated key without reading it from the database again
 
 
 def create_api_key(*, session: Session, name: str, key: str | None = None) -> tuple[ApiKey, str]:
@@ -98,6 +109,24 @@ def revoke_api_key(*, session: Session, selector: str) -> ApiKey:
                                                   "error": "the API key was revoked"}]  # fmt: skip
     session.flush()
     return record
+
+
+def announce_revocation(redis_url: str | None) -> None:
+    """Tells every API replica that a key was revoked (call it once the revocation is committed), through the
+    Redis they share (`Settings.shared_redis_url`): they stop accepting any key they kept in memory and read it
+    again. Without Redis (embedded mode: the API keeps nothing) there is nobody to tell; if Redis does not answer,
+    this waits `CACHE_S`, after which no replica still holds a key it read before the revocation."""
+    if redis_url is None:
+        return
+    try:
+        with redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0) as client:
+            client.incr(REVOCATIONS_KEY)
+    except redis.RedisError as exc:
+        logger.warning(
+            "could not tell the API replicas of the revocation (%s); waiting %.0f s for their caches to expire",
+            type(exc).__name__, CACHE_S,
+        )  # fmt: skip
+        time.sleep(CACHE_S)
 
 
 def authenticate(*, session: Session, key: str) -> ApiKey:
