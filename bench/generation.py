@@ -1,14 +1,14 @@
 """Generation latency and throughput through `dopsd.generation.Generator`, side by side in one run on one preset.
 
-Latency of one request of one image (prompt to PIL image), the rounds interleaved (a shared machine's drift hits
-all alike):
+Latency of one request of one image (prompt to PIL image); every figure below is timed round by round, interleaved
+(a shared machine's drift hits all alike), as medians of wall time and of process CPU time (`cpu_*`):
 - `base`: no adapter (the floor);
 - `warm`: an adapter already in the generator's LRU (loaded into the transformer from memory, rendered, unloaded);
 - `first use`: an adapter the LRU has not seen (a new name each round: its file read and converted, then as warm;
   `read_s` times the read alone, diffusers' `lora_state_dict` of the file);
 - `cold worker`: a freshly loaded family (base pipeline + teacher encoder, as the worker's model cache loads it),
-  a new `Generator` and the first request with an adapter. The process's imports are reported apart (`import_s`):
-  a worker pays them once at start.
+  a new `Generator` and the first request with an adapter (`cold_load_s`: the load alone). The process's imports
+  are reported apart (`import_s`, a fresh interpreter importing the engine): a worker pays them once at start.
 Throughput: one request of `--batch` images (two prompts x batch/2 seeds) with a warm adapter, `max_batch=batch`
 (one pipeline call) against `max_batch=1` (batch calls); images/s and the ratio, and the largest pixel difference
 between the two renderings in 0-255 units (the batching tolerance `dopsd.generation` states).
@@ -141,71 +141,65 @@ def import_seconds() -> float:
     return time.perf_counter() - start
 
 
-def warm_figures(setup: Setup, family: ModelFamily, adapter: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Latency of base / warm / first use, interleaved, and batched against unbatched throughput, on `family`."""
+def measure(step: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call of `step`; CPU time is steadier on a shared machine."""
+    start = time.process_time()
+    wall = timed(step, device)
+    return wall, time.process_time() - start
+
+
+def figures(setup: Setup, family: ModelFamily, adapter: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Latency of base / warm / first use / cold worker and batched / unbatched throughput, all interleaved round by
+    round (the cold step in the first `cold_repeats` rounds); medians of wall and of process CPU time."""
     length = int(setup.preset.defaults["student_max_sequence_length"])
     settings = GenerationSettings(setup.width, setup.height, setup.steps, setup.guidance)
     generator = Generator(family, adapter_cache_size=8, max_batch=args.batch, max_sequence_length=length)
     warm_spec = AdapterSpec("warm", adapter)
     fresh_names = iter(range(10**6))
+    cold_loads: list[float] = []
 
     def one(*adapters: AdapterSpec) -> list[GenerationRequest]:
         return [GenerationRequest(PROMPTS[:1], (0,), adapters, settings)]
 
+    def cold() -> None:
+        """A cold worker: the family loaded as the model cache loads it, a new generator, the first request."""
+        start = time.perf_counter()
+        cold_family = load(setup)
+        cold_loads.append(time.perf_counter() - start)
+        Generator(cold_family, max_sequence_length=length).generate(one(AdapterSpec("cold", adapter)))
+
+    batch = [GenerationRequest(PROMPTS, tuple(range(args.batch // 2)), (warm_spec,), settings)]
+    one_call = Generator(family, max_batch=args.batch, max_sequence_length=length)
+    single_calls = Generator(family, max_batch=1, max_sequence_length=length)
+    pipeline_class = type(family.pipeline)
     steps: dict[str, Callable[[], object]] = {
         "base": lambda: generator.generate(one()),
         "warm": lambda: generator.generate(one(warm_spec)),
         "first_use": lambda: generator.generate(one(AdapterSpec(f"new-{next(fresh_names)}", adapter))),
+        "read": lambda: pipeline_class.lora_state_dict(str(adapter), return_lora_metadata=True),
+        "batched": lambda: one_call.generate(batch),
+        "unbatched": lambda: single_calls.generate(batch),
     }
     for step in steps.values():  # library warm-up (kernels, lazy imports), not timed
         step()
-    latency: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            latency[name].append(timed(step, setup.device))
-
-    pipeline_class = type(family.pipeline)
-    read = [timed(lambda: pipeline_class.lora_state_dict(str(adapter), return_lora_metadata=True), setup.device)
-            for _ in range(args.repeats)]  # fmt: skip
-
-    request = [GenerationRequest(PROMPTS, tuple(range(args.batch // 2)), (warm_spec,), settings)]
-    one_call = Generator(family, max_batch=args.batch, max_sequence_length=length)
-    single_calls = Generator(family, max_batch=1, max_sequence_length=length)
-    batched_out, single_out = one_call.generate(request), single_calls.generate(request)
-    through: dict[str, list[float]] = {"batched": [], "unbatched": []}
-    for _ in range(args.repeats):
-        through["batched"].append(timed(lambda: one_call.generate(request), setup.device))
-        through["unbatched"].append(timed(lambda: single_calls.generate(request), setup.device))
-    return {
-        **{f"{name}_s": statistics.median(times) for name, times in latency.items()},
-        "read_s": statistics.median(read),
-        "batched_s": statistics.median(through["batched"]),
-        "unbatched_s": statistics.median(through["unbatched"]),
-        "batched_max_pixel_diff": max_pixel_diff(batched_out[0], single_out[0]),
-        "cache_stats": generator.cache_stats(),
-    }
-
-
-def cold_figures(setup: Setup, adapter: Path, repeats: int) -> tuple[float, float]:
-    """Medians of (family load, family load + the first request with an adapter) on a freshly loaded family."""
-    length = int(setup.preset.defaults["student_max_sequence_length"])
-    settings = GenerationSettings(setup.width, setup.height, setup.steps, setup.guidance)
-    loads, totals = [], []
-    for i in range(repeats):
-        gc.collect()
-        if setup.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        family = load(setup)
-        loads.append(time.perf_counter() - start)
-        request = GenerationRequest(PROMPTS[:1], (0,), (AdapterSpec(f"cold-{i}", adapter),), settings)
-        Generator(family, max_sequence_length=length).generate([request])
-        if setup.device.type == "cuda":
-            torch.cuda.synchronize()
-        totals.append(time.perf_counter() - start)
-        del family
-    return statistics.median(loads), statistics.median(totals)
+    batched_out, single_out = one_call.generate(batch), single_calls.generate(batch)
+    wall: dict[str, list[float]] = {name: [] for name in [*steps, "cold"]}
+    cpu: dict[str, list[float]] = {name: [] for name in wall}
+    for round_ in range(args.repeats):
+        todo = [*steps.items(), *([("cold", cold)] if round_ < args.cold_repeats else [])]
+        for name, step in todo:
+            gc.collect()  # outside the timing: the previous cold family's memory goes before any step
+            if setup.device.type == "cuda":
+                torch.cuda.empty_cache()
+            w, c = measure(step, setup.device)
+            wall[name].append(w)
+            cpu[name].append(c)
+    out: dict[str, Any] = {f"{name}_s": statistics.median(times) for name, times in wall.items()}
+    out |= {f"cpu_{name}_s": statistics.median(times) for name, times in cpu.items()}
+    out["cold_load_s"] = statistics.median(cold_loads[-args.cold_repeats :])
+    out["batched_max_pixel_diff"] = max_pixel_diff(batched_out[0], single_out[0])
+    out["cache_stats"] = generator.cache_stats()
+    return out
 
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -218,27 +212,32 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     first_load_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as scratch:
         adapter = make_adapter(family, preset, Path(scratch))
-        warm = warm_figures(setup, family, adapter, args)
-        del family
-        cold_load_s, cold_s = cold_figures(setup, adapter, args.cold_repeats)
-    stats, images = warm["cache_stats"], args.batch
-    return {
+        f = figures(setup, family, adapter, args)
+    stats, images = f["cache_stats"], args.batch
+
+    def ratio(a: str, b: str, prefix: str = "") -> float:
+        return round(f[f"{prefix}{a}_s"] / f[f"{prefix}{b}_s"], 3)
+
+    record: dict[str, Any] = {
         "bench": "generation", "preset": preset.name, "measured": True, "device": setup.device.type,
         "dtype": str(setup.dtype).removeprefix("torch."), "width": setup.width, "height": setup.height,
         "steps": setup.steps, "guidance_scale": setup.guidance, "rank": int(preset.defaults["rank"]),
         "adapter_mb": round(stats["bytes"] / max(stats["size"], 1) / 1e6, 3), "repeats": args.repeats,
         "cold_repeats": args.cold_repeats, "threads": torch.get_num_threads(),
         "torch": torch.__version__.split("+")[0], "import_s": round(import_s, 3), "first_load_s": round(first_load_s, 3),
-        "base_s": round(warm["base_s"], 4), "warm_s": round(warm["warm_s"], 4),
-        "first_use_s": round(warm["first_use_s"], 4), "read_s": round(warm["read_s"], 5), "cold_s": round(cold_s, 4), "cold_load_s": round(cold_load_s, 4),
-        "first_use_over_warm": round(warm["first_use_s"] / warm["warm_s"], 3),
-        "cold_over_warm": round(cold_s / warm["warm_s"], 3), "warm_over_base": round(warm["warm_s"] / warm["base_s"], 3),
-        "batch": images, "batched_s": round(warm["batched_s"], 4), "unbatched_s": round(warm["unbatched_s"], 4),
-        "batched_images_per_s": round(images / warm["batched_s"], 3),
-        "unbatched_images_per_s": round(images / warm["unbatched_s"], 3),
-        "batched_speedup": round(warm["unbatched_s"] / warm["batched_s"], 3),
-        "batched_max_pixel_diff": warm["batched_max_pixel_diff"], "cache_stats": stats, "command": command,
     }  # fmt: skip
+    for name in ("base", "warm", "first_use", "read", "cold", "cold_load", "batched", "unbatched"):
+        record[f"{name}_s"] = round(f[f"{name}_s"], 5)
+    record |= {
+        "first_use_over_warm": ratio("first_use", "warm"), "cold_over_warm": ratio("cold", "warm"),
+        "warm_over_base": ratio("warm", "base"), "cpu_first_use_over_warm": ratio("first_use", "warm", "cpu_"),
+        "cpu_cold_over_warm": ratio("cold", "warm", "cpu_"), "cpu_warm_over_base": ratio("warm", "base", "cpu_"),
+        "batch": images, "batched_images_per_s": round(images / f["batched_s"], 3),
+        "unbatched_images_per_s": round(images / f["unbatched_s"], 3),
+        "batched_speedup": ratio("unbatched", "batched"), "cpu_batched_speedup": ratio("unbatched", "batched", "cpu_"),
+        "batched_max_pixel_diff": f["batched_max_pixel_diff"], "cache_stats": stats, "command": command,
+    }  # fmt: skip
+    return record
 
 
 def table(record: dict[str, Any]) -> str:

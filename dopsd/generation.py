@@ -13,8 +13,8 @@ one generator per image, as a user of diffusers seeds a call (a CPU generator on
 the same noise on CPU and GPU; diffusers draws it on the CPU and moves it). Images are prompt-major: for each
 prompt, one image per seed. Batching changes nothing but floating-point rounding: an image is the same whether it
 was rendered alone or in a batch, within 1 unit of 0-255 per pixel and channel (measured in fp32 on CPU at 64 px,
-batches of 4 against single calls, `python bench/generation.py`: at most 0 units on tiny-z-image, 1 unit on
-tiny-flux2-klein; in bf16 on a GPU batched kernels may round differently, not measured). The same request twice
+batches of 4 against single calls, `bench/generation.py`, docs/performance.md: at most 1 unit on tiny-z-image and
+on tiny-flux2-klein; in bf16 on a GPU batched kernels may round differently, not measured). The same request twice
 gives identical images. Against a fresh diffusers pipeline with `load_lora_weights(file)` (and `set_adapters` for
 scales and pairs) the images agree within 1 unit on both tiny presets (`tests/dopsd/test_generation.py`).
 
@@ -200,8 +200,9 @@ class Generator:
         adapter_cache_size: how many adapters' state dicts stay in memory (LRU by name; 0 reads every use).
         adapter_cache_bytes: and at most this many bytes of them (`None`: bounded by the count only).
         max_batch: the most images in one pipeline call. Compatible requests (same settings, same adapters at the
-            same scales) share calls. One call of N images is faster than N calls of one on the tiny models on CPU
-            (`bench/generation.py`, docs/performance.md); on a GPU at 1024^2 a batch costs memory in proportion.
+            same scales) share calls. One call of 4 images was 1.5x to 2.6x faster than 4 calls of one on the tiny
+            models on CPU (`bench/generation.py`, docs/performance.md); on a GPU at 1024^2 a batch costs memory in
+            proportion and the gain there is unmeasured.
         max_sequence_length: what prompts are padded or truncated to (`None`: the pipeline's default, 512). Pass
             the preset's `student_max_sequence_length` to render as training sampled (tiny-flux2-klein uses 64).
 
