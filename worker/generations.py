@@ -222,7 +222,7 @@ def _generator_for(family: ModelFamily, resources: WorkerResources, max_sequence
         settings = resources.settings
         generator = Generator(
             family, adapter_cache_size=settings.generation_adapter_cache, max_batch=settings.generation_max_batch,
-            max_sequence_length=max_sequence_length,
+            max_sequence_length=max_sequence_length, adapter_cache_bytes=settings.generation_adapter_cache_bytes or None,
         )  # fmt: skip
         _generators[family] = generator
     return generator
@@ -250,12 +250,22 @@ def _fetch_adapters(resources: WorkerResources, claimed: Claimed, tmp: Path) -> 
         if adapter_id not in alive:
             raise AdapterGone(f"the adapter of job {adapter_id} was deleted after this generation was submitted")
         path = folder / f"{adapter_id}.safetensors"
-        if not path.is_file():
+        if path.is_file():
+            path.touch()  # recently used: kept longest
+        else:
             part = tmp / f"{adapter_id}.part"
             with_retries(functools.partial(resources.store.get_file, adapter["key"], part), what="adapter download")
             part.replace(path)
         specs.append(AdapterSpec(name=str(adapter_id), path=path, scale=float(adapter["scale"])))
+    _prune(folder, keep=max(2 * resources.settings.generation_adapter_cache, len(specs), 4))
     return tuple(specs)
+
+
+def _prune(folder: Path, *, keep: int) -> None:
+    """Deletes all but the `keep` most recently used adapter files (they are fetched again when needed)."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for stale in files[keep:]:
+        stale.unlink(missing_ok=True)
 
 
 class AdapterGone(Exception):
