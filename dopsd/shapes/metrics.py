@@ -1,0 +1,204 @@
+"""Ground-truth metrics of the `shapes` world, needing no external weights.
+
+- A small CNN classifier trained on renders (`train_classifier`, committed weights in weights/classifier.safetensors):
+  the shape of an image among `world.CLASSES` (the three base shapes, the new concept, random polygons). Shape
+  accuracy and the concept rate are read from it.
+- Colour purity: the fraction of pixels within `PURITY_TOLERANCE` of the captioned shape or background colour
+  (renders have no anti-aliasing, so a render's purity is exactly 1).
+- A Frechet distance between two image sets in the classifier's penultimate features.
+- Diversity: the spread (standard deviation) of the drawn shape's centre and size, so mode collapse is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dopsd.shapes import world
+
+
+CLASSIFIER_PATH = Path(__file__).parent / "weights" / "classifier.safetensors"
+PURITY_TOLERANCE = 60.0  # RGB distance (0-255 scale); the palette's colours are >= 190 apart
+FEATURE_DIM = 64
+_PALETTE = np.array(list(world.COLOURS.values()), dtype=np.float32)
+
+
+class ShapeClassifier(nn.Module):
+    """A three-conv CNN over 16x16 RGB: `features` (FEATURE_DIM) then logits over `world.CLASSES`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * (world.SIZE // 4) ** 2, FEATURE_DIM), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(FEATURE_DIM, len(world.CLASSES))
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Penultimate features of pixels in [-1, 1], [B, 3, S, S] -> [B, FEATURE_DIM]."""
+        return self.body(pixels)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, len(CLASSES)]."""
+        return self.head(self.features(pixels))
+
+
+def _pixels(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+    arr = np.stack(list(images)).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def labelled_renders(rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """`n` renders with classes drawn uniformly from `world.CLASSES`, and their class indices."""
+    labels = rng.integers(len(world.CLASSES), size=n)
+    images = [world.render(world.sample_scene(rng, world.CLASSES[int(k)])) for k in labels]
+    return images, labels
+
+
+def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, noise: float = 0.15) -> ShapeClassifier:
+    """Trains the classifier on fresh renders (with Gaussian pixel noise of std `noise`, so model samples that are
+    not quite clean are still read by shape), seeded."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = ShapeClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        images, labels = labelled_renders(rng, batch)
+        x = _pixels(images)
+        x = x + noise * torch.rand(()) * torch.randn_like(x)
+        loss = nn.functional.cross_entropy(model(x), torch.from_numpy(labels))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def load_classifier(path: Path = CLASSIFIER_PATH) -> ShapeClassifier:
+    """The committed classifier (see weights/classifier.json for its command and hash), in eval mode."""
+    model = ShapeClassifier()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(classifier: ShapeClassifier, images: Sequence[np.ndarray] | np.ndarray) -> list[str]:
+    """The predicted class name of each uint8 RGB image."""
+    logits = classifier(_pixels(images))
+    return [world.CLASSES[int(k)] for k in logits.argmax(1)]
+
+
+@torch.no_grad()
+def features(classifier: ShapeClassifier, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Classifier features of uint8 RGB images, float64 [N, FEATURE_DIM]."""
+    return classifier.features(_pixels(images)).double().numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets `a` [N, D] and `b` [M, D]:
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), via symmetric eigendecompositions."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    trace_sqrt = float(np.sqrt(np.clip(inner, 0, None)).sum())
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
+
+
+def _distances(image: np.ndarray) -> np.ndarray:
+    """RGB distance of each pixel to each palette colour: [S, S, len(COLOURS)]."""
+    return np.linalg.norm(image.astype(np.float32)[:, :, None, :] - _PALETTE[None, None], axis=-1)
+
+
+def colour_purity(image: np.ndarray, colour: str, background: str) -> float:
+    """Fraction of pixels within `PURITY_TOLERANCE` of the captioned shape colour or background colour."""
+    names = list(world.COLOURS)
+    d = _distances(image)[:, :, [names.index(colour), names.index(background)]]
+    return float((d.min(-1) <= PURITY_TOLERANCE).mean())
+
+
+def colours_match(image: np.ndarray, colour: str, background: str) -> bool:
+    """True when the most common (nearest-palette) colour is the background and the second the shape colour."""
+    names = list(world.COLOURS)
+    counts = np.bincount(_distances(image).argmin(-1).ravel(), minlength=len(names))
+    order = np.argsort(-counts, kind="stable")
+    return bool(names[order[0]] == background and names[order[1]] == colour and counts[order[1]] > 0)
+
+
+def shape_geometry(image: np.ndarray, colour: str) -> tuple[float, float, float] | None:
+    """Centre (x, y) and sqrt(area) in pixels of the pixels nearest the shape colour; None when there are none."""
+    labels = _distances(image).argmin(-1)
+    mask = labels == list(world.COLOURS).index(colour)
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean() + 0.5), float(ys.mean() + 0.5), float(np.sqrt(mask.sum()))
+
+
+def diversity(images: Sequence[np.ndarray], colours: Sequence[str]) -> dict[str, float]:
+    """Spread of the drawn shapes: std of the centre's x and y and of sqrt(area), in pixels, and the fraction of
+    images in which the shape colour was found at all."""
+    geo = [g for g in (shape_geometry(im, c) for im, c in zip(images, colours, strict=True)) if g is not None]
+    if len(geo) < 2:
+        return {"x_std": 0.0, "y_std": 0.0, "size_std": 0.0, "found": len(geo) / max(1, len(images))}
+    arr = np.array(geo)
+    return {
+        "x_std": float(arr[:, 0].std()),
+        "y_std": float(arr[:, 1].std()),
+        "size_std": float(arr[:, 2].std()),
+        "found": len(geo) / len(images),
+    }
+
+
+def clean_accuracy(classifier: ShapeClassifier, seed: int, n: int) -> dict[str, float]:
+    """Accuracy per class (and overall) on `n` fresh renders drawn from a seed the training never used."""
+    rng = np.random.default_rng([seed, 7919])
+    images, labels = labelled_renders(rng, n)
+    pred = np.array([world.CLASSES.index(p) for p in classify(classifier, images)])
+    out = {name: float((pred[labels == k] == k).mean()) for k, name in enumerate(world.CLASSES)}
+    out["all"] = float((pred == labels).mean())
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m dopsd.shapes.metrics train-classifier`: trains, saves the weights and a JSON record (command,
+    seed, clean accuracy on 5,000 fresh renders, SHA-256) beside them."""
+    p = argparse.ArgumentParser(description="Train the shapes world's ground-truth classifier.")
+    p.add_argument("command", choices=["train-classifier"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(CLASSIFIER_PATH))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = train_classifier(seed=args.seed, steps=args.steps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    record = {
+        "command": f"python -m dopsd.shapes.metrics train-classifier --seed {args.seed} --steps {args.steps}",
+        "seed": args.seed,
+        "steps": args.steps,
+        "clean_accuracy_5000": clean_accuracy(model, args.seed, 5000),
+        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+        "torch": torch.__version__,
+    }
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    sys.stdout.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Pretrains the `shapes` base model (rectified flow), seeded, resumable, logging JSON lines.
+
+Each step draws a fresh batch from the world, half text-only and half in-context:
+- text-only: a base shape, its caption ("a red circle on a blue background"), no reference;
+- in-context: a reference of the same shape in other colours at another position and size, in klein's edit branch.
+  Half of these are random polygons captioned "object"; for the base shapes the shape word is replaced by "object"
+  half the time. In both cases only the reference says which shape to draw, so copying it is what is learned.
+The new concept and the trigger word never appear. The data of step `k` depends only on (seed, k), so a resumed
+run sees exactly the batches an uninterrupted one would.
+
+Checkpoints: the EMA weights (what the gates measure) go to `--out/base.safetensors` with a `.sha256` beside it,
+every `--save-every` steps (only the latest is kept); the full training state (weights, EMA, optimiser, step) goes
+to `--state`, from which `--resume` continues.
+
+    nice -n 19 python -m dopsd.shapes.train_base --steps 20000 --threads 1 > /tmp/shapes-base.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dopsd.shapes import world
+from dopsd.shapes.model import ShapesModel, ShapesModelConfig, save_model, to_pixels
+
+
+DEFAULT_OUT = Path(__file__).parent / "weights"
+DEFAULT_STATE = Path("/tmp/dopsd-shapes-base/state.pt")
+
+
+def text_only_batch(rng: np.random.Generator, n: int) -> tuple[list[str], list[np.ndarray]]:
+    """`n` base-shape scenes: their captions and renders."""
+    scenes = [world.sample_scene(rng) for _ in range(n)]
+    return [s.caption() for s in scenes], [world.render(s) for s in scenes]
+
+
+def in_context_batch(
+    rng: np.random.Generator, n: int, p_object: float = 0.5, p_neutral: float = 0.5
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """`n` in-context samples: captions, target renders and reference renders (same shape, other colours and
+    place). A fraction `p_object` are random polygons; a base shape's word becomes "object" with `p_neutral`."""
+    captions, targets, refs = [], [], []
+    for _ in range(n):
+        shape = world.OBJECT if rng.random() < p_object else None
+        scene = world.sample_scene(rng, shape)
+        neutral = scene.shape == world.OBJECT or rng.random() < p_neutral
+        captions.append(scene.caption(world.OBJECT if neutral else None))
+        targets.append(world.render(scene))
+        refs.append(world.render(world.reference_for(rng, scene)))
+    return captions, targets, refs
+
+
+def flow_loss(
+    model: ShapesModel,
+    captions: Sequence[str],
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    reference: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rectified-flow loss in klein's convention: x_s = (1 - s) x0 + s noise, target v = noise - x0, logit-normal s."""
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
+    s = sigma.view(-1, 1, 1, 1)
+    xs = (1 - s) * x0 + s * noise
+    v = model.velocity(xs, sigma, model.text.encode(captions), reference)
+    return torch.mean((v - (noise - x0)) ** 2)
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train(args: argparse.Namespace) -> None:
+    """The training loop (see the module docstring)."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = ShapesModelConfig(
+        heads=args.heads, head_dim=args.head_dim, double_layers=args.double_layers, single_layers=args.single_layers
+    )
+    model = ShapesModel(config)
+    ema = ShapesModel(config)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    step = 0
+    state_path = Path(args.state)
+    if args.resume and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+    out = Path(args.out)
+    log_path = out / "base-train.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    half = args.batch // 2
+    with log_path.open("a") as log:
+        log.write(json.dumps({"event": "start", "step": step, "params": n_params, **vars(args)}) + "\n")
+        window: list[tuple[float, float, float]] = []
+        while step < args.steps:
+            t0 = time.perf_counter()
+            rng = np.random.default_rng([args.seed, step])
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            captions, images = text_only_batch(rng, half)
+            loss_text = flow_loss(model, captions, to_pixels(images), gen)
+            captions, images, refs = in_context_batch(rng, args.batch - half)
+            loss_ref = flow_loss(model, captions, to_pixels(images), gen, to_pixels(refs))
+            loss = 0.5 * (loss_text + loss_ref)
+            lr = args.lr * min(1.0, (step + 1) / args.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            decay = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+                    p_ema.lerp_(p, 1 - decay)
+            step += 1
+            window.append((loss_text.item(), loss_ref.item(), time.perf_counter() - t0))
+            if step % args.log_every == 0 or step == args.steps:
+                lt, lr_, dt = (float(np.mean(col)) for col in zip(*window, strict=True))
+                record = {"step": step, "loss_text": lt, "loss_ref": lr_, "s_per_step": dt, "lr": lr}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                sys.stdout.write(json.dumps(record) + "\n")
+                sys.stdout.flush()
+                window = []
+            if step % args.save_every == 0 or step == args.steps:
+                save_checkpoint(model, ema, opt, step, args, out, state_path)
+                log.write(
+                    json.dumps({"event": "checkpoint", "step": step, "sha256": sha256(out / "base.safetensors")})
+                )
+                log.write("\n")
+                log.flush()
+
+
+def save_checkpoint(
+    model: ShapesModel,
+    ema: ShapesModel,
+    opt: torch.optim.Optimizer,
+    step: int,
+    args: argparse.Namespace,
+    out: Path,
+    state_path: Path,
+) -> None:
+    """The EMA weights (+ .sha256) to `out`, the full state to `state_path`, each written atomically."""
+    weights = out / "base.safetensors"
+    save_model(ema, weights, {"step": step, "seed": args.seed, "ema": args.ema})
+    (out / "base.safetensors.sha256").write_text(f"{sha256(weights)}  base.safetensors\n")
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    tmp.replace(state_path)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Command-line options (defaults are the committed run's)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20_000)
+    p.add_argument("--batch", type=int, default=32, help="half text-only, half in-context")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--double-layers", type=int, default=2)
+    p.add_argument("--single-layers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--state", default=str(DEFAULT_STATE))
+    p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: `python -m dopsd.shapes.train_base [options]`."""
+    args = parse_args(argv)
+    if not math.isfinite(args.lr) or args.batch < 2:
+        raise SystemExit("--lr must be finite and --batch at least 2")
+    train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The `shapes` world: seeded procedural renders of one shape in a colour on a background colour, with captions.
+
+Small on purpose (16x16 pixels, three base shapes, three colours, a few pixels of position jitter) so that a tiny
+FLUX.2-klein transformer can learn it on a CPU. Images are rendered without anti-aliasing, so every pixel is exactly
+the shape colour or the background colour and the ground truth (shape, colours, position, size) is known.
+
+- Base shapes (`BASE_SHAPES`) appear in pretraining with their words in the captions.
+- Random polygons (`OBJECT`) appear only in in-context pretraining samples, captioned with the neutral word: they
+  give the model a reason to copy a shape from the reference, because the caption cannot tell it.
+- The held-out NEW concept (`NEW_CONCEPT`, a plus-shaped cross) never appears in pretraining data; its captions use
+  the trigger word `TRIGGER` ("a red [V] on a blue background"), a word pretraining never shows.
+
+Pure numpy, deterministic from the caller's `numpy.random.Generator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+SIZE = 16  # pixels per side
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+}
+BASE_SHAPES = ("circle", "square", "triangle")
+OBJECT = "object"  # random polygons; also the neutral word that replaces a shape's name in in-context samples
+NEW_CONCEPT = "cross"
+TRIGGER = "[V]"
+# Every shape the classifier knows, in its class order.
+CLASSES = (*BASE_SHAPES, NEW_CONCEPT, OBJECT)
+PAD = "<pad>"
+# The caption vocabulary. The trigger word is in it (so a trigger caption can be encoded) but no pretraining
+# caption contains it; the new concept's name is not a word of the world at all.
+VOCABULARY = (PAD, "a", "on", "background", *COLOURS, *BASE_SHAPES, OBJECT, TRIGGER)
+MAX_TOKENS = 8  # "a red circle on a blue background" is 7 words
+
+CENTRE_JITTER = 2.0  # the shape's centre is uniform in SIZE/2 +- this, in pixels
+SIZE_RANGE = (4.0, 6.0)  # the shape's radius-like size, uniform, in pixels
+POLYGON_VERTICES = (5, 7)  # inclusive range of a random polygon's vertex count
+POLYGON_RADII = (0.55, 1.05)  # a random polygon's vertex radii, as fractions of 1.1 * size
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image's ground truth: what is drawn, in which colours, where and how large."""
+
+    shape: str
+    colour: str
+    background: str
+    cx: float  # centre, pixels from the left edge
+    cy: float  # centre, pixels from the top edge
+    size: float  # radius-like size in pixels
+    vertices: tuple[tuple[float, float], ...] = ()  # a random polygon's outline in units of `size`
+
+    def caption(self, word: str | None = None) -> str:
+        """ "a <colour> <word> on a <background> background"; `word` defaults to the shape's caption word (the
+        trigger for the new concept, the neutral word for a random polygon)."""
+        if word is None:
+            word = TRIGGER if self.shape == NEW_CONCEPT else self.shape
+        return f"a {self.colour} {word} on a {self.background} background"
+
+
+def random_polygon(rng: np.random.Generator) -> tuple[tuple[float, float], ...]:
+    """A random star-shaped polygon (sorted angles, random radii) in units of the scene's size."""
+    n = int(rng.integers(POLYGON_VERTICES[0], POLYGON_VERTICES[1] + 1))
+    angles = np.sort(rng.uniform(0.0, 2 * np.pi, n))
+    radii = rng.uniform(*POLYGON_RADII, n) * 1.1
+    return tuple((float(r * np.cos(a)), float(r * np.sin(a))) for a, r in zip(angles, radii, strict=True))
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    shape: str | None = None,
+    *,
+    shapes: Sequence[str] = BASE_SHAPES,
+    colour: str | None = None,
+    background: str | None = None,
+    vertices: tuple[tuple[float, float], ...] | None = None,
+) -> Scene:
+    """A random scene: `shape` (or one of `shapes`), colours (background always differs from the shape's), centre
+    and size uniform in their ranges. A polygon gets fresh random `vertices` unless they are given (a reference of
+    the same polygon)."""
+    if shape is None:
+        shape = str(shapes[int(rng.integers(len(shapes)))])
+    if shape not in CLASSES:
+        raise ValueError(f"unknown shape {shape!r}")
+    names = list(COLOURS)
+    if colour is None:
+        colour = names[int(rng.integers(len(names)))] if background is None else _other(rng, names, background)
+    if background is None:
+        background = _other(rng, names, colour)
+    if colour == background:
+        raise ValueError("the shape and the background must have different colours")
+    cx, cy = (float(v) for v in SIZE / 2 + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER, 2))
+    size = float(rng.uniform(*SIZE_RANGE))
+    if shape == OBJECT and vertices is None:
+        vertices = random_polygon(rng)
+    return Scene(shape, colour, background, cx, cy, size, (vertices or ()) if shape == OBJECT else ())
+
+
+def _other(rng: np.random.Generator, names: list[str], not_this: str) -> str:
+    others = [n for n in names if n != not_this]
+    return others[int(rng.integers(len(others)))]
+
+
+def reference_for(rng: np.random.Generator, scene: Scene) -> Scene:
+    """A reference for in-context samples: the same shape (the same polygon outline for an object) in other
+    colours than the target's (a different shape colour), at another position and size."""
+    names = [n for n in COLOURS if n != scene.colour]
+    colour = names[int(rng.integers(len(names)))]
+    return sample_scene(rng, scene.shape, colour=colour, vertices=scene.vertices or None)
+
+
+def _inside_polygon(xs: np.ndarray, ys: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Even-odd rule point-in-polygon for pixel centres (vectorised ray casting)."""
+    inside = np.zeros(xs.shape, dtype=bool)
+    x0, y0 = poly[-1]
+    for x1, y1 in poly:
+        crosses = (y1 > ys) != (y0 > ys)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_at = (x0 - x1) * (ys - y1) / (y0 - y1) + x1
+        inside ^= crosses & (xs < x_at)
+        x0, y0 = x1, y1
+    return inside
+
+
+def shape_mask(scene: Scene) -> np.ndarray:
+    """Boolean [SIZE, SIZE] mask of the shape's pixels (sampled at pixel centres, no anti-aliasing)."""
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64) + 0.5
+    dx, dy, r = xs - scene.cx, ys - scene.cy, scene.size
+    if scene.shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if scene.shape == "square":
+        half = 0.85 * r
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if scene.shape == "triangle":
+        angles = np.deg2rad([-90.0, 30.0, 150.0])
+        poly = np.stack([scene.cx + 1.2 * r * np.cos(angles), scene.cy + 0.25 * r + 1.2 * r * np.sin(angles)], 1)
+        return _inside_polygon(xs, ys, poly)
+    if scene.shape == NEW_CONCEPT:
+        arm = 0.36 * r
+        return ((np.abs(dx) <= r) & (np.abs(dy) <= arm)) | ((np.abs(dy) <= r) & (np.abs(dx) <= arm))
+    poly = np.array([(scene.cx + vx * r, scene.cy + vy * r) for vx, vy in scene.vertices])
+    return _inside_polygon(xs, ys, poly)
+
+
+def render(scene: Scene) -> np.ndarray:
+    """The scene as a uint8 RGB array [SIZE, SIZE, 3]."""
+    image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+    image[:] = COLOURS[scene.background]
+    image[shape_mask(scene)] = COLOURS[scene.colour]
+    return image
+
+
+def tokenize(caption: str) -> list[int]:
+    """Word ids of a caption, padded with `PAD` to `MAX_TOKENS`; an unknown word or a long caption is an error."""
+    words = caption.split()
+    if len(words) > MAX_TOKENS:
+        raise ValueError(f"caption longer than {MAX_TOKENS} words: {caption!r}")
+    unknown = [w for w in words if w not in VOCABULARY]
+    if unknown:
+        raise ValueError(f"words outside the world's vocabulary: {unknown}")
+    ids = [VOCABULARY.index(w) for w in words]
+    return ids + [VOCABULARY.index(PAD)] * (MAX_TOKENS - len(ids))
+
+
+def concept_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
+    """`n` random scenes of the new concept (reference images of the concept, or renders for the classifier)."""
+    return [sample_scene(rng, NEW_CONCEPT) for _ in range(n)]
