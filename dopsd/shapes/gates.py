@@ -7,6 +7,8 @@
 - trigger: the same trigger caption without a reference -> concept rate (gate: near 0);
 - copy control: base shapes with the neutral word and a reference -> shape accuracy (in-context copying of known
   shapes, which pretraining does train).
+Each probe also reports its `no_shape_rate` (samples the classifier puts in its reject class `NONE`), so a rate is
+never read off noise.
 
     python -m dopsd.shapes.gates --weights dopsd/shapes/weights/base.safetensors --steps 20 --n 96
 
@@ -27,6 +29,7 @@ import torch
 
 from dopsd.shapes import world
 from dopsd.shapes.metrics import (
+    NONE,
     ShapeClassifier,
     classify,
     colour_purity,
@@ -65,6 +68,7 @@ def prior_metrics(
     ]
     out = {
         "accuracy": float(np.mean([p == s.shape for p, s in zip(predicted, scenes, strict=True)])),
+        "no_shape_rate": float(np.mean([p == NONE for p in predicted])),
         "purity": float(np.mean([colour_purity(im, s.colour, s.background) for im, s in zip(images, scenes, strict=True)])),
         "colours_match": float(np.mean([colours_match(im, s.colour, s.background) for im, s in zip(images, scenes, strict=True)])),
         "frechet": frechet_distance(features(classifier, images), features(classifier, renders)),
@@ -96,6 +100,7 @@ def in_context_rate(
     predicted = classify(classifier, images)
     return {
         "rate": float(np.mean([p == shape for p in predicted])),
+        "no_shape_rate": float(np.mean([p == NONE for p in predicted])),
         "colours_match": float(np.mean([colours_match(im, s.colour, s.background) for im, s in zip(images, scenes, strict=True)])),
     }  # fmt: skip
 
@@ -126,8 +131,10 @@ def measure(
         "prior": prior,
         "teacher_concept_rate": teacher["rate"],
         "teacher_colours_match": teacher["colours_match"],
+        "teacher_no_shape_rate": teacher["no_shape_rate"],
         "teacher_neutral_word_concept_rate": teacher_neutral["rate"],
         "trigger_text_concept_rate": trigger["rate"],
+        "trigger_text_no_shape_rate": trigger["no_shape_rate"],
         "copy_known_shapes_accuracy": float(np.mean(copies)),
         "gates": {
             "prior_accuracy": prior["accuracy"] >= GATE_PRIOR_ACCURACY,

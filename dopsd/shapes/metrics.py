@@ -1,8 +1,10 @@
 """Ground-truth metrics of the `shapes` world, needing no external weights.
 
 - A small CNN classifier trained on renders (`train_classifier`, committed weights in weights/classifier.safetensors):
-  the shape of an image among `world.CLASSES` (the three base shapes, the new concept, random polygons). Shape
-  accuracy and the concept rate are read from it.
+  the shape of an image among `LABELS`: `world.CLASSES` (the three base shapes, the new concept, random polygons)
+  and `NONE`, a reject class trained on two-coloured speckle and blocky random fields, so that an untrained model's
+  noise counts as no shape rather than as whichever shape the classifier happens to prefer. Shape accuracy and the
+  concept rate are read from it.
 - Colour purity: the fraction of pixels within `PURITY_TOLERANCE` of the captioned shape or background colour
   (renders have no anti-aliasing, so a render's purity is exactly 1).
 - A Frechet distance between two image sets in the classifier's penultimate features.
@@ -29,11 +31,13 @@ from dopsd.shapes import world
 CLASSIFIER_PATH = Path(__file__).parent / "weights" / "classifier.safetensors"
 PURITY_TOLERANCE = 60.0  # RGB distance (0-255 scale); the palette's colours are >= 190 apart
 FEATURE_DIM = 64
+NONE = "none"
+LABELS = (*world.CLASSES, NONE)
 _PALETTE = np.array(list(world.COLOURS.values()), dtype=np.float32)
 
 
 class ShapeClassifier(nn.Module):
-    """A three-conv CNN over 16x16 RGB: `features` (FEATURE_DIM) then logits over `world.CLASSES`."""
+    """A three-conv CNN over 16x16 RGB: `features` (FEATURE_DIM) then logits over `LABELS`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,14 +47,14 @@ class ShapeClassifier(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * (world.SIZE // 4) ** 2, FEATURE_DIM), nn.ReLU(),
         )  # fmt: skip
-        self.head = nn.Linear(FEATURE_DIM, len(world.CLASSES))
+        self.head = nn.Linear(FEATURE_DIM, len(LABELS))
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Penultimate features of pixels in [-1, 1], [B, 3, S, S] -> [B, FEATURE_DIM]."""
         return self.body(pixels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, len(CLASSES)]."""
+        """Class logits [B, len(LABELS)]."""
         return self.head(self.features(pixels))
 
 
@@ -59,14 +63,37 @@ def _pixels(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def garbage_image(rng: np.random.Generator) -> np.ndarray:
+    """A `NONE` example: two palette colours laid out as per-pixel speckle or as a blocky random field (a random
+    2x2 .. 8x8 grid upsampled), i.e. the right colours but no shape."""
+    names = list(world.COLOURS)
+    a, b = rng.choice(len(names), size=2, replace=False)
+    p = rng.uniform(0.1, 0.6)
+    if rng.random() < 0.5:
+        mask = rng.random((world.SIZE, world.SIZE)) < p
+    else:
+        cells = int(rng.choice([2, 4, 8]))
+        grid = rng.random((cells, cells)) < p
+        mask = np.kron(grid, np.ones((world.SIZE // cells, world.SIZE // cells), dtype=bool))
+        mask ^= rng.random(mask.shape) < rng.uniform(0.0, 0.2)
+    image = np.empty((world.SIZE, world.SIZE, 3), dtype=np.uint8)
+    image[:] = world.COLOURS[names[a]]
+    image[mask] = world.COLOURS[names[b]]
+    return image
+
+
 def labelled_renders(rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """`n` renders with classes drawn uniformly from `world.CLASSES`, and their class indices."""
-    labels = rng.integers(len(world.CLASSES), size=n)
-    images = [world.render(world.sample_scene(rng, world.CLASSES[int(k)])) for k in labels]
+    """`n` images with labels drawn uniformly from `LABELS` (renders of the shapes, garbage for `NONE`), and their
+    label indices."""
+    labels = rng.integers(len(LABELS), size=n)
+    images = [
+        garbage_image(rng) if LABELS[int(k)] == NONE else world.render(world.sample_scene(rng, LABELS[int(k)]))
+        for k in labels
+    ]
     return images, labels
 
 
-def train_classifier(seed: int = 0, steps: int = 1500, batch: int = 128, noise: float = 0.15) -> ShapeClassifier:
+def train_classifier(seed: int = 0, steps: int = 2000, batch: int = 128, noise: float = 0.15) -> ShapeClassifier:
     """Trains the classifier on fresh renders (with Gaussian pixel noise of std `noise`, so model samples that are
     not quite clean are still read by shape), seeded."""
     torch.manual_seed(seed)
@@ -95,9 +122,9 @@ def load_classifier(path: Path = CLASSIFIER_PATH) -> ShapeClassifier:
 
 @torch.no_grad()
 def classify(classifier: ShapeClassifier, images: Sequence[np.ndarray] | np.ndarray) -> list[str]:
-    """The predicted class name of each uint8 RGB image."""
+    """The predicted label (a name in `LABELS`) of each uint8 RGB image."""
     logits = classifier(_pixels(images))
-    return [world.CLASSES[int(k)] for k in logits.argmax(1)]
+    return [LABELS[int(k)] for k in logits.argmax(1)]
 
 
 @torch.no_grad()
@@ -167,8 +194,8 @@ def clean_accuracy(classifier: ShapeClassifier, seed: int, n: int) -> dict[str, 
     """Accuracy per class (and overall) on `n` fresh renders drawn from a seed the training never used."""
     rng = np.random.default_rng([seed, 7919])
     images, labels = labelled_renders(rng, n)
-    pred = np.array([world.CLASSES.index(p) for p in classify(classifier, images)])
-    out = {name: float((pred[labels == k] == k).mean()) for k, name in enumerate(world.CLASSES)}
+    pred = np.array([LABELS.index(p) for p in classify(classifier, images)])
+    out = {name: float((pred[labels == k] == k).mean()) for k, name in enumerate(LABELS)}
     out["all"] = float((pred == labels).mean())
     return out
 
@@ -179,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the shapes world's ground-truth classifier.")
     p.add_argument("command", choices=["train-classifier"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(CLASSIFIER_PATH))
     args = p.parse_args(argv)

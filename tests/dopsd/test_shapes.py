@@ -103,6 +103,14 @@ def test_committed_classifier_matches_its_record_and_reads_fresh_renders(classif
     assert acc[world.NEW_CONCEPT] >= 0.98, acc
 
 
+def test_speckle_is_no_shape_and_a_render_is_not(classifier: metrics.ShapeClassifier) -> None:
+    rng = np.random.default_rng(99)
+    garbage = [metrics.garbage_image(rng) for _ in range(200)]
+    renders = [world.render(world.sample_scene(rng, s)) for s in world.CLASSES for _ in range(40)]
+    assert np.mean([p == metrics.NONE for p in metrics.classify(classifier, garbage)]) >= 0.95
+    assert np.mean([p == metrics.NONE for p in metrics.classify(classifier, renders)]) <= 0.02
+
+
 def test_purity_and_colour_match_are_one_on_renders_and_fall_on_wrong_images() -> None:
     rng = np.random.default_rng(4)
     scenes = [world.sample_scene(rng) for _ in range(50)]
