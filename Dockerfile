@@ -3,9 +3,12 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
-RUN mkdir -p dopsd api core worker && touch dopsd/__init__.py api/__init__.py core/__init__.py worker/__init__.py \
+RUN mkdir -p dopsd dopsd_client api core worker \
+    && touch dopsd/__init__.py dopsd_client/__init__.py api/__init__.py core/__init__.py worker/__init__.py \
     && pip install --no-cache-dir '.[service]' && pip uninstall -y dopsd
 COPY dopsd dopsd
+# The `dopsd` command loads every command its entry points name (`dopsd client` among them).
+COPY dopsd_client dopsd_client
 COPY api api
 COPY core core
 COPY worker worker

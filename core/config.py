@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -170,6 +170,25 @@ class Settings(BaseSettings):
     )
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
+    model_paths: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where a worker finds model weights on its own disk: a JSON object from a model id that presets "
+        "name for their base model or teacher encoder (`Tongyi-MAI/Z-Image-Turbo`, `Qwen/Qwen3-VL-4B-Instruct`, ...) "
+        "to an absolute folder holding that model as published (e.g. `hf download ID --local-dir FOLDER`). A job "
+        "naming a mapped id loads it from the folder, its row still showing the id; a mapped folder that is missing "
+        "or incomplete fails the job with `model_unavailable`. Ids not mapped load through the Hugging Face cache.",
+    )
+
+    @field_validator("model_paths")
+    @classmethod
+    def _model_folders_are_absolute(cls, value: dict[str, str]) -> dict[str, str]:
+        if "" in value:
+            raise ValueError("DOPSD_MODEL_PATHS names an empty model id")
+        relative = {model: folder for model, folder in value.items() if not folder.startswith("/")}
+        if relative:  # a relative folder would depend on where the worker happens to start
+            raise ValueError(f"DOPSD_MODEL_PATHS must map model ids to absolute folders, not {relative}")
+        return value
+
     eval_embedding_model: str | None = Field(
         None,
         description="Local folder of a CLIP or DINOv2 model (transformers format) for the evaluation report's "

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = models_sub.add_parser("export", help="write a tiny preset's base pipeline with save_pretrained")
     export.add_argument("preset", choices=sorted(PRESETS))
     export.add_argument("directory", type=Path)
+    export.add_argument("--teacher-encoder", type=Path, help="also write the tiny teacher VLM, as a Qwen3-VL folder")
+    export.add_argument("--max-shard-size", help="split the weights into shards with an index (e.g. 200KB)")
 
     # Other installed packages (the service: `keys`, `serve`) add their commands through this entry point
     # group, so the library never imports them.
@@ -161,8 +163,12 @@ def _models(ns: argparse.Namespace) -> int:
         return 0
     from dopsd.models.loading import export_base_pipeline
 
-    path = export_base_pipeline(get_preset(ns.preset), ns.directory)
+    path = export_base_pipeline(
+        get_preset(ns.preset), ns.directory, teacher_directory=ns.teacher_encoder, max_shard_size=ns.max_shard_size
+    )
     print(f"exported {ns.preset} to {path} (load it with its diffusers pipeline's from_pretrained)")
+    if ns.teacher_encoder is not None:
+        print(f"exported its teacher encoder to {ns.teacher_encoder} (a Qwen3-VL model folder)")
     return 0
 
 

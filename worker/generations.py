@@ -36,6 +36,7 @@ from dopsd.generation import AdapterSpec, GeneratedImage, GenerationRequest, Gen
 from dopsd.models.base import ModelFamily
 from dopsd.sampling import contact_sheet
 from worker.dbretry import retry_db
+from worker.model_paths import with_local_weights
 from worker.runner import WorkerResources, classify_failure, delete_if_deleted, process_resources
 from worker.uploads import record_stored_bytes, with_retries
 
@@ -168,7 +169,8 @@ def _leases_kept(resources: WorkerResources, batch: list[Claimed], worker_id: st
 def _run_claimed(resources: WorkerResources, batch: list[Claimed], worker_id: str, tmp: Path, started: float) -> None:
     preset = batch[0].config["preset"]
     try:
-        family, load_s, cached = resources.models.get(DOPSDConfig.for_preset(preset))
+        config = with_local_weights(DOPSDConfig.for_preset(preset), resources.settings.model_paths)
+        family, load_s, cached = resources.models.get(config)
     except Exception as exc:
         for claimed in batch:
             _fail_classified(resources, claimed, worker_id, exc)

@@ -37,6 +37,7 @@ from dopsd.data import DataError
 from dopsd.errors import CheckpointError, ModelLoadError, TeacherBlind, TrainingCancelled
 from worker.dbretry import DatabaseUnavailable, retry_db
 from worker.model_cache import ModelCache
+from worker.model_paths import with_local_weights
 from worker.reporting import JobReporter, LeaseLost
 from worker.uploads import download_prefix, record_stored_bytes, upload_tree, with_retries
 
@@ -237,6 +238,7 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
             or resources.settings.eval_embedding_model,
         }
     )
+    config = with_local_weights(config, resources.settings.model_paths)  # the row keeps the ids, the worker folders
     family, load_s, cached = resources.models.get(config)
     reporter.renew_lease()  # loading real weights takes a while
     with session_scope(sessions) as session:

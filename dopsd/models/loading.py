@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import Flux2KleinPipeline, ZImagePipeline
-from transformers import Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from dopsd.config import DOPSDConfig
@@ -24,6 +25,7 @@ from dopsd.presets import Preset, get_preset
 logger = logging.getLogger(__name__)
 
 TINY_SEED = 0  # the tiny "weights" are a function of this seed only, never of the training seed
+TINY_TEACHER = "tiny://qwen3-vl"
 _VLM_PATCH = 16  # Qwen3-VL's patch size (the PIL processor's default of 14 is Qwen2-VL's)
 
 
@@ -45,16 +47,113 @@ _PIPELINES: dict[str, tuple[str, Any, Any]] = {
 
 
 def load_pipeline(family: str, base: str, *, dtype: torch.dtype) -> Any:
-    """The base pipeline: built in code for a `tiny://` id, else `from_pretrained` on a folder or hub id."""
+    """The base pipeline: built in code for a `tiny://` id, else `from_pretrained` on a folder or hub id. A folder
+    is checked first (`pipeline_folder_problems`), so an incomplete one fails naming what it lacks."""
     if family not in _PIPELINES:
         raise ModelLoadError(f"unknown model family {family!r}")
     tiny_id, pipeline_class, build_tiny = _PIPELINES[family]
     if base == tiny_id:
         return build_tiny(seed=TINY_SEED)
+    local = _local_folder(base)
+    if local is not None:
+        _refuse_incomplete(local, pipeline_folder_problems(local, family), f"a {pipeline_class.__name__}")
     try:
-        return pipeline_class.from_pretrained(base, torch_dtype=dtype, local_files_only=Path(base).is_dir())
+        return pipeline_class.from_pretrained(base, dtype=dtype, local_files_only=local is not None)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the {pipeline_class.__name__} from {base!r}: {exc}") from exc
+
+
+def _local_folder(source: str) -> Path | None:
+    """`source` as a local folder, or None for a hub id. A path (absolute, or starting with `.` or `~`) that is no
+    folder is an error here, not a hub id that fails later with a message about repository names."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if source.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"the model folder {source} does not exist")
+    return None
+
+
+def _refuse_incomplete(folder: Path, problems: list[str], what: str) -> None:
+    if problems:
+        raise ModelLoadError(f"the folder {folder} is not {what}: " + "; ".join(problems))
+
+
+def _weights_problems(folder: Path, prefix: str = "") -> list[str]:
+    """What a model folder (a `config.json` and its weights) lacks: the config, the weights, or any shard its index
+    lists. `prefix` is the folder as messages name it inside the model folder (`transformer/`, or nothing)."""
+    problems = [] if (folder / "config.json").is_file() else [f"no {prefix}config.json"]
+    indexes = sorted(folder.glob("*.safetensors.index.json")) + sorted(folder.glob("*.bin.index.json"))
+    if indexes:
+        try:
+            shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return [*problems, f"{prefix}{indexes[0].name} is not a readable weight index"]
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            listed = ", ".join(prefix + name for name in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            problems.append(f"{len(missing)} of {len(shards)} weight shards missing ({listed})")
+    elif not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        problems.append(f"no weights ({prefix}*.safetensors)")
+    return problems
+
+
+def pipeline_folder_problems(folder: Path, family: str) -> list[str]:
+    """What a local folder lacks to load as `family`'s diffusers pipeline (empty when nothing is missing): its
+    `model_index.json`, every component the pipeline class requires, each model component's `config.json` and its
+    weights (every shard of a sharded one), the scheduler's and the tokenizer's configs. Checks files, loads
+    nothing, so a worker can refuse a half-copied folder before a job pays for loading it."""
+    _, pipeline_class, _ = _PIPELINES[family]
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return ["no model_index.json (not a diffusers pipeline folder)"]
+    try:
+        declared = json.loads(index.read_text())
+    except ValueError:
+        return ["model_index.json is not valid JSON"]
+    problems: list[str] = []
+    required, _ = pipeline_class._get_signature_keys(pipeline_class)
+    for name in sorted(required):
+        entry = declared.get(name) if isinstance(declared, dict) else None
+        if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+            problems.append(f"model_index.json declares no `{name}`")
+            continue
+        component, class_name = folder / name, str(entry[1])
+        if not component.is_dir():
+            problems.append(f"no {name}/ folder")
+        elif class_name.endswith("Scheduler"):
+            if not (component / "scheduler_config.json").is_file():
+                problems.append(f"no {name}/scheduler_config.json")
+        elif "Tokenizer" in class_name:
+            if not _has_tokenizer(component):
+                problems.append(f"no {name}/tokenizer_config.json or {name}/tokenizer.json")
+        else:
+            problems += _weights_problems(component, f"{name}/")
+    return problems
+
+
+def vlm_folder_problems(folder: Path) -> list[str]:
+    """What a local folder lacks to serve as the teacher encoder (empty when nothing is missing): a Qwen3-VL
+    `config.json` and its weights (for the teacher's vision tower), `preprocessor_config.json` (its image
+    processor) and its tokenizer (for the captions it writes for uncaptioned images)."""
+    problems = _weights_problems(folder)
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            model_type = "unreadable"
+        if model_type != Qwen3VLConfig.model_type:
+            problems.append(f"config.json is a {model_type!r} model, not {Qwen3VLConfig.model_type!r} (Qwen3-VL)")
+    if not (folder / "preprocessor_config.json").is_file():
+        problems.append("no preprocessor_config.json")
+    if not _has_tokenizer(folder):
+        problems.append("no tokenizer_config.json or tokenizer.json")
+    return problems
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
 
 
 def load_family_for(config: DOPSDConfig, *, device: torch.device, dtype: torch.dtype) -> ModelFamily:
@@ -125,15 +224,16 @@ def build_teacher_encoder(
 ) -> QwenVLTeacherEncoder:
     """Qwen3-VL (`tiny://qwen3-vl`, a folder or hub id) with its language model overwritten by `pipe`'s text
     encoder, tokenizing with `pipe`'s tokenizer and chat template."""
-    if teacher == "tiny://qwen3-vl":
-        torch.manual_seed(TINY_SEED + 10)
-        vl_config = tiny.tiny_vlm_config(pipe.text_encoder.config, pipe.tokenizer)
-        vlm = Qwen3VLForConditionalGeneration(vl_config).model
+    if teacher == TINY_TEACHER:
+        vlm = tiny_teacher_vlm(pipe).model
         processor = qwen_image_processor(None, teacher_min_pixels, teacher_max_pixels)
     else:
+        local = _local_folder(teacher)
+        if local is not None:
+            _refuse_incomplete(local, vlm_folder_problems(local), "a Qwen3-VL teacher encoder")
         try:
             full = Qwen3VLForConditionalGeneration.from_pretrained(
-                teacher, torch_dtype=dtype, local_files_only=Path(teacher).is_dir()
+                teacher, dtype=dtype, local_files_only=local is not None
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the teacher VLM from {teacher!r}: {exc}") from exc
@@ -206,11 +306,46 @@ def flux2_klein_family(
     )
 
 
-def export_base_pipeline(preset: Preset, directory: str | Path) -> Path:
-    """Writes a tiny preset's base pipeline with `save_pretrained`, loadable by its pipeline's `from_pretrained`."""
+def tiny_teacher_vlm(pipe: Any) -> Qwen3VLForConditionalGeneration:
+    """The tiny Qwen3-VL (`tiny://qwen3-vl`) of a pipeline: its language model shaped exactly like `pipe`'s text
+    encoder (so that encoder's weights can be copied in), the rest random from a fixed seed."""
+    torch.manual_seed(TINY_SEED + 10)
+    return Qwen3VLForConditionalGeneration(tiny.tiny_vlm_config(pipe.text_encoder.config, pipe.tokenizer))
+
+
+def export_base_pipeline(
+    preset: Preset,
+    directory: str | Path,
+    *,
+    teacher_directory: str | Path | None = None,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Writes a tiny preset's base pipeline with `save_pretrained`, loadable by its pipeline's `from_pretrained`,
+    and, given `teacher_directory`, its tiny teacher VLM as `export_teacher_encoder` writes it: together the
+    folders a real preset's weights come in, so a real preset's loading can be pointed at them. `max_shard_size`
+    (e.g. "200KB") splits the weights into shards with an index, as the large real checkpoints are."""
     if not preset.is_tiny:
         raise ModelLoadError(f"preset {preset.name!r} has real weights; export is for tiny presets built in code")
     pipe = load_pipeline(preset.family, preset.base_model, dtype=torch.float32)
     out = Path(directory)
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out, max_shard_size=max_shard_size)
+    if teacher_directory is not None:
+        export_teacher_encoder(pipe, teacher_directory, max_shard_size=max_shard_size)
+    return out
+
+
+def export_teacher_encoder(pipe: Any, directory: str | Path, *, max_shard_size: str | None = None) -> Path:
+    """Writes the tiny teacher VLM of `pipe` (`tiny_teacher_vlm`) as a Qwen3-VL model folder is published: the model
+    (`config.json`, weights), its image processor (`preprocessor_config.json`) and the tokenizer, so that
+    `build_teacher_encoder` and the captioner load it as they load Qwen3-VL-4B-Instruct, and get the weights the
+    `tiny://qwen3-vl` teacher is built with."""
+    out = Path(directory)
+    vlm = tiny_teacher_vlm(pipe)
+    if max_shard_size is None:
+        vlm.save_pretrained(out)
+    else:
+        vlm.save_pretrained(out, max_shard_size=max_shard_size)
+    defaults = get_preset("tiny-z-image").defaults
+    qwen_image_processor(None, defaults["teacher_min_pixels"], defaults["teacher_max_pixels"]).save_pretrained(out)
+    pipe.tokenizer.save_pretrained(out)
     return out
