@@ -31,7 +31,7 @@ BASE_SHAPES = ("circle", "square", "triangle")
 OBJECT = "object"  # random polygons; also the neutral word that replaces a shape's name in in-context samples
 NEW_CONCEPT = "cross"
 TRIGGER = "[V]"
-# Every shape the classifier knows, in its class order.
+# Every shape of the world, in the order of the classifier's labels (which add a reject class, metrics.NONE).
 CLASSES = (*BASE_SHAPES, NEW_CONCEPT, OBJECT)
 PAD = "<pad>"
 # The caption vocabulary. The trigger word is in it (so a trigger caption can be encoded) but no pretraining
