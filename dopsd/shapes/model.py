@@ -131,12 +131,15 @@ class ShapesModel(nn.Module):
         generator: torch.Generator,
         references: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Euler sampling from noise over `sigma_schedule(steps)`; returns pixels in [-1, 1], [B, 3, S, S]."""
+        """Euler sampling from noise (drawn by the CPU `generator`) over `sigma_schedule(steps)`, on the model's
+        device; returns pixels in [-1, 1], [B, 3, S, S], on that device."""
         text = self.text.encode(captions)
-        x = torch.randn(len(captions), PIXEL_CHANNELS, world.SIZE, world.SIZE, generator=generator)
+        device = text.device
+        x = torch.randn(len(captions), PIXEL_CHANNELS, world.SIZE, world.SIZE, generator=generator).to(device)
+        references = None if references is None else references.to(device)
         sigmas = sigma_schedule(steps)
         for s, s_next in itertools.pairwise(sigmas):
-            v = self.velocity(x, torch.full((len(captions),), s), text, references)
+            v = self.velocity(x, torch.full((len(captions),), s, device=device), text, references)
             x = x + (s_next - s) * v
         return x.clamp(-1, 1)
 

@@ -66,9 +66,12 @@ def flow_loss(
     generator: torch.Generator,
     reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rectified-flow loss in klein's convention: x_s = (1 - s) x0 + s noise, target v = noise - x0, logit-normal s."""
-    noise = torch.randn(x0.shape, generator=generator)
-    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
+    """Rectified-flow loss in klein's convention: x_s = (1 - s) x0 + s noise, target v = noise - x0, logit-normal s.
+    Noise comes from the CPU `generator` whatever the device, so a run's draws do not depend on where it runs."""
+    device = x0.device
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator)).to(device)
+    reference = None if reference is None else reference.to(device)
     s = sigma.view(-1, 1, 1, 1)
     xs = (1 - s) * x0 + s * noise
     v = model.velocity(xs, sigma, model.text.encode(captions), reference)
@@ -87,15 +90,16 @@ def train(args: argparse.Namespace) -> None:
     config = ShapesModelConfig(
         heads=args.heads, head_dim=args.head_dim, double_layers=args.double_layers, single_layers=args.single_layers
     )
-    model = ShapesModel(config)
-    ema = ShapesModel(config)
+    device = torch.device(args.device)
+    model = ShapesModel(config).to(device)
+    ema = ShapesModel(config).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     step = 0
     state_path = Path(args.state)
     if args.resume and state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -113,9 +117,9 @@ def train(args: argparse.Namespace) -> None:
             rng = np.random.default_rng([args.seed, step])
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             captions, images = text_only_batch(rng, half)
-            loss_text = flow_loss(model, captions, to_pixels(images), gen)
+            loss_text = flow_loss(model, captions, to_pixels(images).to(device), gen)
             captions, images, refs = in_context_batch(rng, args.batch - half)
-            loss_ref = flow_loss(model, captions, to_pixels(images), gen, to_pixels(refs))
+            loss_ref = flow_loss(model, captions, to_pixels(images).to(device), gen, to_pixels(refs))
             loss = 0.5 * (loss_text + loss_ref)
             lr = args.lr * min(1.0, (step + 1) / args.warmup)
             for group in opt.param_groups:
@@ -180,6 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--double-layers", type=int, default=2)
     p.add_argument("--single-layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="e.g. cuda on a lent GPU (fp32 either way)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--out", default=str(DEFAULT_OUT))
