@@ -86,6 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="LoRA fine-tuning of step-distilled image models with on-policy self-distillation.",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks look for a configured provider on every request; the service reports
+        # through Prometheus (/metrics) and its JSON logs, so they only cost time (a share of a status poll).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     install_error_handlers(app)
     install_metrics(app, settings)

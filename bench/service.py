@@ -1,11 +1,14 @@
 """The service's own costs on the production-shaped stack on loopback: dispatch latency, job start-up on a cold and a
 warm worker, status-poll throughput under concurrent clients, and upload throughput with the API's peak memory.
 
-`python bench/service.py [--quick] [--jobs N] [--clients N] [--seconds S] [--images N] [--only PHASE]` starts a private stack with
-`scripts/stack.py`'s helpers (a fresh PostgreSQL database migrated to head, a Redis db of its own, a SeaweedFS S3
-server, the API under uvicorn and one Celery worker), measures, stops it all, and prints one JSON line. Upload limits
-are raised for the 5 MB images and the per-key rate limit for the polling clients; everything else is the default.
-Traffic stays on loopback and every phase is bounded in time. The test suite runs `--quick`.
+`python bench/service.py [--quick] [--jobs N] [--clients N] [--seconds S] [--images N] [--only PHASE]
+[--api-workers N] [--profile PREFIX]` starts a private stack with `scripts/stack.py`'s helpers (a fresh PostgreSQL
+database migrated to head, a Redis db of its own, a SeaweedFS S3 server, the API under uvicorn in `--api-workers`
+processes and one Celery worker), measures, stops it all, and prints one JSON line with the machine's load average
+before and after (the machine may be shared). Upload limits are raised for the 5 MB images and the per-key rate limit
+for the polling clients; everything else is the default. Traffic stays on loopback and every phase is bounded in
+time. The test suite runs `--quick`. `--profile PREFIX` runs one API process under `bench/profile_api.py`'s sampler
+and writes where its CPU went during each polling run (PREFIX-1: no job training, PREFIX-2: one training).
 
 - dispatch: N tiny jobs one after another, each submitted to an idle worker. Server side: `started_at - created_at`
   (both written by the database); client side: from sending the POST until a poll (every 10 ms) sees `running`.
@@ -26,7 +29,9 @@ import io
 import json
 import os
 import secrets
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -69,8 +74,9 @@ class BenchStack:
 
 
 @contextmanager
-def private_stack(workdir: Path) -> Iterator[BenchStack]:
-    """Starts SeaweedFS, a fresh database, the API (raised upload and rate limits) and one worker; stops them after."""
+def private_stack(workdir: Path, *, api_workers: int = 1, profile: str | None = None) -> Iterator[BenchStack]:
+    """Starts SeaweedFS, a fresh database, the API (raised upload and rate limits; `api_workers` processes, or one
+    under `bench/profile_api.py`'s sampler with `profile`) and one worker; stops them after."""
     from api.commands import migrate
 
     stack.ensure_postgres_and_redis()
@@ -99,7 +105,11 @@ def private_stack(workdir: Path) -> Iterator[BenchStack]:
             DOPSD_MAX_QUEUED_PER_KEY="64",
             DOPSD_LOG_FORMAT="text",
         )
-        api = stack.start_api(env, port, workdir / "api.log")
+        api = (
+            start_profiled_api(env, port, workdir / "api.log", profile)
+            if profile
+            else stack.start_api(env, port, workdir / "api.log", workers=api_workers)
+        )
         processes.append(api)
         processes.append(stack.start_worker(env, workdir / "worker.log", name="bench"))
         yield BenchStack(f"http://127.0.0.1:{port}", key, psutil.Process(api.pid), env)
@@ -108,6 +118,16 @@ def private_stack(workdir: Path) -> Iterator[BenchStack]:
             stack.stop(process, timeout_s=10)
         stack.drop_database(db_name)
         _flush_redis()
+
+
+def start_profiled_api(env: dict[str, str], port: int, log: Path, prefix: str) -> subprocess.Popen[bytes]:
+    """One API process under `bench/profile_api.py` (its windows open on SIGUSR1 and are written on SIGUSR2)."""
+    command = [sys.executable, str(Path(__file__).with_name("profile_api.py")), "--port", str(port), "--out", prefix]
+    process = subprocess.Popen(
+        command, cwd=stack.ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    stack.wait_until(lambda: stack.http_ok(f"http://127.0.0.1:{port}/healthz"), "the profiled API")
+    return process
 
 
 def _flush_redis() -> None:
@@ -273,18 +293,38 @@ def bench_upload(bench: BenchStack, client: httpx.Client, images: int) -> dict[s
     }  # fmt: skip
 
 
-def api_cpu(bench: BenchStack, load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Runs `load()` and adds the API process's CPU time per request: what a request costs the API, which a busy
-    machine changes much less than it changes latency."""
-    before = bench.api.cpu_times()
+def _cpu_s(process: psutil.Process) -> float:
+    """User + system CPU seconds of the API: its process and, under `--workers`, the worker processes it forked."""
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def api_cpu(bench: BenchStack, load: Callable[[], dict[str, Any]], profile: bool = False) -> dict[str, Any]:
+    """Runs `load()` and adds the API's CPU time per request: what a request costs the API, which a busy machine
+    changes much less than it changes latency. With `profile`, the profiler's window spans the load."""
+    before = _cpu_s(bench.api)
+    if profile:
+        os.kill(bench.api.pid, signal.SIGUSR1)
     result = load()
-    after = bench.api.cpu_times()
-    spent = (after.user - before.user) + (after.system - before.system)
+    if profile:
+        os.kill(bench.api.pid, signal.SIGUSR2)
+    spent = _cpu_s(bench.api) - before
     return {**result, "api_cpu_ms_per_request": round(1000 * spent / max(1, result["requests"]), 2)}
 
 
 def bench_polling(
-    bench: BenchStack, client: httpx.Client, clients: int, seconds: float, interval_s: float = 0.0
+    bench: BenchStack,
+    client: httpx.Client,
+    clients: int,
+    seconds: float,
+    interval_s: float = 0.0,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Status polling by `clients` clients (each waiting `interval_s` between its requests; 0: as fast as answered),
     first with no job training (the API alone on the machine), then while one job trains on the same cores (as
@@ -292,12 +332,15 @@ def bench_polling(
     image = [("images", ("robot.png", EXAMPLE.read_bytes(), "image/png"))]
     done = submit(client, image, TINY_SPEC)
     wait_job(client, done, {"succeeded", "failed", "canceled"}, timeout_s=300, every_s=0.2)
-    idle = api_cpu(bench, lambda: run_load(bench.url, [bench.key], clients=clients, seconds=seconds, jobs=0,
-                                           job_ids={bench.key: [done]}, interval_s=interval_s))  # fmt: skip
+
+    def load(job_ids: list[str]) -> dict[str, Any]:
+        return run_load(bench.url, [bench.key], clients=clients, seconds=seconds, jobs=0,
+                        job_ids={bench.key: job_ids}, interval_s=interval_s)  # fmt: skip
+
+    idle = api_cpu(bench, lambda: load([done]), profile)
     training = submit(client, image, {**TINY_SPEC, "steps": 10_000, "sample_every": 0, "checkpointing_steps": 0})
     wait_events(client, training, "progress", timeout_s=300)  # past model loading and the gate: training steps
-    busy = api_cpu(bench, lambda: run_load(bench.url, [bench.key], clients=clients, seconds=seconds, jobs=0,
-                                           job_ids={bench.key: [done, training]}, interval_s=interval_s))  # fmt: skip
+    busy = api_cpu(bench, lambda: load([done, training]), profile)
     still = client.get(f"/v1/jobs/{training}").raise_for_status().json()["status"]
     client.post(f"/v1/jobs/{training}/cancel")
     wait_job(client, training, {"succeeded", "failed", "canceled"}, timeout_s=120, every_s=0.1)
@@ -320,13 +363,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=64, help="5 MB images in the big upload")
     parser.add_argument("--interval", type=float, default=0.0, help="seconds each polling client waits (0: none)")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only this phase (repeatable)")
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes (uvicorn --workers)")
+    parser.add_argument("--profile", metavar="PREFIX", help="one API process under bench/profile_api.py: "
+                        "PREFIX-1.txt/.folded for the polling with no job training, PREFIX-2 with one")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.jobs, args.clients, args.seconds, args.images = 2, 4, 2.0, 8
     phases = set(args.only or PHASES)
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"bench": "service", "quick": args.quick, "cpus": os.cpu_count()}
-    with tempfile.TemporaryDirectory(prefix="dopsd-bench-") as tmp, private_stack(Path(tmp)) as bench:
+    record: dict[str, Any] = {
+        "bench": "service", "quick": args.quick, "cpus": os.cpu_count(),
+        "api_workers": 1 if args.profile else args.api_workers,
+        "load_before": os.getloadavg()[0],  # the 1-minute load average: how busy the shared machine was
+    }  # fmt: skip
+    profile = str(Path(args.profile).resolve()) if args.profile else None
+    with (
+        tempfile.TemporaryDirectory(prefix="dopsd-bench-") as tmp,
+        private_stack(Path(tmp), api_workers=args.api_workers, profile=profile) as bench,
+    ):
         record["stack_start_s"] = round(time.perf_counter() - t0, 1)
         headers = {"Authorization": f"Bearer {bench.key}"}
         with httpx.Client(base_url=bench.url, headers=headers, timeout=120) as client:
@@ -335,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
             if "upload" in phases:
                 record["upload"] = bench_upload(bench, client, args.images)
             if "polling" in phases:
-                record["polling"] = bench_polling(bench, client, args.clients, args.seconds, args.interval)
+                record["polling"] = bench_polling(
+                    bench, client, args.clients, args.seconds, args.interval, profile=profile is not None
+                )
     record["total_s"] = round(time.perf_counter() - t0, 1)
+    record["load_after"] = os.getloadavg()[0]
     print(json.dumps(record), flush=True)
     return 0
 

@@ -156,11 +156,12 @@ def _s3_ready(endpoint: str, access_key: str, secret_key: str) -> bool:
     return True
 
 
-def start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    """uvicorn serving `api.main:create_app` on loopback."""
+def start_api(env: dict[str, str], port: int, log: Path, *, workers: int = 1) -> subprocess.Popen[bytes]:
+    """uvicorn serving `api.main:create_app` on loopback, in `workers` processes (uvicorn's supervisor forks them;
+    each has its own database pool and thread pool, and shares the per-key limits through Redis)."""
     command = [
         sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-        "--port", str(port), "--log-level", "warning",
+        "--port", str(port), "--log-level", "warning", *(["--workers", str(workers)] if workers > 1 else []),
     ]  # fmt: skip
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
