@@ -85,6 +85,11 @@ def _config_from_args(ns: argparse.Namespace) -> DOPSDConfig:
     values.update({k: v for k, v in vars(ns).items() if k in field_names})
     if ns.captions_file is not None:
         values["captions"] = load_captions_file(ns.captions_file)
+    if values.get("init_adapter"):  # a continued run keeps the adapter's rank and alpha unless told otherwise
+        from dopsd.lora import init_adapter_settings
+
+        for name, value in init_adapter_settings(values["init_adapter"]).items():
+            values.setdefault(name, value)
     return DOPSDConfig.for_preset(**values)
 
 
@@ -149,6 +154,9 @@ def _train(ns: argparse.Namespace) -> int:
     print(f"adapter: {result.adapter_path}")
     if gap["relative_change"] is not None:
         print(f"teacher-student gap: {gap['before']:.4g} -> {gap['after']:.4g} ({gap['relative_change']:+.0%})")
+    if result.metrics.get("init_adapter"):
+        started = result.metrics["init_adapter"]
+        print(f"continued: {started['source']} ({started['steps'] or '?'} steps) + {result.metrics['steps']} steps")
     print(f"samples: {result.output_dir / 'samples'}")
     if callback.report is not None:
         print(callback.report.render_text())

@@ -32,6 +32,7 @@ LossSpace = Literal["x0", "velocity"]
 TeacherMode = Literal["ema", "frozen", "live"]
 RolloutSchedule = Literal["distill4", "native", "released"]
 KeepAdapter = Literal["last", "best"]
+InitTeacher = Literal["adapter", "base"]
 TeacherContext = Literal["vlm", "edit"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 OutputFormat = Literal["diffusers", "comfyui"]
@@ -357,6 +358,22 @@ class DOPSDConfig:
         default=None,
         help="Checkpoint folder, or an output folder (its latest checkpoint), to resume.",
         aliases=("--resume",),
+    )
+    # In a service job this holds the earlier job's id (what its resolved config shows); its worker puts the folder
+    # it downloaded that job's adapter and final samples to in its place.
+    init_adapter: str | None = setting(
+        default=None,
+        min_length=1,
+        help="Continue from an earlier adapter: its pytorch_lora_weights.safetensors, or the output folder of the "
+        "run that wrote it (whose final samples the report's retention section renders again). The student and "
+        "the teacher start from its weights; rank, alpha and target modules are the file's. A checkpoint to "
+        "resume wins over it.",
+    )
+    init_teacher: InitTeacher = setting(
+        default="adapter",
+        help="The teacher adapter (EMA or frozen) of a run that continues an earlier adapter: `adapter` starts "
+        "from that adapter's weights, as the student does; `base` from the base model, as the earlier run's EMA "
+        "teacher nearly was (docs/evaluation.md, Retention, compares the two).",
     )
     sample_every: int = setting(
         preset=True,

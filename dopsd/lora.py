@@ -12,6 +12,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,15 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from dopsd.data import DataError
 
 
 STUDENT_ADAPTER = "student"
 TEACHER_ADAPTER = "teacher"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # the header key diffusers' `save_lora_weights` writes the config to
 
 
 def make_lora_config(rank: int, alpha: float, dropout: float, target_modules: tuple[str, ...]) -> LoraConfig:
@@ -148,13 +152,24 @@ def ema_update(
     )
 
 
-def teacher_adapter_for(mode: str) -> str | None:
-    """The adapter that plays the teacher in `teacher_mode` `mode`: `ema` the EMA adapter, `frozen` none (the base
-    model), `live` the student itself (run without gradient)."""
-    adapters: dict[str, str | None] = {"ema": TEACHER_ADAPTER, "frozen": None, "live": STUDENT_ADAPTER}
+def teacher_adapter_for(mode: str, *, from_adapter: bool = False) -> str | None:
+    """The adapter that plays the teacher in `teacher_mode` `mode`: `ema` the EMA adapter, `frozen` the model the
+    run starts from (the base model: no adapter; with `from_adapter`, a run that continues an earlier adapter: the
+    teacher adapter, loaded with those weights and never moved), `live` the student itself (run without gradient)."""
+    adapters: dict[str, str | None] = {
+        "ema": TEACHER_ADAPTER,
+        "frozen": TEACHER_ADAPTER if from_adapter else None,
+        "live": STUDENT_ADAPTER,
+    }
     if mode not in adapters:
         raise ValueError(f"unknown teacher mode {mode!r}; use one of {', '.join(adapters)}")
     return adapters[mode]
+
+
+def needs_teacher_adapter(mode: str, *, from_adapter: bool = False) -> bool:
+    """Whether a run keeps a teacher adapter beside the student: the EMA teacher, and the frozen teacher of a run
+    that continues an earlier adapter."""
+    return teacher_adapter_for(mode, from_adapter=from_adapter) == TEACHER_ADAPTER
 
 
 @contextlib.contextmanager
@@ -210,3 +225,113 @@ def read_file_metadata(path: str | Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+# -- an earlier adapter to start from ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """A diffusers-format adapter file read back to start a run from: its LoRA tensors under peft's un-prefixed
+    names (as `adapter_state` gives them), and its rank, alpha and target modules from the file's header."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    metadata: dict[str, Any]
+
+    @property
+    def steps(self) -> int | None:
+        """The optimizer steps of the run that wrote it (`dopsd.steps`), where it says."""
+        steps = self.metadata.get("dopsd.steps")
+        return int(steps) if isinstance(steps, int | float | str) and str(steps).isdigit() else None
+
+
+def adapter_file_path(path: str | Path) -> Path:
+    """The adapter file of `path`: the file itself, or the `pytorch_lora_weights.safetensors` of a run's output
+    folder. A path that is neither is a `DataError` (code `invalid_init_adapter`)."""
+    p = Path(path)
+    file = p / LORA_WEIGHT_NAME if p.is_dir() else p
+    if not file.is_file():
+        raise DataError("invalid_init_adapter", f"no adapter file at {file}", file=str(path))
+    return file
+
+
+def lora_shape(metadata: Mapping[str, Any], file: str) -> tuple[int, float, tuple[str, ...]]:
+    """Rank, alpha and target modules of a file's header (`read_file_metadata`): the peft `LoraConfig` diffusers
+    writes under `lora_adapter_metadata` (keys `transformer.r`, `transformer.lora_alpha`, ...). A file without it,
+    or with a LoRA variant this trainer does not train (rsLoRA, DoRA, per-module ranks or alphas), is refused."""
+    config = metadata.get(ADAPTER_METADATA_KEY)
+    if not isinstance(config, dict) or "transformer.r" not in config:
+        raise DataError(
+            "invalid_init_adapter",
+            f"the adapter's header has no `{ADAPTER_METADATA_KEY}` with its rank, alpha and target modules (it is "
+            "written by diffusers' `save_lora_weights(..., transformer_lora_adapter_metadata=...)`, as this trainer "
+            "writes every adapter)",
+            file=file,
+        )
+    for flag in ("use_rslora", "use_dora"):
+        if config.get(f"transformer.{flag}"):
+            raise DataError(
+                "invalid_init_adapter", f"the adapter has {flag}=True, which this trainer does not train", file
+            )
+    if config.get("transformer.rank_pattern") or config.get("transformer.alpha_pattern"):
+        raise DataError("invalid_init_adapter", "the adapter has per-module ranks or alphas", file=file)
+    targets = config.get("transformer.target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise DataError("invalid_init_adapter", "the adapter's header names no target modules", file=file)
+    return int(config["transformer.r"]), float(config["transformer.lora_alpha"]), tuple(str(t) for t in targets)
+
+
+def init_adapter_settings(path: str | Path) -> dict[str, Any]:
+    """The `DOPSDConfig` values an adapter file fixes for a run that starts from it: `rank` and `lora_alpha`
+    (`DOPSDConfig.for_preset(..., init_adapter=path, **init_adapter_settings(path))`)."""
+    file = adapter_file_path(path)
+    rank, alpha, _ = lora_shape(read_file_metadata(file), str(file))
+    return {"rank": rank, "lora_alpha": alpha}
+
+
+def read_adapter_file(path: str | Path, *, family: str | None = None) -> AdapterFile:
+    """Reads an adapter file (or a run folder's) to start from. With `family`, a file whose header names another
+    model family (`dopsd.family`) is refused; tensors are loaded to the CPU in fp32 (the dtype both adapters
+    train in)."""
+    file = adapter_file_path(path)
+    try:
+        metadata = read_file_metadata(file)
+        tensors = load_file(str(file))
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises its own errors as these
+        raise DataError("invalid_init_adapter", f"unreadable adapter file: {exc}", file=str(file)) from exc
+    rank, alpha, targets = lora_shape(metadata, str(file))
+    written_for = metadata.get("dopsd.family")
+    if family is not None and written_for is not None and written_for != family:
+        raise DataError(
+            "invalid_init_adapter",
+            f"the adapter was trained for model family {written_for!r}; this run's model is {family!r}",
+            file=str(file),
+        )
+    if not tensors or not all(".lora_A." in k or ".lora_B." in k for k in tensors):
+        raise DataError("invalid_init_adapter", "the file holds tensors that are not LoRA A/B weights", file=str(file))
+    state = {k.removeprefix("transformer."): v.float().contiguous() for k, v in tensors.items()}
+    return AdapterFile(file, state, rank, alpha, targets, metadata)
+
+
+def start_from(transformer: torch.nn.Module, state: dict[str, torch.Tensor], *, teacher: bool = True) -> None:
+    """Loads an earlier adapter's tensors into the student and (`teacher`), where the run has one, the teacher
+    adapter: both start from the same weights, as both start from the base model in a fresh run; without
+    `teacher` the teacher adapter stays as `add_adapters` made it (the base model). Every module of the run's
+    adapters must be in `state` (a partial load would leave gaussian A with zero B: silently the base model)."""
+    expected = set(adapter_state(transformer, STUDENT_ADAPTER))
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        shown = [f"missing: {', '.join(missing[:5])}"] if missing else []
+        shown += [f"not in this model: {', '.join(extra[:5])}"] if extra else []
+        raise DataError("invalid_init_adapter", f"the adapter does not fit this model ({'; '.join(shown)})")
+    shapes = adapter_state(transformer, STUDENT_ADAPTER)
+    wrong = [k for k, v in state.items() if v.shape != shapes[k].shape]
+    if wrong:
+        raise DataError("invalid_init_adapter", f"the adapter's tensors have other shapes: {', '.join(wrong[:5])}")
+    load_adapter_state(transformer, STUDENT_ADAPTER, state)
+    if teacher and teacher_parameters(transformer):
+        load_adapter_state(transformer, TEACHER_ADAPTER, state)

@@ -3,11 +3,13 @@
 Reads like the method page: cache the student and teacher features once, free the encoders, then per step roll
 the student out for K steps from noise, pull it toward the teacher at every state, clip, AdamW, EMA the teacher.
 `train` prepares the run (captions, data, model, features, adapters); `_train_loop` is the loop, top to bottom;
-`dopsd.outputs` writes what the run leaves behind.
+`dopsd.outputs` writes what the run leaves behind. A run may continue an earlier adapter (`init_adapter`): student
+and teacher then start from its weights instead of the base model's, and the report says what it kept of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -31,6 +33,7 @@ from dopsd.checkpoint import (
 from dopsd.config import DOPSDConfig
 from dopsd.data import (
     ConceptDataset,
+    DataError,
     buckets_for_resolution,
     load_concept_dataset,
     nearest_bucket,
@@ -39,10 +42,20 @@ from dopsd.data import (
 )
 from dopsd.errors import TrainingCancelled
 from dopsd.evaluation.report import Report
+from dopsd.evaluation.retention import (
+    RetentionInputs,
+    RetentionUnavailable,
+    add_to_report,
+    load_reference,
+    measure_retention,
+    prepare_retention,
+    unavailable,
+)
 from dopsd.evidence import REPORT_NAME, Evidence
 from dopsd.lora import (
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
+    AdapterFile,
     AdapterParameters,
     active_adapter,
     adapter_state,
@@ -50,7 +63,10 @@ from dopsd.lora import (
     ema_update,
     load_adapter_state,
     make_lora_config,
+    needs_teacher_adapter,
+    read_adapter_file,
     remove_adapters,
+    start_from,
     student_parameters,
     teacher_adapter_for,
     teacher_parameters,
@@ -145,6 +161,7 @@ def train(
     """
     cfg = config
     device, dtype = resolve_device(cfg)
+    init = _init_adapter(cfg)  # before anything loads: a wrong file fails at once
     if dataset is None and cfg.default_caption is None:
         cfg = with_auto_captions(cfg, device=device, dtype=dtype)
     out = Path(cfg.output_dir)
@@ -166,6 +183,7 @@ def train(
     pairs = _encode_pairs(cfg, family, dataset)
     renderer = _sample_renderer(cfg, family, dataset, pairs)
     evidence = Evidence(cfg, family, dataset)
+    retention = _retention_inputs(cfg, family) if evidence.reports else None
     family.release_encoders()
 
     # The gate, on the base model: a teacher that cannot see the concept cannot teach it, so fail before step 1
@@ -173,18 +191,77 @@ def train(
     if not cfg.resume_from:
         evidence.check_teacher(callbacks)
 
-    # Adapters: the student (trained) and, for an EMA teacher, its copy; both start as the base model.
+    # Adapters: the student (trained) and, for an EMA teacher, its copy; both start as the base model, or both as
+    # the earlier adapter a continued run starts from (with its rank, alpha and target modules; a frozen teacher is
+    # then that adapter, kept as it was; `init_teacher: base` leaves the teacher at the base model). A resumed run
+    # takes both from its checkpoint instead.
     torch.manual_seed(cfg.seed)
-    lora_config = make_lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, family.lora_target_modules)
-    add_adapters(family.transformer, lora_config, with_teacher=cfg.teacher_mode == "ema")
+    targets = init.target_modules if init is not None else family.lora_target_modules
+    lora_config = make_lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets)
+    from_adapter = cfg.init_adapter is not None and cfg.init_teacher == "adapter"
+    add_adapters(
+        family.transformer,
+        lora_config,
+        with_teacher=needs_teacher_adapter(cfg.teacher_mode, from_adapter=from_adapter),
+    )
     try:
+        if init is not None and not cfg.resume_from:
+            start_from(family.transformer, init.state, teacher=cfg.init_teacher == "adapter")
         return _train_loop(
-            cfg, family, dataset, pairs, renderer, evidence, lora_config.to_dict(), callbacks, out, load_s
-        )
+            cfg, family, dataset, pairs, renderer, evidence, lora_config.to_dict(), callbacks, out, load_s,
+            init=init, retention=retention,
+        )  # fmt: skip
     finally:
         remove_adapters(family.transformer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _init_adapter(cfg: DOPSDConfig) -> AdapterFile | None:
+    """The earlier adapter the run continues (`init_adapter`), checked against the run's LoRA shape: its rank and
+    alpha are the file's, and a config that asks for others is a `DataError` that says so. A resumed run takes its
+    weights from the checkpoint, so it goes on without the file when the file is gone."""
+    if cfg.init_adapter is None or (cfg.resume_from and not Path(cfg.init_adapter).exists()):
+        return None
+    init = read_adapter_file(cfg.init_adapter, family=get_preset(cfg.preset).family)
+    if (cfg.rank, cfg.lora_alpha) != (init.rank, init.alpha):
+        raise DataError(
+            "init_adapter_mismatch",
+            f"the adapter to continue has rank {init.rank} and alpha {init.alpha:g}, but this run asks for rank "
+            f"{cfg.rank} and alpha {cfg.lora_alpha:g}; a continued run keeps the adapter's shape: set rank "
+            f"{init.rank} and alpha {init.alpha:g} (dopsd train takes them from the file when not given)",
+            file=str(init.path),
+        )
+    return init
+
+
+def _retention_inputs(cfg: DOPSDConfig, family: ModelFamily) -> RetentionInputs | str | None:
+    """What the report's retention section renders again (encoded now, while the encoders are loaded): the final
+    samples of the run whose adapter this one continues; the reason in words when they are not at hand; `None`
+    for a run that continues nothing."""
+    if cfg.init_adapter is None:
+        return None
+    if not Path(cfg.init_adapter).exists():
+        return "the earlier adapter's files were not at hand when this run resumed"
+    try:
+        reference = load_reference(cfg.init_adapter)
+    except RetentionUnavailable as exc:
+        return str(exc)
+    return prepare_retention(family, reference, cfg.student_max_sequence_length)
+
+
+def _init_record(cfg: DOPSDConfig, init: AdapterFile | None) -> dict[str, Any] | None:
+    """What `metrics.json` says of the adapter a run continued: where from (the earlier run's folder name, a
+    service job's id), after how many steps of its own, with which rank and alpha."""
+    if cfg.init_adapter is None:
+        return None
+    path = Path(cfg.init_adapter)
+    return {
+        "source": (path if path.is_dir() or not path.suffix else path.parent).name,
+        "steps": init.steps if init is not None else None,
+        "rank": cfg.rank,
+        "alpha": cfg.lora_alpha,
+    }
 
 
 def _encode_student(family: ModelFamily, texts: Sequence[str], max_length: int) -> list[Cond]:
@@ -245,10 +322,15 @@ def _sigmas(cfg: DOPSDConfig, family: ModelFamily, bucket: tuple[int, int]) -> l
 
 class _GapProbe:
     """The teacher-student gap on held-out noise: fixed seeds, never drawn from the training generator, over at
-    most `MAX_GAP_PAIRS` training pairs spread over the dataset."""
+    most `MAX_GAP_PAIRS` training pairs spread over the dataset.
 
-    def __init__(self, cfg: DOPSDConfig, family: ModelFamily, pairs: list[_Pair], teacher_adapter: str | None):
-        self.cfg, self.family, self.teacher_adapter = cfg, family, teacher_adapter
+    The teacher it reads is the base model with the training image in context (adapters off), whatever the run's
+    teacher mode: a fixed target, as the report's held-out gap uses, so `before` and `after` compare although the
+    EMA teacher moves, and a run that continues an earlier adapter starts at exactly the gap that run ended with.
+    """
+
+    def __init__(self, cfg: DOPSDConfig, family: ModelFamily, pairs: list[_Pair]):
+        self.cfg, self.family, self.teacher_adapter = cfg, family, None
         probed = pairs[:: max(1, len(pairs) // MAX_GAP_PAIRS)][:MAX_GAP_PAIRS]
         self.cases = [
             (p, torch.randn((1, *family.latent_shape(*p.bucket)), generator=torch.Generator().manual_seed(seed)))
@@ -256,7 +338,8 @@ class _GapProbe:
             for p in probed
         ]
         self.definition = (
-            "mean x0 MSE between student and teacher along the student's roll-out, "
+            "mean x0 MSE between the student and the base model with the training image in context (the teacher "
+            "before any step) along the student's roll-out, "
             f"{cfg.gap_eval_seeds} held-out noise seeds x {len(probed) if self.cases else 0} training pairs"
         )
 
@@ -393,6 +476,9 @@ def _train_loop(
     callbacks: Sequence[TrainerCallback],
     out: Path,
     load_s: float,
+    *,
+    init: AdapterFile | None,
+    retention: RetentionInputs | str | None,
 ) -> TrainingResult:
     # Optimizer: AdamW over the student's LoRA parameters and nothing else, at a constant rate (as released).
     transformer = family.transformer
@@ -408,8 +494,9 @@ def _train_loop(
     on_cuda = family.device.type == "cuda"
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and on_cuda):
         transformer.enable_gradient_checkpointing()  # recomputes activations in the backward pass to save memory
-    teacher_adapter = teacher_adapter_for(cfg.teacher_mode)
-    gap = _GapProbe(cfg, family, pairs, teacher_adapter)
+    from_adapter = cfg.init_adapter is not None and cfg.init_teacher == "adapter"
+    teacher_adapter = teacher_adapter_for(cfg.teacher_mode, from_adapter=from_adapter)
+    gap = _GapProbe(cfg, family, pairs)
     run = _Run(
         cfg=cfg,
         transformer=transformer,
@@ -429,6 +516,7 @@ def _train_loop(
     else:
         state = TrainerState(step=0, data_rng=None)
         state.metrics["gap_before"] = gap.measure()
+        state.metrics["init_adapter"] = _init_record(cfg, init)
 
     # The loop. One optimizer step: roll the student out from fresh noise along the schedule and pull its
     # prediction toward the teacher's at every state (accumulated over micro-batches), clip, AdamW, then move the
@@ -459,7 +547,7 @@ def _train_loop(
             step_loss += loss / cfg.gradient_accumulation_steps
         grad_norm = _clip_gradients(params, cfg.max_grad_norm)
         optimizer.step()
-        if teacher_params:
+        if teacher_params and cfg.teacher_mode == "ema":  # a frozen teacher adapter (a continued run's) stays
             ema_update(teacher_params, params, cfg.ema_decay)
         state.step += 1
         state.loss_history.append(step_loss)
@@ -515,6 +603,14 @@ def _train_loop(
             return evidence.final_report(out, kept_step)
 
         report = after.attempt("report", "keeping the best step's adapter and its report", keep_best)
+    if report is not None and retention is not None:
+        kept_report = report
+        report = (
+            after.attempt(
+                "retention", "the retention check", lambda: _with_retention(kept_report, retention, cfg, family, out)
+            )
+            or report
+        )
     if report is not None:
         for cb in callbacks:
             cb.on_evaluation(report)
@@ -537,6 +633,9 @@ def _train_loop(
         samples=[str(p.path.relative_to(out)) for p in final_samples.images] if final_samples else [],
     )
     metrics["kept_step"] = adapter_step
+    metrics["init_adapter"] = state.metrics.get("init_adapter")
+    if report is not None and report.retention is not None:
+        metrics["retention"] = {"verdict": report.retention["verdict"], "summary": report.retention["summary"]}
     metrics["evaluation"] = (
         None
         if report is None
@@ -553,6 +652,25 @@ def _train_loop(
     for cb in callbacks:
         cb.on_train_end(out)
     return TrainingResult(out, adapter_path, metrics, tuple(after.warnings))
+
+
+def _with_retention(
+    report: Report, retention: RetentionInputs | str, cfg: DOPSDConfig, family: ModelFamily, out: Path
+) -> Report:
+    """The report with its retention section (what the kept adapter kept of the one the run continued), also
+    written into `report.json`."""
+    if isinstance(retention, str):
+        section = unavailable(retention)
+    else:
+        folder = cfg.eval_embedding_model or get_preset(cfg.preset).embedding_model
+        embedder = None
+        if folder:
+            from dopsd.evaluation.embedding import ImageEmbedder
+
+            embedder = ImageEmbedder.from_folder(folder, device=family.device)
+        section = measure_retention(family, retention, embedder=embedder)
+    add_to_report(out / REPORT_NAME, section)
+    return dataclasses.replace(report, retention=section)
 
 
 __all__ = ["RunWarning", "TrainingResult", "active_adapter", "resolve_device", "train"]

@@ -50,7 +50,7 @@ HAND_WRITTEN = {
     "output_formats": "format",
 }
 SHARED_FIELDS = ("preset", "default_caption")  # the generated flags previews take too; the rest are training's
-SERVICE_FLAGS = {"webhook_url": "webhook_url"}  # spec fields of the service, not of the trainer
+SERVICE_FLAGS = {"webhook_url": "webhook_url", "init_adapter": "init_adapter"}  # the service's, not the trainer's
 FORMATS = tuple(SPEC_FIELDS["output_formats"]["choices"])
 _FLAG_TYPES: dict[str, Callable[[str], Any]] = {"integer": int, "number": float, "string": str}
 
@@ -282,6 +282,10 @@ def _print_report(job: dict[str, Any]) -> None:
     if isinstance(report, dict):
         for line in report_lines(report):
             _out(line)
+        retention = report.get("retention")
+        if isinstance(retention, dict):  # a job that continued an earlier one: did it keep it?
+            earlier = job.get("config", {}).get("init_adapter")
+            _out(f"retention of job {earlier}: {retention.get('verdict')} - {retention.get('summary')}")
 
 
 def _adapter_file(fmt: str) -> str:
@@ -608,6 +612,11 @@ def register(sub: Any) -> None:
         "--format", action="append", choices=FORMATS, help="adapter format(s) to produce and download (repeatable)"
     )
     submit.add_argument("--webhook-url", help="the API calls this URL when the job ends")
+    submit.add_argument(
+        "--init-adapter",
+        metavar="JOB_ID",
+        help="continue training from the adapter of this succeeded job (same preset)",
+    )
     submit.add_argument("--idempotency-key", help="repeat the command with the same key: the same job, not a new one")
     submit.add_argument("--dry-run", action="store_true", help="validate and show the resolved config; create nothing")
     submit.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")

@@ -103,6 +103,52 @@ def _fetch_latest_checkpoint(store: ArtifactStore, job_id: uuid.UUID, out: Path)
     return found[-1] if found else None
 
 
+def _fetch_init_adapter(
+    resources: WorkerResources, config_values: dict[str, Any], folder: Path, *, resuming: bool
+) -> dict[str, Any]:
+    """For a job that continues an earlier one (`init_adapter` in its config: that job's id): downloads that job's
+    adapter, config.json, metrics.json and final adapter samples into `folder/<id>/` (its output layout, which the
+    trainer's retention check reads) and returns the config change that points the trainer there. An earlier job
+    deleted before this one started fails it (`bad_input`); a resumed job has the weights in its checkpoint and
+    goes on without it (the trainer then says that retention could not be measured)."""
+    parent_id = config_values.get("init_adapter")
+    if not parent_id:
+        return {}
+    with resources.sessions() as session:
+        parent = session.get(Job, uuid.UUID(str(parent_id)))
+        usable = parent is not None and not parent.deleted and parent.job_status is JobStatus.SUCCEEDED
+        artifacts = {a.name: a.key for a in parent.artifacts} if parent is not None and usable else {}
+    gone = DataError(
+        "init_adapter_gone",
+        f"the job this one continues ({parent_id}) was deleted before this job started, and its adapter with it; "
+        "submit this job again with another `init_adapter`, or without one",
+    )
+    if ADAPTER_FILES["diffusers"] not in artifacts:
+        if resuming:
+            return {}
+        raise gone
+    target = folder / str(parent_id)
+
+    def get(name: str) -> None:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        get_file = functools.partial(resources.store.get_file, artifacts[name], target / name)
+        with_retries(get_file, what=f"download of {artifacts[name]}")
+
+    try:
+        for name in (ADAPTER_FILES["diffusers"], "config.json", "metrics.json"):
+            if name in artifacts:
+                get(name)
+        metrics = json.loads((target / "metrics.json").read_text()) if (target / "metrics.json").is_file() else {}
+        for name in metrics.get("samples") or []:  # the final samples, which retention renders again
+            if str(name).endswith("-adapter.png") and name in artifacts:
+                get(str(name))
+    except NotFound:  # deleted while this worker downloaded it
+        if resuming:
+            return {}
+        raise gone from None
+    return {"init_adapter": str(target)}
+
+
 def _fail(
     sessions: sessionmaker[Session], job_id: uuid.UUID, code: str, message: str, worker_id: str, gpu_s: float = 0.0
 ) -> None:
@@ -228,9 +274,11 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
     inputs, out = tmp / "inputs", tmp / "out"
     _fetch_inputs(store, job, inputs)
     resume = _fetch_latest_checkpoint(store, job_id, out) if kind == "training" else None
+    init = _fetch_init_adapter(resources, config_values, tmp / "init", resuming=resume is not None)
     config = DOPSDConfig.from_dict(
         {
             **config_values,
+            **init,
             "instance_data_dir": str(inputs),
             "output_dir": str(out),
             "resume_from": str(resume) if resume else None,

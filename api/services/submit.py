@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from api.estimate import estimate_gpu_seconds
 from api.remote_archive import fetch_rules
 from api.schemas import DryRunPublic, ImagePublic, JobSpec
-from api.submission import ValidatedJob, check_fields, validate_submission
+from api.submission import ValidatedJob, check_fields, resolve_init_adapter, validate_submission
 from api.upload_guards import upload_guards
 from api.uploads import UploadedFile, UploadLimits, parse_multipart
 from core.config import Settings
@@ -158,6 +158,7 @@ async def dry_run(
     async with received_upload(request, settings, kind, owner_id) as received:
         assert isinstance(received, Received)  # no `replay`: never an earlier job
         validated = received.validated
+        resolve_init_adapter(validated, session=session, owner_id=owner_id, kind=kind)
         check_key_limits(session=session, owner_id=owner_id, settings=settings, incoming_bytes=received.input_bytes)
         queue = queue_for_family(validated.preset.family)
         return DryRunPublic(
@@ -190,6 +191,7 @@ async def submit(
             earlier = find_replay(session, owner_id, idempotency_key, request_hash, settings)
             if earlier is not None:
                 return Submitted(earlier, replayed=True)
+        resolve_init_adapter(received.validated, session=session, owner_id=owner_id, kind=kind)
         check_key_limits(session=session, owner_id=owner_id, settings=settings, incoming_bytes=received.input_bytes)
         job_id = uuid.uuid4()
         try:

@@ -1,10 +1,12 @@
 // The job view's results card, once a training job has finished: the teacher–student gap before and after, the
-// final loss and GPU time, downloads of the adapter for diffusers or ComfyUI (a fresh short-lived link at each
-// click) and a diffusers snippet with a copy button.
+// final loss and GPU time (and the job it continued, if any), downloads of the adapter for diffusers or ComfyUI (a
+// fresh short-lived link at each click), "Continue training" (the new-job form, starting from this adapter) and a
+// diffusers snippet with a copy button.
 
 import { api } from "./api.js";
 import { download, errorBox, h } from "./dom.js";
 import { describeError, formatBytes, formatDuration, formatLoss } from "./format.js";
+import { continueFrom } from "./new-job-draft.js";
 import { loadPresets } from "./service-info.js";
 
 const DEFAULT_ADAPTER_FILE = "pytorch_lora_weights.safetensors";
@@ -46,7 +48,23 @@ function facts(metrics, job) {
   if (typeof m.final_loss === "number") items.push(h("div", {}, h("dt", {}, "Final loss"), h("dd", {}, formatLoss(m.final_loss))));
   const gpu = m.gpu_seconds ?? job.gpu_seconds;
   if (typeof gpu === "number") items.push(h("div", {}, h("dt", {}, "GPU time"), h("dd", {}, formatDuration(gpu))));
+  const earlier = job.config?.init_adapter;
+  if (earlier) {
+    items.push(h("div", { id: "continued-from" }, h("dt", {}, "Continued from"),
+      h("dd", {}, h("a", { href: `#/jobs/${earlier}` }, `job ${String(earlier).slice(0, 8)}`))));
+  }
   return items.length ? h("dl", { class: "facts" }, items) : null;
+}
+
+/** "Continue training": the new-job form with this job's adapter, preset and trigger word filled in. */
+function continueButton(job) {
+  return h("button", {
+    type: "button", class: "secondary", id: "continue-training",
+    onclick: () => {
+      continueFrom(job);
+      location.hash = "#/new";
+    },
+  }, "Continue training");
 }
 
 /** The results card (hidden until a training job has succeeded). */
@@ -111,6 +129,7 @@ export function resultsCard(ctx) {
         const artifact = findAdapter(artifacts, format);
         if (artifact) buttons.push(downloadButton(format, label, artifact, note));
       }
+      if (findAdapter(artifacts, "diffusers")) buttons.push(continueButton(job));
       formats.replaceChildren(...(buttons.length ? buttons : [h("p", { class: "muted" }, "No adapter file was stored.")]));
     } catch (e) {
       if (!signal.aborted) note.replaceChildren(errorBox(describeError(e)));

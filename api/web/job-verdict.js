@@ -2,6 +2,8 @@
 // Once the job has its evaluation report (`job.report`), the two verdicts in words with their summary sentences,
 // the step they judged and a table of the figures behind them (mean with its 95% interval, noise floor, verdict,
 // or why a figure was not measured). While the job trains, the latest quick check (`evaluated` event) instead.
+// A job that continued an earlier one's adapter also shows the report's retention section: did the new adapter
+// keep what the earlier one drew (kept / partly / lost), and the figures behind it.
 
 import { h } from "./dom.js";
 import { sentence } from "./format.js";
@@ -13,7 +15,9 @@ const AXES = [
 ];
 
 // How each verdict is styled: good, bad (stands out) or unsure. Anything else the service says reads as unsure.
-const TONES = { learned: "good", kept: "good", "not learned": "bad", degraded: "bad", inconclusive: "unsure" };
+const TONES = {
+  learned: "good", kept: "good", "not learned": "bad", degraded: "bad", inconclusive: "unsure", partly: "unsure", lost: "bad",
+};
 
 /** A verdict as a word for people ("not learned" -> "Not learned"). */
 function verdictWord(verdict) {
@@ -42,8 +46,8 @@ function axisBlock(axis, label, verdict) {
     verdict?.summary ? h("p", { class: "verdict-summary" }, sentence(verdict.summary)) : null);
 }
 
-/** The figures behind the verdicts, one row each. */
-function figureTable(figures) {
+/** The figures behind the verdicts, one row each (`id` names the table and its caption). */
+function figureTable(figures, id = "figures", caption = "The figures behind the verdicts") {
   const rows = Object.entries(figures).map(([name, fig]) => {
     const title = h("th", { scope: "row" }, fig.title || name, fig.unit ? h("span", { class: "muted small figure-unit" }, fig.unit) : null);
     if (fig.not_measured) {
@@ -57,12 +61,31 @@ function figureTable(figures) {
       h("td", { class: tone ? `figure-verdict verdict-text-${tone}` : "figure-verdict" }, verdictWord(fig.verdict)));
   });
   // On a narrow screen the table scrolls by itself (focusable, so the keyboard can scroll it too).
-  return h("div", { class: "table-wrap", tabindex: 0, role: "region", "aria-labelledby": "figures-caption" },
-    h("table", { class: "figures", id: "figures" },
-      h("caption", { id: "figures-caption" }, "The figures behind the verdicts"),
+  return h("div", { class: "table-wrap", tabindex: 0, role: "region", "aria-labelledby": `${id}-caption` },
+    h("table", { class: "figures", id },
+      h("caption", { id: `${id}-caption` }, caption),
       h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Figure"), h("th", { scope: "col" }, "Mean [95% interval]"),
         h("th", { scope: "col" }, "Noise floor"), h("th", { scope: "col" }, "Verdict"))),
       h("tbody", {}, rows)));
+}
+
+/** The retention section of a continued job's report: the verdict, its sentence, what was rendered again. */
+function retentionBlock(retention, earlier) {
+  const word = retention.verdict;
+  const tone = TONES[word] || "unsure";
+  const cases = Array.isArray(retention.cases) ? retention.cases.length : 0;
+  const figures = retention.figures && Object.keys(retention.figures).length ? retention.figures : null;
+  return h("div", { class: "retention", id: "retention", dataset: { verdict: word ?? "", tone } },
+    h("h3", {}, "Did it keep the adapter it continued?"),
+    h("div", { class: `verdict verdict-${tone}` },
+      h("p", { class: "verdict-head" }, h("span", { class: "verdict-axis" }, "Retention: "),
+        h("strong", { class: "verdict-word" }, verdictWord(word))),
+      retention.summary ? h("p", { class: "verdict-summary" }, sentence(retention.summary)) : null),
+    cases ? h("p", { class: "muted small" }, `The ${cases} final ${cases === 1 ? "sample" : "samples"} of `,
+      earlier ? h("a", { href: `#/jobs/${earlier}` }, `job ${String(earlier).slice(0, 8)}`) : "the earlier job",
+      " rendered again with this adapter at the same prompts, seeds and settings, and compared with the base ",
+      "model's renders of them (1 = drawn again exactly, 0 = as far from them as the base model).") : null,
+    figures ? figureTable(figures, "retention-figures", "The figures behind the retention verdict") : null);
 }
 
 /** What was judged, in a sentence: the report's step and seeds, or the quick check's step. */
@@ -101,6 +124,7 @@ export function verdictCard(ctx) {
       h("p", { class: "muted small", id: "verdict-step", "aria-live": "polite" }, judgedLine(source, state)),
       h("div", { class: "verdicts" }, AXES.map(([axis, label]) => axisBlock(axis, label, verdicts[axis]))),
       source === "report" && report.figures && Object.keys(report.figures).length ? figureTable(report.figures) : null,
+      source === "report" && report.retention ? retentionBlock(report.retention, ctx.job.config?.init_adapter) : null,
     );
   }
 

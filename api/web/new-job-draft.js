@@ -15,6 +15,7 @@ export const draft = {
   seeds: "0",
   prompts: "a photo of [V]",
   formats: { diffusers: true, comfyui: true },
+  initAdapter: null, // the id of the succeeded job this one continues ("Continue training" on its page), or null
   preview: null, // {id, status, message, images, error}
   idempotencyKey: null,
   dryRunUnsupported: false,
@@ -34,6 +35,15 @@ export function startDraft(fields) {
 
 export function parseSeeds(text) {
   return String(text).split(/[\s,]+/).filter(Boolean).map(Number).filter((n) => Number.isInteger(n) && n >= 0);
+}
+
+/** Prepares the form to continue `job` (a succeeded training job): its adapter, its preset and its trigger word
+ * (a new concept on top takes another one); images and the other settings stay as the person left them. */
+export function continueFrom(job) {
+  draft.initAdapter = job.id;
+  draft.preset = job.preset;
+  if (job.config?.trigger) draft.trigger = job.config.trigger;
+  draft.idempotencyKey = null;
 }
 
 /** The files the job will be made of: every one not refused. */
@@ -59,6 +69,7 @@ export function buildSpec() {
   if (seeds.length) spec.sample_seeds = seeds;
   const formats = Object.entries(draft.formats).filter(([, on]) => on).map(([name]) => name);
   if (formats.length === 1) spec.output_formats = formats; // both is the default
+  if (draft.initAdapter) spec.init_adapter = draft.initAdapter;
   return spec;
 }
 

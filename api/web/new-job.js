@@ -20,6 +20,23 @@ function field(label, control, ...after) {
   return h("div", { class: "field" }, h("label", { for: control.id }, label), control, ...after);
 }
 
+/** "Continues job …" while the draft continues an earlier job's adapter, with a way back to the base model. */
+function continuingNote(onBaseModel) {
+  if (!draft.initAdapter) return null;
+  const note = h("div", { class: "continuing", id: "continuing", dataset: { initAdapter: draft.initAdapter } },
+    h("p", {}, "Continues the adapter of job ", h("a", { href: `#/jobs/${draft.initAdapter}` }, draft.initAdapter.slice(0, 8)),
+      ": the new adapter starts from its weights, with its rank and alpha. Use the same trigger word for more steps ",
+      "on its concept, or another one for a new concept on top; the report then says whether it kept the old one."),
+    h("button", {
+      type: "button", class: "link", id: "continue-clear",
+      onclick: () => {
+        note.remove();
+        onBaseModel();
+      },
+    }, "Start from the base model instead"));
+  return note;
+}
+
 export async function viewNew(signal) {
   let spec;
   try {
@@ -32,7 +49,8 @@ export async function viewNew(signal) {
 
   const page = h("div", { class: "page" });
   main.replaceChildren(page);
-  page.append(h("h1", {}, "Start a training job"),
+  const title = h("h1", {}, draft.initAdapter ? "Continue training" : "Start a training job");
+  page.append(title,
     h("p", { class: "lead" }, "Add a few pictures of one concept (an object, a pet, a style), say what it is called, ",
       "and train a small adapter that teaches the model your concept."));
 
@@ -81,7 +99,15 @@ export async function viewNew(signal) {
     });
     return h("label", { class: "check" }, box, name === "diffusers" ? " diffusers" : " ComfyUI");
   });
+  const continuing = continuingNote(() => {
+    draft.initAdapter = null;
+    title.textContent = "Start a training job";
+    presetSelect.disabled = false;
+    estimate.schedule();
+  });
+  presetSelect.disabled = Boolean(draft.initAdapter); // a continued job keeps its adapter's model
   const trainingSection = h("fieldset", { class: "card" }, h("legend", {}, "3. Training"),
+    continuing,
     field("Model", presetSelect, presetHint),
     h("div", { class: "row" }, field("Steps", steps), field("Sample every", sampleEvery), field("Sample seeds", seeds)),
     h("p", { class: "hint", id: "sample-hint" }, "Sample every: the number of steps between sample images (0: only at ",
@@ -184,6 +210,7 @@ export async function viewNew(signal) {
       draft.files = [];
       draft.preview = null;
       draft.idempotencyKey = null;
+      draft.initAdapter = null;
       toast("The job was submitted.");
       location.hash = `#/jobs/${job.id}`;
     } catch (e) {

@@ -92,6 +92,8 @@ class Report:
     few_step_quality: AxisVerdict
     thresholds: dict[str, float | str]
     cost: dict[str, float | int]
+    # A run that continued an earlier adapter: did it keep it (`dopsd.evaluation.retention`)? None otherwise.
+    retention: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON (`report.json`): axes first, then every figure with its numbers."""
@@ -115,6 +117,8 @@ class Report:
             "thresholds": self.thresholds,
             "cost": self.cost,
         }
+        if self.retention is not None:
+            data["retention"] = self.retention
         return _clean(data)
 
     def render_text(self) -> str:
@@ -133,6 +137,10 @@ class Report:
             floor = f", noise floor {fig.noise_floor:.3g}" if fig.noise_floor is not None else ""
             mean = f"{fig.mean:.3g}" if fig.mean is not None else "-"
             lines.append(f"  {fig.title}: {mean}{ci} {fig.unit}{floor} -> {fig.verdict}")
+        if self.retention is not None:
+            lines.append(
+                f"retention of the earlier adapter: {self.retention.get('verdict')} - {self.retention.get('summary')}"
+            )
         seconds = self.cost.get("seconds")
         if isinstance(seconds, float | int):
             lines.append(f"  cost: {seconds:.2f} s, {self.cost.get('forward_passes')} forward passes")
