@@ -14,11 +14,12 @@ Takes and returns plain picklable values: it runs in another process.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
@@ -113,7 +114,7 @@ class _Member:
     name: str
     kind: Literal["file", "dir", "link", "other"]
     declared_size: int
-    open: object  # a callable returning a binary stream (typed loosely: zipfile and tarfile differ)
+    open: Callable[[], IO[bytes] | None]  # its bytes (tarfile gives None for a member without data)
 
 
 def _zip_members(path: str, limits: ArchiveLimits) -> Iterator[_Member]:
@@ -134,7 +135,7 @@ def _zip_members(path: str, limits: ArchiveLimits) -> Iterator[_Member]:
                 kind = "file"
             else:
                 kind = "other"
-            yield _Member(info.filename, kind, info.file_size, lambda info=info: archive.open(info))
+            yield _Member(info.filename, kind, info.file_size, functools.partial(archive.open, info))
 
 
 def _tar_members(path: str, limits: ArchiveLimits) -> Iterator[_Member]:
@@ -152,7 +153,7 @@ def _tar_members(path: str, limits: ArchiveLimits) -> Iterator[_Member]:
                 kind = "file"
             else:
                 kind = "other"
-            yield _Member(info.name, kind, info.size, lambda info=info: archive.extractfile(info))
+            yield _Member(info.name, kind, info.size, functools.partial(archive.extractfile, info))
 
 
 def _check_name(name: str) -> PurePosixPath:
@@ -182,7 +183,7 @@ def _copy(member: _Member, target: Path, cap: int, total: list[int], limits: Arc
     if member.declared_size > cap:
         raise _Refused("archive_too_large",
                        f"the member is {member.declared_size} bytes, more than the limit of {cap}", member.name)  # fmt: skip
-    opened = member.open()  # type: ignore[operator]
+    opened = member.open()
     if opened is None:
         raise _Refused("archive_unsafe_member", "the member has no data", member.name)
     source: IO[bytes] = opened
