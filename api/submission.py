@@ -232,11 +232,11 @@ async def validate_submission(
 
 def resolve_init_adapter(validated: ValidatedJob, *, session: Session, owner_id: uuid.UUID, kind: str) -> None:
     """`spec.init_adapter`: the earlier training job a new one continues. It must be the caller's (another key's
-    job, a deleted or an unknown one: 404 `job_not_found`), a training job (400 `init_adapter_not_training`) of the
-    same preset (400 `init_adapter_preset_mismatch`) that succeeded with a stored adapter (409
+    job, a deleted or an unknown one: 404 `job_not_found`), a training job (422 `init_adapter_not_training`) of the
+    same preset (422 `init_adapter_preset_mismatch`) that succeeded with a stored adapter (409
     `init_adapter_not_ready`). The resolved config then names it (`init_adapter`: the job's id; its worker fetches
-    the adapter) and takes its rank and alpha: a spec that asks for others is a 400 `init_adapter_rank_mismatch`.
-    A preview shows what the base model sees, so it takes none (400 `init_adapter_not_supported`)."""
+    the adapter) and takes its rank and alpha: a spec that asks for others is a 422 `init_adapter_rank_mismatch`.
+    A preview shows what the base model sees, so it takes none (422 `init_adapter_not_supported`)."""
     parent_id = validated.spec.init_adapter
     if parent_id is None:
         return

@@ -1,7 +1,8 @@
 """Continuing an earlier job's adapter through HTTP on the production-shaped stack (PostgreSQL, Redis, SeaweedFS,
 a real worker process): `spec.init_adapter` names a succeeded job of the same key and preset; the child starts
-where its parent ended and its report says what it kept; another key's job is a 404, an unfinished one a 409, and
-a parent deleted while the child waits fails the child with `bad_input`."""
+where its parent ended and its report says what it kept; another key's job is a 404, an unfinished one a 409, a
+spec the parent does not fit a 422 (as every spec refusal), and a parent deleted while the child waits fails the
+child with `bad_input`."""
 
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def test_another_keys_job_and_unusable_parents_are_refused(
     with prod_stack.client(owner) as client:
         cases = [
             (quick_spec(init_adapter="00000000-0000-4000-8000-000000000000"), 404, "job_not_found"),
-            (quick_spec(preset="tiny-flux2-klein", init_adapter=parent["id"]), 400, "init_adapter_preset_mismatch"),
-            (quick_spec(rank=8, init_adapter=parent["id"]), 400, "init_adapter_rank_mismatch"),
+            (quick_spec(preset="tiny-flux2-klein", init_adapter=parent["id"]), 422, "init_adapter_preset_mismatch"),
+            (quick_spec(rank=8, init_adapter=parent["id"]), 422, "init_adapter_rank_mismatch"),
         ]
         for spec, status, code in cases:
             response = submit(client, spec, dry_run=True)
@@ -95,7 +96,7 @@ def test_another_keys_job_and_unusable_parents_are_refused(
             files=example_files(1),
             data={"spec": json.dumps({"preset": "tiny-z-image", "init_adapter": parent["id"]})},
         )
-        assert preview.status_code == 400 and preview.json()["error"]["code"] == "init_adapter_not_supported"
+        assert preview.status_code == 422 and preview.json()["error"]["code"] == "init_adapter_not_supported"
         # An unfinished job: refused while it runs, then cancelled.
         long = submit(client, quick_spec(steps=5000)).json()
         wait_for_status(client, long["id"], {"running"})
