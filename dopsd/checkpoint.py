@@ -35,7 +35,8 @@ STATE_FILE = "trainer_state.json"
 FINGERPRINT_FILE = "fingerprint.json"
 # The resolved config fields that change what a run learns: a resume must keep every one. Paths (the worker gives
 # each attempt a new temporary folder), step counts (a resume may extend a run), sampling and checkpoint cadence are
-# not among them; the trigger, captions and images enter through the dataset digest.
+# not among them; the trigger, captions and images enter through the dataset digest. The batch enters as the global
+# batch (processes x batch x accumulation, `global_batch_of`): a run may resume on another number of processes.
 TRAINING_FIELDS = (
     "preset",
     "learning_rate",
@@ -47,8 +48,7 @@ TRAINING_FIELDS = (
     "rank",
     "lora_alpha",
     "lora_dropout",
-    "train_batch_size",
-    "gradient_accumulation_steps",
+    "global_batch_size",
     "adam_beta1",
     "adam_beta2",
     "adam_epsilon",
@@ -83,8 +83,20 @@ def training_fingerprint(config: Mapping[str, Any], dataset_sha256: str | None) 
     A field the config does not have is recorded as `None`; `dataset_sha256` is `None` where no digest is known.
     """
     fingerprint = {name: config.get(name) for name in TRAINING_FIELDS}
+    fingerprint["global_batch_size"] = global_batch_of(config)
     fingerprint[DATASET_KEY] = dataset_sha256
     return fingerprint
+
+
+def global_batch_of(values: Mapping[str, Any]) -> int | None:
+    """Samples per optimizer step of a config (or of a fingerprint written before the global batch was one of its
+    fields): `num_processes` (1 before it existed) x `train_batch_size` x `gradient_accumulation_steps`."""
+    if values.get("global_batch_size") is not None:
+        return int(values["global_batch_size"])
+    if values.get("train_batch_size") is None or values.get("gradient_accumulation_steps") is None:
+        return None
+    processes = int(values.get("num_processes") or 1)
+    return processes * int(values["train_batch_size"]) * int(values["gradient_accumulation_steps"])
 
 
 def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -216,7 +228,8 @@ def load_checkpoint(path: str | Path, config: DOPSDConfig, dataset_sha256: str |
     differs. A checkpoint written before fingerprints existed is still checked field by field against its saved
     `config.json`; only its data cannot be checked, which is logged as a warning (refusing it would fail every job
     in flight across the upgrade that introduced fingerprints). Where either side has no dataset digest, the
-    data is not compared.
+    data is not compared. The batch is compared as the global batch, so a run resumes on another number of
+    processes with the same global batch; an older fingerprint's is its batch x accumulation (one process).
     """
     folder = find_checkpoint(path)
     try:
@@ -237,6 +250,7 @@ def load_checkpoint(path: str | Path, config: DOPSDConfig, dataset_sha256: str |
         logger.warning(
             "checkpoint %s has no training fingerprint (older version): its dataset is not verified", folder
         )
+    saved_fingerprint = {**saved_fingerprint, "global_batch_size": global_batch_of(saved_fingerprint)}
     current = training_fingerprint(config.to_dict(), dataset_sha256)
     if saved_fingerprint.get(DATASET_KEY) is None or current[DATASET_KEY] is None:
         current[DATASET_KEY] = saved_fingerprint.get(DATASET_KEY)

@@ -2,6 +2,8 @@
 
 Every `DOPSDConfig` setting is a flag (`--learning-rate 1e-4`), plus the short forms it declares (`--lr`).
 Precedence: field defaults < preset defaults < `--config FILE` < flags. Bad input ends with one `error:` line and exit 2.
+`train --num-processes N` runs the same command as N ranks of one torchrun group (`dopsd.distributed`) and ends
+with the group's exit code.
 """
 
 from __future__ import annotations
@@ -57,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="JSON file of DOPSDConfig fields (flags override it)")
     train.add_argument("--captions", type=Path, dest="captions_file", help="JSON: file name -> caption or list")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="with --num-processes > 1: start the group again up to N times after a rank fails; a restarted group "
+        "resumes from the newest checkpoint in --out (torchrun's elastic restarts)",
+    )
     _add_config_flags(train)
 
     models = sub.add_parser("models", help="list presets or export a tiny base pipeline")
@@ -83,6 +92,8 @@ def _config_from_args(ns: argparse.Namespace) -> DOPSDConfig:
         values.update(json.loads(ns.config.read_text()))
     field_names = {s.name for s in settings()}
     values.update({k: v for k, v in vars(ns).items() if k in field_names})
+    if "num_processes" not in values and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank torchrun started
+        values["num_processes"] = int(os.environ["WORLD_SIZE"])
     if ns.captions_file is not None:
         values["captions"] = load_captions_file(ns.captions_file)
     if values.get("init_adapter"):  # a continued run keeps the adapter's rank and alpha unless told otherwise
@@ -93,8 +104,26 @@ def _config_from_args(ns: argparse.Namespace) -> DOPSDConfig:
     return DOPSDConfig.for_preset(**values)
 
 
-def _train(ns: argparse.Namespace) -> int:
+def _launch(config: DOPSDConfig, argv: Sequence[str], max_restarts: int) -> int:
+    """`dopsd train --num-processes N`: the same command as N ranks of one group through torchrun; the group's
+    exit code. Rank 0 says what ended a run itself (done, bad input, stopped); a rank that died or crashed is said
+    here, with the checkpoint to resume from."""
+    from dopsd.checkpoint import list_checkpoints
+    from dopsd.distributed import EXIT_CODES, launch
+
+    outcome = launch(config.num_processes, argv, max_restarts=max_restarts)
+    if outcome.exit_code not in EXIT_CODES and outcome.message:
+        print(f"error: {outcome.message}", file=sys.stderr)
+        if list_checkpoints(Path(config.output_dir) / "checkpoints"):
+            print(f"resume with --resume {config.output_dir}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _train(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     config = _config_from_args(ns)
+    if config.num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _launch(config, argv, ns.max_restarts)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # only rank 0 of a group reports; every rank trains
     from dopsd.callbacks import StepState, TrainerCallback, TrainerControl
     from dopsd.errors import TeacherBlind, TrainingCancelled
     from dopsd.evaluation.report import Report
@@ -139,15 +168,19 @@ def _train(ns: argparse.Namespace) -> int:
             if self.bar is not None:
                 self.bar.close()
 
-    callback = CliCallback()
+    callback = CliCallback() if main_rank else None
     try:
-        result = train(config, [callback])
+        result = train(config, [callback] if callback is not None else [])
     except TrainingCancelled as exc:
-        print(f"stopped after step {exc.step}; resume with --resume {exc.checkpoint_dir}", file=sys.stderr)
+        if main_rank:
+            print(f"stopped after step {exc.step}; resume with --resume {exc.checkpoint_dir}", file=sys.stderr)
         return 130
     except TeacherBlind as exc:
-        print(f"error: teacher_blind: {exc.message} (--force trains anyway)", file=sys.stderr)
+        if main_rank:
+            print(f"error: teacher_blind: {exc.message} (--force trains anyway)", file=sys.stderr)
         return 3
+    if callback is None:
+        return 0
     gap = result.metrics["teacher_student_gap"]
     for warning in result.warnings:  # a stage after training failed; the adapter is written all the same
         print(f"warning: {warning.stage}: {warning.message}", file=sys.stderr)
@@ -183,12 +216,13 @@ def _models(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dopsd` command."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on a hub the machine cannot reach
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns = build_parser().parse_args(args)
     from dopsd.errors import CheckpointError, ModelLoadError
 
     try:
         if ns.command == "train":
-            return _train(ns)
+            return _train(ns, args)
         if ns.command == "models":
             return _models(ns)
         return int(ns.func(ns))

@@ -278,6 +278,18 @@ class DOPSDConfig:
     gradient_accumulation_steps: int = setting(
         default=1, ge=1, help="Micro-batches per optimizer step.", public=Public(bounds=Bounds(le=64))
     )
+    num_processes: int = setting(
+        default=1,
+        ge=1,
+        help="Processes (one GPU each) that train the run together, data-parallel: the global batch is "
+        "num_processes x train_batch_size x gradient_accumulation_steps. `dopsd train` launches them through "
+        "torchrun (docs/distributed.md).",
+        public=Public(
+            description="GPUs the job trains on together (data-parallel); the global batch is num_processes x "
+            "train_batch_size x gradient_accumulation_steps.",
+            bounds=Bounds(le=8),
+        ),
+    )
     adam_beta1: float = setting(default=0.9, ge=0, lt=1, help="AdamW beta1.")
     adam_beta2: float = setting(default=0.999, ge=0, lt=1, help="AdamW beta2.")
     adam_epsilon: float = setting(default=1e-8, gt=0, help="AdamW epsilon.")

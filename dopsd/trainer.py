@@ -15,8 +15,9 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -40,6 +41,7 @@ from dopsd.data import (
     resize_to_cover,
     resolve_caption,
 )
+from dopsd.distributed import Group, global_batch_size, join_group, resume_after_restart
 from dopsd.errors import TrainingCancelled
 from dopsd.evaluation.report import Report
 from dopsd.evaluation.retention import (
@@ -158,12 +160,30 @@ def train(
     Raises `TrainingCancelled` when a callback stops the run (after checkpointing), `DataError` for bad input,
     `CheckpointError` for a bad resume. Once the adapter is written, a stage that fails (the report, the gap, the
     final samples, the format conversion) does not raise: it is in `TrainingResult.warnings`.
+
+    With `num_processes` > 1 this is one rank of a launched group (`dopsd.distributed`, docs/distributed.md):
+    every rank calls it alike and trains its share of each step; rank 0 alone talks to `callbacks`, checkpoints,
+    samples, evaluates and writes the outputs, and every rank returns its result (or raises its error).
     """
+    with join_group(config, resolve_device(config)[0]) as group:
+        return group.share_outcome(
+            lambda: _train(resume_after_restart(config), callbacks if group.is_main else (), group, family, dataset)
+        )
+
+
+def _train(
+    config: DOPSDConfig,
+    callbacks: Sequence[TrainerCallback],
+    group: Group,
+    family: ModelFamily | None,
+    dataset: ConceptDataset | None,
+) -> TrainingResult:
     cfg = config
     device, dtype = resolve_device(cfg)
+    device = group.device_for(device)
     init = _init_adapter(cfg)  # before anything loads: a wrong file fails at once
-    if dataset is None and cfg.default_caption is None:
-        cfg = with_auto_captions(cfg, device=device, dtype=dtype)
+    if dataset is None and cfg.default_caption is None:  # rank 0 writes the captions, every rank trains on them
+        cfg = group.on_main(lambda: with_auto_captions(cfg, device=device, dtype=dtype))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -189,7 +209,7 @@ def train(
     # The gate, on the base model: a teacher that cannot see the concept cannot teach it, so fail before step 1
     # (a resumed run passed it already).
     if not cfg.resume_from:
-        evidence.check_teacher(callbacks)
+        group.on_main(lambda: evidence.check_teacher(callbacks))
 
     # Adapters: the student (trained) and, for an EMA teacher, its copy; both start as the base model, or both as
     # the earlier adapter a continued run starts from (with its rank, alpha and target modules; a frozen teacher is
@@ -209,7 +229,7 @@ def train(
             start_from(family.transformer, init.state, teacher=cfg.init_teacher == "adapter")
         return _train_loop(
             cfg, family, dataset, pairs, renderer, evidence, lora_config.to_dict(), callbacks, out, load_s,
-            init=init, retention=retention,
+            init=init, retention=retention, group=group,
         )  # fmt: skip
     finally:
         remove_adapters(family.transformer)
@@ -479,6 +499,7 @@ def _train_loop(
     *,
     init: AdapterFile | None,
     retention: RetentionInputs | str | None,
+    group: Group,
 ) -> TrainingResult:
     # Optimizer: AdamW over the student's LoRA parameters and nothing else, at a constant rate (as released).
     transformer = family.transformer
@@ -502,7 +523,7 @@ def _train_loop(
         transformer=transformer,
         optimizer=optimizer,
         noise_rng=torch.Generator().manual_seed(cfg.seed),
-        batches=_Batches(pairs, cfg.train_batch_size, cfg.seed),
+        batches=_Batches(pairs, cfg.train_batch_size * group.world_size, cfg.seed),  # every rank's, see the loop
         renderer=renderer,
         callbacks=callbacks,
         out=out,
@@ -515,12 +536,19 @@ def _train_loop(
         state = run.resume()
     else:
         state = TrainerState(step=0, data_rng=None)
-        state.metrics["gap_before"] = gap.measure()
+        state.metrics["gap_before"] = group.on_main(gap.measure)
         state.metrics["init_adapter"] = _init_record(cfg, init)
+    group.broadcast_parameters(params + teacher_params)  # every rank starts from rank 0's adapters
+
+    def sample_and_check(step: int) -> None:  # rank 0's work; the others wait for it
+        run.samples(step)
+        evidence.quick_check(step, adapter_state(transformer, STUDENT_ADAPTER), callbacks)
 
     # The loop. One optimizer step: roll the student out from fresh noise along the schedule and pull its
     # prediction toward the teacher's at every state (accumulated over micro-batches), clip, AdamW, then move the
-    # EMA teacher a (1 - decay) step toward the student.
+    # EMA teacher a (1 - decay) step toward the student. With several processes each micro-step is drawn for all
+    # ranks alike (pairs and noise), each rank trains on items rank, rank + W, ... of it, and the ranks average their
+    # gradients before the clip: every rank then takes the same AdamW and EMA step, as one process would.
     total = cfg.max_train_steps
     for cb in callbacks:
         cb.on_train_begin(total, state.step)
@@ -533,7 +561,8 @@ def _train_loop(
         for _ in range(cfg.gradient_accumulation_steps):
             batch = run.batches.next()
             shape = (len(batch), *family.latent_shape(*batch[0].bucket))
-            noise = torch.randn(shape, generator=run.noise_rng).to(family.device)
+            batch, noise = group.share(batch, torch.randn(shape, generator=run.noise_rng))
+            noise = noise.to(family.device)
             loss = distillation_rollout(
                 family,
                 noise=noise,
@@ -545,6 +574,7 @@ def _train_loop(
                 loss_scale=1.0 / cfg.gradient_accumulation_steps,
             )
             step_loss += loss / cfg.gradient_accumulation_steps
+        step_loss = group.average_gradients(params, step_loss)
         grad_norm = _clip_gradients(params, cfg.max_grad_norm)
         optimizer.step()
         if teacher_params and cfg.teacher_mode == "ema":  # a frozen teacher adapter (a continued run's) stays
@@ -555,7 +585,8 @@ def _train_loop(
 
         # Report the step; the callbacks may ask for a checkpoint, or to stop (after one). Then the cadences.
         elapsed = time.perf_counter() - t_loop
-        control = _ask_callbacks(
+        control = group.control(partial(
+            _ask_callbacks,
             callbacks,
             StepState(
                 step=state.step,
@@ -566,20 +597,23 @@ def _train_loop(
                 eta_s=elapsed / (state.step - start_step) * (total - state.step),
                 grad_norm=grad_norm,
             ),
-        )
+        ))  # fmt: skip
         due = cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0 and state.step < total
         if control.should_save or control.should_stop or due:
-            path = run.checkpoint(state)
+            path = group.on_main(lambda: run.checkpoint(state))
             if control.should_stop:
                 raise TrainingCancelled(state.step, str(path))
         if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
-            run.samples(state.step)
-            evidence.quick_check(state.step, adapter_state(transformer, STUDENT_ADAPTER), callbacks)
+            group.on_main(partial(sample_and_check, state.step))
 
     # Outputs. The adapter (and config.json) first: what follows (the report, the gap, the final samples, the
     # format conversion) can still fail, and a failure there leaves the run with its adapter and a warning instead
-    # of losing the trained weights. metrics.json last.
+    # of losing the trained weights. metrics.json last. Rank 0 alone: the others wait for its result, once every
+    # rank has shown the digests of its adapters (identical replicas, or a warning).
     train_s = time.perf_counter() - t_loop
+    replicas = group.replica_digests({"student": params.named(), "teacher": teacher_params.named()})
+    if not group.main_only():
+        return cast(TrainingResult, group.main_result())
     transformer.eval()
     adapter_path = write_adapter(
         out, family, adapter_state(transformer, STUDENT_ADAPTER), lora_metadata, cfg, state.step
@@ -647,6 +681,11 @@ def _train_loop(
     )
     if evidence.teacher_check is not None:
         metrics["teacher_check"] = evidence.teacher_check.to_dict()
+    metrics["distributed"] = group.summary(
+        replicas, batch=global_batch_size(group.world_size, cfg.train_batch_size, cfg.gradient_accumulation_steps)
+    )
+    if metrics["distributed"]["replicas_identical"] is False:
+        after.warnings.append(RunWarning("distributed", "the ranks' adapters differ (metrics.json: replica_sha256)"))
     metrics["warnings"] = [asdict(w) for w in after.warnings]
     write_metrics(out, metrics)
     for cb in callbacks:
