@@ -226,8 +226,22 @@ async def validate_submission(
         upload, max_images, owner_id=owner_id, settings=settings, guards=guards
     )
     preset, config = check_request(upload, spec, max_images, archive_captions)
+    check_processes(config, settings)
     images = await validate_images(upload.files, preset, owner_id=owner_id, settings=settings, guards=guards)
     return ValidatedJob(spec=spec, preset=preset, config=config, images=images)
+
+
+def check_processes(config: dict[str, Any], settings: Settings) -> None:
+    """A job may ask for more processes (GPUs) than one only where the deployment's workers run that many for one
+    job (`DOPSD_MAX_PROCESSES_PER_JOB`); elsewhere it is refused now, not failed at its start."""
+    asked = int(config.get("num_processes") or 1)
+    if asked > settings.max_processes_per_job:
+        raise InvalidSpec(
+            f"`num_processes` {asked}: this service runs at most {settings.max_processes_per_job} process(es) per "
+            "job; multi-process training runs with `dopsd train --num-processes N` (docs/distributed.md)",
+            code="num_processes_unavailable",
+            details={"asked": asked, "limit": settings.max_processes_per_job},
+        )
 
 
 def resolve_init_adapter(validated: ValidatedJob, *, session: Session, owner_id: uuid.UUID, kind: str) -> None:

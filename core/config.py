@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     )
     max_running_per_key: int = Field(2, ge=1, description="Jobs of one key that run at once; more wait queued.")
     max_queued_per_key: int = Field(20, ge=1, description="Queued jobs one key may have; more are refused (429).")
+    max_processes_per_job: int = Field(
+        1,
+        ge=1,
+        description="Processes (GPUs) one training job may ask for with `num_processes`; the workers of this release "
+        "run one per job, so more is refused (422 `num_processes_unavailable`); `dopsd train` runs several.",
+    )
     max_running_generations_per_key: int = Field(
         4, ge=1, description="Generations of one key that run at once (apart from its training jobs); more wait."
     )

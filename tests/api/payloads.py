@@ -38,6 +38,7 @@ INVALID: list[tuple[str, dict[str, Any], int, str]] = [
     ("steps out of range", {"files": "one", "spec": {"steps": 0}}, 422, "invalid_spec"),
     ("rank out of range", {"files": "one", "spec": {"rank": 100000}}, 422, "invalid_spec"),
     ("unknown preset", {"files": "one", "spec": {"preset": "sdxl"}}, 422, "unknown_preset"),
+    ("two processes", {"files": "one", "spec": {"num_processes": 2}}, 422, "num_processes_unavailable"),
     ("zero files", {"files": "none", "spec": {}}, 422, "no_images"),
     ("caption for a missing file", {"files": "one", "spec": {"captions": {"x.png": ["[V]"]}}}, 422, "unknown_file"),
     ("text named png", {"files": "text", "spec": {}}, 422, "not_an_image"),
