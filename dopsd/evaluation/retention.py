@@ -53,7 +53,7 @@ class RetentionThresholds:
     `python bench/retention_calibration.py` (docs/evaluation.md)."""
 
     kept: float = 0.6
-    lost: float = 0.1
+    lost: float = 0.2
     calibrated_on: str = "tiny-z-image (random weights); re-measure on real weights"
 
     def to_dict(self) -> dict[str, float | str]:
