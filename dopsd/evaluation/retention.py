@@ -54,7 +54,7 @@ class RetentionThresholds:
 
     kept: float = 0.6
     lost: float = 0.2
-    calibrated_on: str = "tiny-z-image (random weights); re-measure on real weights"
+    calibrated_on: str = "tiny-z-image, tiny-flux2-klein (random weights); re-measure on real weights"
 
     def to_dict(self) -> dict[str, float | str]:
         """The thresholds as a JSON-ready dict."""
