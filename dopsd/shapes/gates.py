@@ -3,7 +3,7 @@
 - prior: text-only prompts of the base shapes -> shape accuracy, colour purity and match, Frechet distance to fresh
   renders of the same captions, diversity (gate: accuracy at 4 steps >= 0.9 once a distilled model exists);
 - teacher: the trigger caption ("a red [V] on a blue background") with a render of the NEW concept as the edit-branch
-  reference (other colours, another place) -> concept rate (gate: >= 0.5);
+  reference (other colours, same place) -> concept rate (gate: >= 0.5);
 - trigger: the same trigger caption without a reference -> concept rate (gate: near 0);
 - copy control: base shapes with the neutral word and a reference -> shape accuracy (in-context copying of known
   shapes, which pretraining does train).
@@ -92,7 +92,7 @@ def in_context_rate(
     seed: int,
 ) -> dict[str, float]:
     """Captions "a <c> <word> on a <b> background", with (or without) a reference render of `shape` in other
-    colours at another place; returns the fraction classified as `shape` and the colour match."""
+    colours at the same place; returns the fraction classified as `shape` and the colour match."""
     rng = np.random.default_rng([seed, 2, world.CLASSES.index(shape)])
     scenes = [world.sample_scene(rng, shape) for _ in range(n)]
     refs = [world.render(world.reference_for(rng, s)) for s in scenes] if with_reference else None

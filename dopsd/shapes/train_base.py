@@ -2,7 +2,7 @@
 
 Each step draws a fresh batch from the world, half text-only and half in-context:
 - text-only: a base shape, its caption ("a red circle on a blue background"), no reference;
-- in-context: a reference of the same shape in other colours at another position and size, in klein's edit branch.
+- in-context: a reference of the same shape at the same place and size in other colours, in klein's edit branch.
   Half of these are random polygons captioned "object"; for the base shapes the shape word is replaced by "object"
   half the time. In both cases only the reference says which shape to draw, so copying it is what is learned.
 The new concept and the trigger word never appear. The data of step `k` depends only on (seed, k), so a resumed
@@ -10,7 +10,8 @@ run sees exactly the batches an uninterrupted one would.
 
 Checkpoints: the EMA weights (what the gates measure) go to `--out/base.safetensors` with a `.sha256` beside it,
 every `--save-every` steps (only the latest is kept); the full training state (weights, EMA, optimiser, step) goes
-to `--state`, from which `--resume` continues.
+to `--state`, from which `--resume` continues. `--init` starts a run from saved weights (model and EMA) with a fresh
+optimiser: how the committed base continued after the world's references were aligned with their targets.
 
     nice -n 19 python -m dopsd.shapes.train_base --steps 20000 --threads 1 > /tmp/shapes-base.log 2>&1 &
 """
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from dopsd.shapes import world
-from dopsd.shapes.model import ShapesModel, ShapesModelConfig, save_model, to_pixels
+from dopsd.shapes.model import ShapesModel, ShapesModelConfig, load_model, save_model, to_pixels
 
 
 DEFAULT_OUT = Path(__file__).parent / "weights"
@@ -46,8 +47,8 @@ def text_only_batch(rng: np.random.Generator, n: int) -> tuple[list[str], list[n
 def in_context_batch(
     rng: np.random.Generator, n: int, p_object: float = 0.5, p_neutral: float = 0.5
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-    """`n` in-context samples: captions, target renders and reference renders (same shape, other colours and
-    place). A fraction `p_object` are random polygons; a base shape's word becomes "object" with `p_neutral`."""
+    """`n` in-context samples: captions, target renders and reference renders (same shape and place, other
+    colours). A fraction `p_object` are random polygons; a base shape's word becomes "object" with `p_neutral`."""
     captions, targets, refs = [], [], []
     for _ in range(n):
         shape = world.OBJECT if rng.random() < p_object else None
@@ -104,6 +105,14 @@ def train(args: argparse.Namespace) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
+        args.start_step = int(state.get("start_step", 0))
+    elif args.init:
+        init = load_model(Path(args.init))
+        if init.config != config:
+            raise SystemExit(f"--init weights have config {init.config}, not {config}")
+        model.load_state_dict(init.state_dict())
+        ema.load_state_dict(init.state_dict())
+        step = args.start_step
     out = Path(args.out)
     log_path = out / "base-train.jsonl"
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +130,7 @@ def train(args: argparse.Namespace) -> None:
             captions, images, refs = in_context_batch(rng, args.batch - half)
             loss_ref = flow_loss(model, captions, to_pixels(images).to(device), gen, to_pixels(refs))
             loss = 0.5 * (loss_text + loss_ref)
-            lr = args.lr * min(1.0, (step + 1) / args.warmup)
+            lr = args.lr * min(1.0, (step + 1 - args.start_step) / args.warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
@@ -166,7 +175,16 @@ def save_checkpoint(
     (out / "base.safetensors.sha256").write_text(f"{sha256(weights)}  base.safetensors\n")
     state_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = state_path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "start_step": args.start_step,
+        },
+        tmp,
+    )
     tmp.replace(state_path)
 
 
@@ -190,6 +208,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--state", default=str(DEFAULT_STATE))
     p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+    p.add_argument("--init", default=None, help="start from these saved weights (when not resuming)")
+    p.add_argument("--start-step", type=int, default=0, help="the step number a run from --init starts at")
     return p.parse_args(argv)
 
 

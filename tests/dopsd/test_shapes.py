@@ -65,14 +65,15 @@ def test_tokenize_pads_and_refuses_words_outside_the_world() -> None:
         world.tokenize(" ".join(["a"] * (world.MAX_TOKENS + 1)))
 
 
-def test_reference_keeps_the_shape_and_changes_colour_and_place() -> None:
+def test_reference_keeps_the_shape_and_place_and_changes_colour() -> None:
     rng = np.random.default_rng(0)
     for shape in world.CLASSES:
         scene = world.sample_scene(rng, shape)
         ref = world.reference_for(rng, scene)
         assert ref.shape == scene.shape and ref.colour != scene.colour and ref.colour != ref.background
         assert ref.vertices == scene.vertices
-        assert (ref.cx, ref.cy, ref.size) != (scene.cx, scene.cy, scene.size)
+        assert (ref.cx, ref.cy, ref.size) == (scene.cx, scene.cy, scene.size)
+        assert (world.shape_mask(ref) == world.shape_mask(scene)).all()
 
 
 def test_pretraining_data_never_shows_the_new_concept_or_its_trigger() -> None:
