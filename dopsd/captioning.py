@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3VLForConditionalGeneration
@@ -122,7 +123,12 @@ def auto_captions(
     max_pixels: int,
 ) -> dict[str, str]:
     """A caption for each image: the preset's VLM describes it (real presets; images sized as the teacher sees
-    them, `min_pixels`..`max_pixels`), or the template (tiny ones)."""
+    them, `min_pixels`..`max_pixels`), the world's caption from its colours (`shapes`), or the template (tiny
+    ones)."""
+    if preset.family == "shapes":
+        from dopsd.shapes.world import caption_for
+
+        return {name: caption_for(np.asarray(image.convert("RGB")), trigger) for name, image in images.items()}
     if preset.is_tiny or teacher_path is None:
         return {name: template_caption(trigger) for name in images}
     from dopsd.models.loading import qwen_image_processor

@@ -346,7 +346,7 @@ class DOPSDConfig:
         public=Public(),
     )
     student_max_sequence_length: int = setting(
-        preset=True, ge=16, help="Token length of the caption features (the pipeline's own, 512)."
+        preset=True, ge=1, help="Token length of the caption features (the pipeline's own, 512)."
     )
     teacher_max_sequence_length: int = setting(
         default=1024, ge=16, help="Token limit of the teacher context (image tokens included)."
@@ -458,8 +458,11 @@ class DOPSDConfig:
         """The config of a run of `preset`: the `given` fields, and for every preset-defaulted one left unset (or
         `None`) the preset's value. Raises `ValueError` naming unknown fields and every invalid value."""
         _refuse_unknown(given)
-        defaults = get_preset(preset).config_defaults()
-        values = dict(given)
+        chosen = get_preset(preset)
+        defaults = chosen.config_defaults()
+        # A preset may also replace a field's declared default (`shapes`: its trigger word and no default caption)
+        # where the user did not give that field at all.
+        values = {**{k: copy.deepcopy(v) for k, v in chosen.defaults.items() if k not in given}, **given}
         for s in settings():
             if s.declaration.preset and values.get(s.name) is None:
                 values[s.name] = copy.deepcopy(defaults[s.name])
@@ -642,6 +645,35 @@ def _field_errors(s: Setting, value: Any) -> list[str]:
     return errors
 
 
+def _vocabulary_errors(cfg: DOPSDConfig, preset: Any) -> list[str]:
+    """For a preset with a closed caption vocabulary (`shapes`): every caption and prompt it cannot encode."""
+    if not preset.closed_vocabulary or not isinstance(cfg.trigger, str):
+        return []
+    texts: list[tuple[str, Any]] = [("default_caption", cfg.default_caption)]
+    texts += [
+        (f"captions[{n!r}]", c) for n, caps in (cfg.captions or {}).items() if isinstance(caps, list) for c in caps
+    ]
+    for name in ("validation_prompts", "prior_prompts"):
+        value = getattr(cfg, name)
+        texts += [(f"{name}[{i}]", p) for i, p in enumerate(value)] if isinstance(value, list) else []
+    problems = [
+        f"`{field_name}` {text!r}: {problem}"
+        for field_name, text in texts
+        if isinstance(text, str) and text.strip()
+        for problem in preset.caption_problems(text, cfg.trigger)
+    ]
+    if problems:
+        problems[-1] += f" (the {preset.name} model knows only these words: {', '.join(shapes_words())})"
+    return problems
+
+
+def shapes_words() -> tuple[str, ...]:
+    """The words a `shapes` caption may use (the padding token excluded)."""
+    from dopsd.shapes.vocabulary import PAD, VOCABULARY
+
+    return tuple(w for w in VOCABULARY if w != PAD)
+
+
 def validation_errors(cfg: DOPSDConfig) -> list[str]:
     """Every problem of `cfg`, each naming its field: the declared types, choices and bounds, then the rules
     that span fields (the teacher context of the preset's family, min <= max pixels, the captions' shape)."""
@@ -657,6 +689,7 @@ def validation_errors(cfg: DOPSDConfig) -> list[str]:
                 f"`teacher_context` {cfg.teacher_context!r} is not available for {preset.name}; "
                 f"use one of {', '.join(allowed_contexts)}"
             )
+        errors += _vocabulary_errors(cfg, preset)
     if isinstance(cfg.trigger, str) and (not cfg.trigger.strip() or any(c.isspace() for c in cfg.trigger.strip())):
         errors.append(f"`trigger` must be one word, got {cfg.trigger!r}")
     if isinstance(cfg.default_caption, str) and not cfg.default_caption.strip():

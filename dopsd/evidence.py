@@ -43,7 +43,7 @@ class Evidence:
             family,
             references=[(it.name, it.image) for it in dataset.items],
             concept_prompts=[resolve_caption(p, cfg.trigger) for p in cfg.validation_prompts],
-            prior_prompts=prior_prompts_with(cfg.prior_prompts, cfg.trigger),
+            prior_prompts=prior_prompts_with(cfg.prior_prompts, cfg.trigger, get_preset(cfg.preset).prior_prompts),
             width=cfg.resolution,
             height=cfg.resolution,
             num_steps=cfg.sample_steps,

@@ -100,7 +100,12 @@ FLUX2_KEY_MAP = ComfyUIKeyMap(
 )
 
 # Keyed by `ModelFamily.name` / `Preset.family`.
-COMFYUI_KEY_MAPS: dict[str, ComfyUIKeyMap] = {"z_image": Z_IMAGE_KEY_MAP, "flux2_klein": FLUX2_KEY_MAP}
+# The `shapes` model is a FLUX.2-klein transformer, so its adapters take klein's names.
+COMFYUI_KEY_MAPS: dict[str, ComfyUIKeyMap] = {
+    "z_image": Z_IMAGE_KEY_MAP,
+    "flux2_klein": FLUX2_KEY_MAP,
+    "shapes": FLUX2_KEY_MAP,
+}
 
 _MODULE = re.compile(r"^(?P<block>[A-Za-z_]+)\.(?P<index>\d+)\.(?P<part>.+)$")
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dopsd.data import buckets_for_resolution
+from dopsd.data import buckets_for_resolution, resolve_caption
+from dopsd.shapes import vocabulary as shapes_vocabulary
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class Preset:
         load_seconds: the expected time to load the models on a cold worker.
         embedding_model: a local folder of a CLIP or DINOv2 model for the evaluation report's similarity figures
             (`None`: those figures are reported as not measured unless the run names one).
+        prior_prompts: the prompts without the concept on which the report measures prior drift (`None`: the
+            built-in open-vocabulary set, `dopsd.evaluation.prompts.PRIOR_PROMPTS`).
+        closed_vocabulary: whether captions and prompts must use the model's own word list (the `shapes` world's
+            caption encoder knows 12 words); `caption_problems` says what a text breaks.
     """
 
     name: str
@@ -55,6 +60,8 @@ class Preset:
     step_seconds: float = 0.05
     load_seconds: float = 1.0
     embedding_model: str | None = None
+    prior_prompts: tuple[str, ...] | None = None
+    closed_vocabulary: bool = False
 
     @property
     def is_tiny(self) -> bool:
@@ -66,6 +73,13 @@ class Preset:
         `resolution` (`dopsd.data.buckets_for_resolution`), square first; every side a multiple of 16, which both
         families' pipelines need (VAE factor 8 x patch 2)."""
         return buckets_for_resolution(int(self.defaults["resolution"]))
+
+    def caption_problems(self, text: str, trigger: str = "[V]") -> list[str]:
+        """Why the preset's text encoder cannot take `text` (with `[V]` replaced by `trigger`): empty for an
+        open-vocabulary model, else the words it does not know or a caption over its length."""
+        if not self.closed_vocabulary:
+            return []
+        return shapes_vocabulary.caption_problems(resolve_caption(text, trigger) if text.strip() else text)
 
     def config_defaults(self) -> dict[str, Any]:
         """The value of every preset-defaulted `DOPSDConfig` field: the weights, the native sampling steps, the
@@ -216,12 +230,63 @@ _TINY_FLUX2_KLEIN = Preset(
     },
 )
 
+# The `shapes` world (docs/replication.md): a pretrained 0.9M-parameter FLUX.2-klein transformer over 16x16 pixels
+# that ships with the project, so a concept (the held-out plus-shaped cross, "[V]") is visibly learned on a CPU.
+# Captions name the colours: "a red [V] on a blue background"; images without one are captioned from their colours.
+_SHAPES = Preset(
+    name="shapes",
+    family="shapes",
+    description="The shapes world's pretrained 4-step FLUX.2-klein model (0.9M parameters, 16x16 pixels) that ships "
+    "with the project; fp32 on CPU, a concept learned in minutes",
+    base_model="shapes://base",
+    teacher_encoder=None,
+    device="cpu",
+    dtype="float32",
+    min_image_side=16,
+    native_sample_steps=4,
+    native_guidance_scale=1.0,
+    defaults={
+        "learning_rate": 1e-3,
+        "rank": 8,
+        "lora_alpha": 16.0,
+        "resolution": 16,
+        "max_train_steps": 200,
+        "checkpointing_steps": 0,
+        "sample_every": 50,
+        "teacher_min_pixels": 16 * 16,
+        "teacher_max_pixels": 16 * 16,
+        "rollout_schedule": "native",
+        "teacher_context": "edit",
+        "student_max_sequence_length": shapes_vocabulary.MAX_TOKENS,
+        "trigger": shapes_vocabulary.TRIGGER,
+        "default_caption": None,
+        "validation_prompts": [
+            "a red [V] on a blue background",
+            "a blue [V] on a green background",
+            "a green [V] on a red background",
+        ],
+    },
+    step_seconds=0.2,
+    load_seconds=0.5,
+    prior_prompts=(
+        "a red circle on a green background",
+        "a blue square on a red background",
+        "a green triangle on a blue background",
+        "a green circle on a blue background",
+    ),
+    closed_vocabulary=True,
+)
+
 DEFAULT_PRESET = "tiny-z-image"
 PRESETS: dict[str, Preset] = {
-    p.name: p for p in (_Z_IMAGE_TURBO, _TINY_Z_IMAGE, _FLUX2_KLEIN_4B, _FLUX2_KLEIN_9B, _TINY_FLUX2_KLEIN)
+    p.name: p for p in (_Z_IMAGE_TURBO, _TINY_Z_IMAGE, _FLUX2_KLEIN_4B, _FLUX2_KLEIN_9B, _TINY_FLUX2_KLEIN, _SHAPES)
 }
 # Which teacher contexts each family can build.
-TEACHER_CONTEXTS: dict[str, tuple[str, ...]] = {"z_image": ("vlm",), "flux2_klein": ("edit", "vlm")}
+TEACHER_CONTEXTS: dict[str, tuple[str, ...]] = {
+    "z_image": ("vlm",),
+    "flux2_klein": ("edit", "vlm"),
+    "shapes": ("edit",),
+}
 
 
 def get_preset(name: str) -> Preset:

@@ -64,10 +64,11 @@ def preview(
         )
 
     prompts = [resolve_caption(p, cfg.trigger) for p in cfg.validation_prompts]
+    prior = preset.prior_prompts or PRIOR_PROMPTS
     try:
         # The teacher gate a training job would pass first, answered here too (`teacher_check.json`).
         gate_inputs = prepare_evaluation(
-            family, references=references, concept_prompts=prompts, prior_prompts=PRIOR_PROMPTS[:1], width=cfg.resolution,
+            family, references=references, concept_prompts=prompts, prior_prompts=prior[:1], width=cfg.resolution,
             height=cfg.resolution, num_steps=cfg.sample_steps, text_max_length=text_max,
             context_max_length=context_max, seeds=[EVAL_SEEDS[0]],
         )  # fmt: skip

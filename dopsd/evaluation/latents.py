@@ -29,6 +29,9 @@ def decode_latents(family: ModelFamily, latents: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1] (fp32, on the CPU) from a batch of the family's latents, as its pipeline
     decodes them: Z-Image un-scales and un-shifts; FLUX.2 un-normalises its patchified latents and unpatchifies."""
     pipe: Any = family.pipeline
+    if family.name == "shapes":  # pixel space: latents are the patchified pixels in [-1, 1]
+        pixels = pipe._unpatchify(latents.float())
+        return (pixels / 2 + 0.5).clamp(0, 1).cpu()
     vae = pipe.vae
     x = latents.to(family.device, vae.dtype)
     if family.name == "flux2_klein":
@@ -59,8 +62,10 @@ def encode_reference(family: ModelFamily, image: Image.Image, width: int, height
     """A reference image as the family's clean latents [1, ...] of a `width` x `height` sample (resized to cover
     and centre-cropped), on the CPU in fp32: the target a concept sample is compared with in latent space."""
     pipe: Any = family.pipeline
-    vae = pipe.vae
     pixels = pixels_from_image(resize_to_cover(image, (width, height)))[None] * 2 - 1
+    if family.name == "shapes":
+        return pipe._patchify(pixels).float().cpu()
+    vae = pipe.vae
     encoded = vae.encode(pixels.to(family.device, vae.dtype)).latent_dist.mode()
     if family.name == "flux2_klein":
         patched = pipe._patchify_latents(encoded)

@@ -16,16 +16,21 @@ PRIOR_PROMPTS: tuple[str, ...] = (
 EVAL_SEEDS: tuple[int, ...] = (7001, 7002, 7003, 7004)
 
 
-def prior_prompts_with(user_prompts: list[str] | tuple[str, ...] | None, trigger: str | None = None) -> list[str]:
-    """The built-in prior prompts plus the user's, duplicates dropped; a user prompt naming the trigger is refused,
-    since prior drift is measured on prompts that must not call up the concept."""
+def prior_prompts_with(
+    user_prompts: list[str] | tuple[str, ...] | None,
+    trigger: str | None = None,
+    built_in: tuple[str, ...] | None = None,
+) -> list[str]:
+    """The built-in prior prompts (`built_in`: a preset's own, for a model with a closed vocabulary; else
+    `PRIOR_PROMPTS`) plus the user's, duplicates dropped; a user prompt naming the trigger is refused, since prior
+    drift is measured on prompts that must not call up the concept."""
     extra = list(user_prompts or [])
     if trigger:
         named = [p for p in extra if trigger in p.split() or "[V]" in p]
         if named:
             raise ValueError(f"prior prompts must not name the concept ({trigger!r} or [V]): {named[0]!r}")
     out: list[str] = []
-    for prompt in [*PRIOR_PROMPTS, *extra]:
+    for prompt in [*(PRIOR_PROMPTS if built_in is None else built_in), *extra]:
         if prompt.strip() and prompt not in out:
             out.append(prompt)
     return out

@@ -43,7 +43,8 @@ class ModelFamily(ABC):
         self.dtype = dtype
         for module in (pipeline.text_encoder, pipeline.vae):
             # encode_prompt is not wrapped in no_grad: frozen encoders keep graphs out of the embeddings.
-            module.requires_grad_(False).eval()
+            if module is not None:  # a pixel-space model (`shapes`) has no VAE
+                module.requires_grad_(False).eval()
         pipeline.set_progress_bar_config(disable=True)
 
     @property

@@ -182,6 +182,13 @@ def load_family(
     teacher_context: str = "vlm",
 ) -> ModelFamily:
     """Loads the base pipeline and the teacher context of `preset` onto `device` in `dtype`."""
+    if preset.family == "shapes":  # a committed pixel-space model: no VAE, no text model, the edit teacher
+        from dopsd.models.shapes import shapes_family
+
+        try:
+            return shapes_family(base, device=device, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the shapes model from {base!r}: {exc}") from exc
     pipe = load_pipeline(preset.family, base, dtype=dtype)
     if preset.family == "flux2_klein":
         return flux2_klein_family(

@@ -58,6 +58,16 @@ class CaptionEncoder(nn.Module):
         nn.init.normal_(self.words.weight, std=1.0)
         nn.init.normal_(self.positions, std=0.1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (what diffusers pipelines read of their components)."""
+        return self.positions.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The weights' device."""
+        return self.positions.device
+
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """`token_ids` [B, MAX_TOKENS] -> features [B, MAX_TOKENS, D]."""
         return self.words(token_ids) + self.positions

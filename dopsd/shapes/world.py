@@ -20,6 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dopsd.shapes.vocabulary import BASE_SHAPE_WORDS, COLOUR_WORDS, OBJECT_WORD, caption_problems
+from dopsd.shapes.vocabulary import MAX_TOKENS as MAX_TOKENS
+from dopsd.shapes.vocabulary import PAD as PAD
+from dopsd.shapes.vocabulary import TRIGGER as TRIGGER
+from dopsd.shapes.vocabulary import VOCABULARY as VOCABULARY
+
 
 SIZE = 16  # pixels per side
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -27,17 +33,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "green": (40, 180, 60),
     "blue": (40, 70, 220),
 }
-BASE_SHAPES = ("circle", "square", "triangle")
-OBJECT = "object"  # random polygons; also the neutral word that replaces a shape's name in in-context samples
+BASE_SHAPES = BASE_SHAPE_WORDS
+OBJECT = OBJECT_WORD  # random polygons; also the neutral word that replaces a shape's name in in-context samples
 NEW_CONCEPT = "cross"
-TRIGGER = "[V]"
 # Every shape of the world, in the order of the classifier's labels (which add a reject class, metrics.NONE).
 CLASSES = (*BASE_SHAPES, NEW_CONCEPT, OBJECT)
-PAD = "<pad>"
-# The caption vocabulary. The trigger word is in it (so a trigger caption can be encoded) but no pretraining
-# caption contains it; the new concept's name is not a word of the world at all.
-VOCABULARY = (PAD, "a", "on", "background", *COLOURS, *BASE_SHAPES, OBJECT, TRIGGER)
-MAX_TOKENS = 8  # "a red circle on a blue background" is 7 words
+# The caption vocabulary (`dopsd.shapes.vocabulary`): the trigger word is in it (so a trigger caption can be encoded)
+# but no pretraining caption contains it; the new concept's name is not a word of the world at all.
+assert tuple(COLOURS) == COLOUR_WORDS
 
 CENTRE_JITTER = 2.0  # the shape's centre is uniform in SIZE/2 +- this, in pixels
 SIZE_RANGE = (4.0, 6.0)  # the shape's radius-like size, uniform, in pixels
@@ -162,14 +165,29 @@ def render(scene: Scene) -> np.ndarray:
 
 def tokenize(caption: str) -> list[int]:
     """Word ids of a caption, padded with `PAD` to `MAX_TOKENS`; an unknown word or a long caption is an error."""
-    words = caption.split()
-    if len(words) > MAX_TOKENS:
-        raise ValueError(f"caption longer than {MAX_TOKENS} words: {caption!r}")
-    unknown = [w for w in words if w not in VOCABULARY]
-    if unknown:
-        raise ValueError(f"words outside the world's vocabulary: {unknown}")
-    ids = [VOCABULARY.index(w) for w in words]
+    problems = caption_problems(caption)
+    if problems:
+        raise ValueError(f"{'; '.join(problems)} in {caption!r}")
+    ids = [VOCABULARY.index(w) for w in caption.split()]
     return ids + [VOCABULARY.index(PAD)] * (MAX_TOKENS - len(ids))
+
+
+def palette_colours(image: np.ndarray) -> tuple[str, str]:
+    """(shape colour, background colour) of an RGB image [H, W, 3]: each pixel's nearest palette colour, the most
+    common being the background and the second the shape (a one-coloured image gives another colour as its shape)."""
+    palette = np.array(list(COLOURS.values()), dtype=np.float64)
+    pixels = image.reshape(-1, 3).astype(np.float64)
+    nearest = np.argmin(((pixels[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+    order = np.argsort(-np.bincount(nearest, minlength=len(palette)), kind="stable")
+    names = list(COLOURS)
+    return names[int(order[1])], names[int(order[0])]
+
+
+def caption_for(image: np.ndarray, word: str = TRIGGER) -> str:
+    """The world's caption of an image of `word` (the trigger by default) from the colours it shows: what the
+    `shapes` preset captions a reference image with when the user gave no caption."""
+    colour, background = palette_colours(image)
+    return f"a {colour} {word} on a {background} background"
 
 
 def concept_scenes(rng: np.random.Generator, n: int) -> list[Scene]:

@@ -63,7 +63,7 @@ def test_every_preset_supplies_every_preset_defaulted_field() -> None:
         ({"resolution": 100}, "`resolution` must be a multiple of 16, got 100"),
         ({"teacher_max_sequence_length": 8}, "`teacher_max_sequence_length` must be >= 16, got 8"),
         ({"gradient_checkpointing": "yes"}, "`gradient_checkpointing` must be true or false"),
-        ({"preset": "sdxl"}, "unknown preset `sdxl`; known presets: flux2-klein-4b, flux2-klein-9b, tiny-flux2"),
+        ({"preset": "sdxl"}, "unknown preset `sdxl`; known presets: flux2-klein-4b, flux2-klein-9b, shapes, tiny-flux2"),
         ({"trigger": "two words"}, "`trigger` must be one word"),
         ({"captions": {"a.png": []}}, "`captions['a.png']` must be a non-empty list"),
         ({"teacher_min_pixels": 10, "teacher_max_pixels": 5}, "must not exceed `teacher_max_pixels`"),
@@ -136,7 +136,9 @@ def test_the_clients_spec_file_matches_the_declaration() -> None:
 
 
 def test_presets_are_complete() -> None:
-    assert set(PRESETS) == {"z-image-turbo", "tiny-z-image", "flux2-klein-4b", "flux2-klein-9b", "tiny-flux2-klein"}
+    assert set(PRESETS) == {
+        "z-image-turbo", "tiny-z-image", "flux2-klein-4b", "flux2-klein-9b", "tiny-flux2-klein", "shapes"
+    }  # fmt: skip
     for name in ("flux2-klein-4b", "flux2-klein-9b"):
         klein = get_preset(name)
         assert klein.native_sample_steps == 4 and klein.text_encoder_layers == (9, 18, 27)
