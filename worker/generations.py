@@ -32,6 +32,7 @@ from core.jobs.models import GENERATION, Job
 from core.jobs.states import JobStatus
 from core.storage import generation_image_name, output_key
 from dopsd.config import DOPSDConfig
+from dopsd.errors import GenerationCancelled, TrainingCancelled
 from dopsd.generation import AdapterSpec, GeneratedImage, GenerationRequest, GenerationSettings, Generator
 from dopsd.models.base import ModelFamily
 from dopsd.sampling import contact_sheet
@@ -194,11 +195,11 @@ def _run_claimed(resources: WorkerResources, batch: list[Claimed], worker_id: st
         results = generator.generate(
             [_request(c) for c in ready], should_stop=lambda: all(_cancel_requested(resources, c) for c in ready)
         )
+    except (GenerationCancelled, TrainingCancelled):
+        for claimed in ready:
+            _cancel(resources, claimed, worker_id, time.perf_counter() - started)
+        return
     except Exception as exc:
-        if type(exc).__name__ in ("GenerationCancelled", "TrainingCancelled"):
-            for claimed in ready:
-                _cancel(resources, claimed, worker_id, time.perf_counter() - started)
-            return
         for claimed in ready:
             _fail_classified(resources, claimed, worker_id, exc)
         return

@@ -69,6 +69,12 @@ def resolve(spec: GenerationSpec, *, session: Session, owner_id: uuid.UUID, sett
     adapters = [_adapter(session, owner_id, ref.job_id, ref.scale, preset) for ref in spec.adapters]
     trigger = adapters[0]["trigger"] if adapters else None
     rendered = [_with_trigger(p, trigger) for p in prompts]
+    unknown = [f"{p!r}: {'; '.join(preset.caption_problems(p))}" for p in rendered if preset.caption_problems(p)]
+    if unknown:
+        raise InvalidSpec(
+            f"the {preset.name} model cannot read these prompts: {'; '.join(unknown)}",
+            code="prompt_outside_vocabulary",
+        )
     config: dict[str, Any] = {
         "preset": preset.name,
         "prompts": rendered,

@@ -63,7 +63,10 @@ def test_every_preset_supplies_every_preset_defaulted_field() -> None:
         ({"resolution": 100}, "`resolution` must be a multiple of 16, got 100"),
         ({"teacher_max_sequence_length": 8}, "`teacher_max_sequence_length` must be >= 16, got 8"),
         ({"gradient_checkpointing": "yes"}, "`gradient_checkpointing` must be true or false"),
-        ({"preset": "sdxl"}, "unknown preset `sdxl`; known presets: flux2-klein-4b, flux2-klein-9b, shapes, tiny-flux2"),
+        (
+            {"preset": "sdxl"},
+            "unknown preset `sdxl`; known presets: flux2-klein-4b, flux2-klein-9b, shapes, tiny-flux2",
+        ),
         ({"trigger": "two words"}, "`trigger` must be one word"),
         ({"captions": {"a.png": []}}, "`captions['a.png']` must be a non-empty list"),
         ({"teacher_min_pixels": 10, "teacher_max_pixels": 5}, "must not exceed `teacher_max_pixels`"),

@@ -150,6 +150,7 @@ def test_what_a_generation_may_not_use_is_refused(
             ({"prompt": "x", "preset": "no-such-preset"}, 422, "unknown_preset"),
             ({"prompt": "x", "adapters": [{"job_id": mine[0]["id"], "scale": 1.0}]}, 422, "not_an_adapter"),
             ({"prompt": "x", "colour": "red"}, 422, "invalid_request"),
+            ({"prompt": "a photo of a cube", "preset": "shapes"}, 422, "prompt_outside_vocabulary"),
         ]
         for body, status, code in cases:
             response = client.post("/v1/generations", json={"preset": "tiny-z-image", **body})
