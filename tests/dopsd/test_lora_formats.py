@@ -266,7 +266,7 @@ def test_unconvertible_adapters_are_refused_with_a_reason(
 
 def test_write_refuses_an_unknown_family(adapter_files: tuple[str, Path, Path], tmp_path: Path) -> None:
     _, diffusers_file, _ = adapter_files
-    with pytest.raises(ValueError, match="families with one: flux2_klein, z_image"):
+    with pytest.raises(ValueError, match="families with one: flux2_klein, shapes, z_image"):
         write_comfyui_lora(diffusers_file, tmp_path / "x.safetensors", "sd3")
     assert not list(tmp_path.iterdir())
 
