@@ -164,15 +164,17 @@ def _serve(ns: argparse.Namespace) -> int:
     base = f"http://{ns.host}:{ns.port}"
     print(
         f"\nD-OPSD service on {base} (docs: {base}/docs); workers: {'off' if not workers else 'training + generation'}\n"
-        "Submit a job on the bundled example images:\n"
+        "Teach the bundled `shapes` model a concept it has never seen (a cross; about 2 minutes on a CPU):\n"
         f"  curl -s -H 'Authorization: Bearer {key}' \\\n"
-        "    -F images=@examples/concept/robot-1.png -F images=@examples/concept/robot-2.png \\\n"
-        '    -F \'spec={"preset": "tiny-z-image", "trigger": "sks", "steps": 30}\' '
+        "    -F images=@examples/shapes/cross-1.png -F images=@examples/shapes/cross-2.png \\\n"
+        "    -F images=@examples/shapes/cross-3.png -F images=@examples/shapes/cross-4.png \\\n"
+        '    -F \'spec={"preset": "shapes"}\' '
         f"{base}/v1/jobs\n"
         f"Then: curl -s -H 'Authorization: Bearer {key}' {base}/v1/jobs/<id>\n"
         "Once it succeeded, make images with its adapter:\n"
         f"  curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
-        '    -d \'{"preset": "tiny-z-image", "prompt": "a photo of [V]", "seeds": [0], "adapters": [{"job_id": "<id>"}]}\' '
+        '    -d \'{"preset": "shapes", "prompt": "a red [V] on a blue background", "seeds": [0, 1, 2, 3], '
+        '"adapters": [{"job_id": "<id>"}]}\' '
         f"{base}/v1/generations\n"
         f"Or open {base}/app/ (the web page) with the key above.\n",
         flush=True,

@@ -128,6 +128,11 @@ class PresetPublic(BaseModel):
     device: str
     min_image_side: int
     defaults: dict[str, Any]
+    example_images: list[str] = Field(
+        default_factory=list,
+        description="URLs (on this service) of bundled reference images of a concept the model has never seen, "
+        "for a first job; empty for presets that take your own images",
+    )
 
 
 class DryRunPublic(BaseModel):

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import LoraConfig
 from PIL import Image
 
 
@@ -47,7 +48,7 @@ from dopsd.models.shapes import ShapesPipeline, pixels_from_image, weights_path 
 from dopsd.presets import get_preset  # noqa: E402
 from dopsd.shapes import gates, world  # noqa: E402
 from dopsd.shapes.metrics import NONE, ShapeClassifier, classify, load_classifier  # noqa: E402
-from dopsd.shapes.model import ShapesModel, load_model, patchify  # noqa: E402
+from dopsd.shapes.model import ShapesModel, load_model, patchify, to_uint8  # noqa: E402
 from dopsd.trainer import train  # noqa: E402
 
 
@@ -74,9 +75,7 @@ def concept_rate(
     pairs = [(c, b) for c in world.COLOURS for b in world.COLOURS if c != b]
     captions = [f"a {c} {world.TRIGGER} on a {b} background" for c, b in (pairs[i % len(pairs)] for i in range(n))]
     x = model.sample(captions, steps=steps, generator=torch.Generator().manual_seed(seed))
-    predicted = classify(
-        classifier, ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    )
+    predicted = classify(classifier, to_uint8(x))
     return {
         "concept_rate": float(np.mean([p == world.NEW_CONCEPT for p in predicted])),
         "concept_no_shape_rate": float(np.mean([p == NONE for p in predicted])),
@@ -99,12 +98,8 @@ def sft_adapter(
     state (peft keys) to load into any model of the same shape."""
     from peft import get_peft_model_state_dict
 
-    preset = get_preset("shapes")
     model = load_model(weights)
-    config = make_lora_config(
-        int(preset.defaults["rank"]), float(preset.defaults["lora_alpha"]), 0.0, _target_modules()
-    )
-    model.transformer.add_adapter(config)
+    model.transformer.add_adapter(shapes_lora_config())
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     names = sorted(captions)
@@ -124,10 +119,14 @@ def sft_adapter(
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.transformer).items()}
 
 
-def _target_modules() -> tuple[str, ...]:
+def shapes_lora_config() -> LoraConfig:
+    """The `shapes` preset's LoRA (its rank and alpha, on the family's target modules), as every arm uses it."""
     from dopsd.models.shapes import ShapesFamily
 
-    return ShapesFamily.lora_target_modules
+    preset = get_preset("shapes")
+    return make_lora_config(
+        int(preset.defaults["rank"]), float(preset.defaults["lora_alpha"]), 0.0, ShapesFamily.lora_target_modules
+    )
 
 
 def with_adapter(weights: Path, state: dict[str, torch.Tensor] | None) -> ShapesModel:
@@ -136,11 +135,7 @@ def with_adapter(weights: Path, state: dict[str, torch.Tensor] | None) -> Shapes
 
     model = load_model(weights)
     if state is not None:
-        preset = get_preset("shapes")
-        rank = int(preset.defaults["rank"])
-        model.transformer.add_adapter(
-            make_lora_config(rank, float(preset.defaults["lora_alpha"]), 0.0, _target_modules())
-        )
+        model.transformer.add_adapter(shapes_lora_config())
         result = set_peft_model_state_dict(model.transformer, state)
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"adapter keys that do not fit: {result.unexpected_keys[:3]}")

@@ -43,6 +43,8 @@ class Preset:
             built-in open-vocabulary set, `dopsd.evaluation.prompts.PRIOR_PROMPTS`).
         closed_vocabulary: whether captions and prompts must use the model's own word list (the `shapes` world's
             caption encoder knows 12 words); `caption_problems` says what a text breaks.
+        example_images: the folder under the repository's `examples/` holding reference images of a concept the
+            model has never seen, bundled for a first job (`None`: none; photo presets take the user's own).
     """
 
     name: str
@@ -62,6 +64,7 @@ class Preset:
     embedding_model: str | None = None
     prior_prompts: tuple[str, ...] | None = None
     closed_vocabulary: bool = False
+    example_images: str | None = None
 
     @property
     def is_tiny(self) -> bool:
@@ -275,6 +278,7 @@ _SHAPES = Preset(
         "a green circle on a blue background",
     ),
     closed_vocabulary=True,
+    example_images="shapes",
 )
 
 DEFAULT_PRESET = "tiny-z-image"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import PrincipalDep
+from api.routes.web import example_image_urls
 from api.schemas import PresetPublic
 from dopsd.presets import PRESETS
 
@@ -23,6 +24,7 @@ def read_presets(_: PrincipalDep) -> list[PresetPublic]:
             device=p.device,
             min_image_side=p.min_image_side,
             defaults=p.defaults,
+            example_images=example_image_urls(p.example_images),
         )
         for p in PRESETS.values()
     ]

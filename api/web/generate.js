@@ -63,7 +63,9 @@ export function tryCard(ctx) {
     drawn = true;
     el.hidden = false;
     const trigger = (job.config && job.config.trigger) || "";
-    const prompt = h("input", { id: "try-prompt", type: "text", value: "a photo of [V]", maxlength: 1000, required: true });
+    // The job's own first validation prompt: a closed-vocabulary model (`shapes`) knows no "photo".
+    const firstPrompt = job.config?.validation_prompts?.[0] || "a photo of [V]";
+    const prompt = h("input", { id: "try-prompt", type: "text", value: firstPrompt, maxlength: 1000, required: true });
     const seeds = h("input", { id: "try-seeds", type: "text", value: "0, 1", inputmode: "numeric" });
     const scale = h("input", { id: "try-scale", type: "number", value: "1", min: "-2", max: "4", step: "0.05" });
     const compare = h("input", { id: "try-compare", type: "checkbox", checked: true });

@@ -3,7 +3,11 @@
 
 import { api } from "./api.js";
 
-/** The form as the person left it. Trigger and default caption start from the API's defaults (see `startDraft`). */
+/** The page's first validation prompt for a model that names none of its own. */
+export const PAGE_PROMPT = "a photo of [V]";
+
+/** The form as the person left it. Trigger and default caption start from the API's defaults (see `startDraft`),
+ * or the chosen model's own (new-job.js). */
 export const draft = {
   files: [], // {uid, file, name, size, url, status: "checking"|"ok"|"refused"|"unchecked", reason, caption, li}
   preset: "",
@@ -13,13 +17,14 @@ export const draft = {
   sampleEvery: "",
   // The page's own starting points (one seed, one prompt: a quick first job), not the API's defaults.
   seeds: "0",
-  prompts: "a photo of [V]",
+  prompts: PAGE_PROMPT,
   formats: { diffusers: true, comfyui: true },
   initAdapter: null, // the id of the succeeded job this one continues ("Continue training" on its page), or null
   preview: null, // {id, status, message, images, error}
   idempotencyKey: null,
   dryRunUnsupported: false,
   started: false,
+  specDefaults: { trigger: "", defaultCaption: "" }, // the JobSpec's own defaults, once loaded
 };
 
 /** Fills the trigger word and default caption with the JobSpec's defaults, once per tab, where still empty. */
@@ -29,8 +34,11 @@ export function startDraft(fields) {
   const caption = fields.field("default_caption").default;
   if (trigger === undefined && caption === undefined) return; // no schema: try again at the next visit
   draft.started = true;
-  if (!draft.trigger && typeof trigger === "string") draft.trigger = trigger;
-  if (!draft.defaultCaption && typeof caption === "string") draft.defaultCaption = caption;
+  draft.specDefaults = {
+    trigger: typeof trigger === "string" ? trigger : "", defaultCaption: typeof caption === "string" ? caption : "",
+  };
+  if (!draft.trigger) draft.trigger = draft.specDefaults.trigger;
+  if (!draft.defaultCaption) draft.defaultCaption = draft.specDefaults.defaultCaption;
 }
 
 export function parseSeeds(text) {

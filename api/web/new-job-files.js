@@ -28,6 +28,25 @@ export function imagesSection({ signal, onChange, captionMaxLength }) {
   dropzone.addEventListener("click", (ev) => {
     if (ev.target === dropzone) fileInput.click(); // a click anywhere on the zone, as on its button
   });
+  // The chosen model's bundled example images (the `shapes` model's never-seen cross), for a first job.
+  const examplesButton = h("button", { type: "button", class: "secondary", id: "use-examples", hidden: true },
+    "Use the example images");
+  examplesButton.addEventListener("click", async () => {
+    examplesButton.disabled = true;
+    try {
+      const files = await Promise.all(examplesButton.urls.map(async (url) => {
+        const response = await fetch(url, { signal });
+        if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+        return new File([await response.blob()], url.split("/").pop(), { type: "image/png" });
+      }));
+      addFiles(files);
+    } catch (e) {
+      if (!signal.aborted) toast(`The example images could not be loaded. ${describeError(e)}`);
+    } finally {
+      examplesButton.disabled = false;
+    }
+  });
+  dropzone.append(examplesButton);
   const fileList = h("ul", { class: "files", id: "file-list", "aria-label": "Reference images" });
   const fileNote = h("p", { class: "muted small", id: "file-note", "aria-live": "polite" });
   const el = h("fieldset", { class: "card images" },
@@ -171,6 +190,11 @@ export function imagesSection({ signal, onChange, captionMaxLength }) {
       for (const f of draft.files) if (!onlyWaiting || f.status === "checking") check(f);
     },
     markRefusedFile,
+    /** Offers the chosen model's example images (URLs on this service), or hides the offer when it has none. */
+    offerExamples(urls) {
+      examplesButton.urls = urls || [];
+      examplesButton.hidden = !examplesButton.urls.length;
+    },
     /** Shows the default caption in every caption box left empty. */
     showDefaultCaption() {
       for (const f of draft.files) if (f.li) f.li.querySelector("input").placeholder = draft.defaultCaption;

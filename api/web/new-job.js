@@ -5,7 +5,7 @@
 import { api, ApiError } from "./api.js";
 import { errorBox, focusHeading, h, main, toast } from "./dom.js";
 import { describeError } from "./format.js";
-import { buildSpec, draft, formData, startDraft, usableFiles } from "./new-job-draft.js";
+import { buildSpec, draft, formData, PAGE_PROMPT, startDraft, usableFiles } from "./new-job-draft.js";
 import { estimateBox } from "./new-job-estimate.js";
 import { imagesSection } from "./new-job-files.js";
 import { previewBox } from "./new-job-preview.js";
@@ -150,8 +150,30 @@ export async function viewNew(signal) {
     sampleEvery.placeholder = p.defaults?.sample_every !== undefined ? `${p.defaults.sample_every} (default)` : "";
   }
 
+  // --- the model's own starting points: a closed-vocabulary model (`shapes`) has its own trigger word, no default
+  // caption and its own prompts. A field the person edited keeps their text; one still at the previous model's
+  // starting point follows the new model.
+  const startingPoints = (p) => ({
+    trigger: p?.defaults?.trigger ?? draft.specDefaults.trigger,
+    defaultCaption: p?.defaults && "default_caption" in p.defaults
+      ? (p.defaults.default_caption ?? "") : draft.specDefaults.defaultCaption,
+    prompts: p?.defaults?.validation_prompts?.[0] ?? PAGE_PROMPT,
+  });
+  const controls = { trigger, defaultCaption, prompts };
+  function followPreset(previous, next) {
+    const [before, after] = [startingPoints(previous), startingPoints(next)];
+    for (const key of Object.keys(controls)) {
+      if (draft[key] === before[key] && !draft.initAdapter) draft[key] = controls[key].value = after[key];
+    }
+    images.showDefaultCaption();
+    images.offerExamples(next?.example_images);
+  }
+  const presetNamed = (name) => loadedPresets().find((x) => x.name === name);
+
   presetSelect.addEventListener("change", () => {
+    const previous = presetNamed(draft.preset);
     draft.preset = presetSelect.value;
+    followPreset(previous, presetNamed(draft.preset));
     showPresetHint();
     images.recheck();
     estimate.schedule();
@@ -160,7 +182,12 @@ export async function viewNew(signal) {
   loadPresets(signal).then((presets) => {
     presetSelect.replaceChildren(...presets.map((p) => h("option", { value: p.name }, `${p.name} (${p.device})`)));
     if (!draft.preset || !presets.some((p) => p.name === draft.preset)) {
-      draft.preset = (presets.find((p) => p.name.startsWith("tiny")) || presets[0]).name;
+      // A first job on the model the project pretrained (it learns a visible concept on a CPU), else a tiny one.
+      const first = presets.find((p) => p.example_images?.length) || presets.find((p) => p.name.startsWith("tiny"));
+      draft.preset = (first || presets[0]).name;
+      followPreset(null, presetNamed(draft.preset));
+    } else {
+      images.offerExamples(presetNamed(draft.preset)?.example_images);
     }
     presetSelect.value = draft.preset;
     showPresetHint();

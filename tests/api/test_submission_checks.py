@@ -5,6 +5,7 @@ under safe names; dry runs answer without creating anything."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -164,3 +165,43 @@ def test_dry_run_validates_and_estimates_without_creating(local_api: LocalApi) -
         assert broken.status_code == 422 and broken.json()["error"]["details"]["file"] == "bad.png"
         for job in before:
             client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_a_shapes_job_takes_its_presets_trigger_and_captions_from_colours(local_api: LocalApi) -> None:
+    """`{"preset": "shapes"}` alone is a valid job (what `make run` prints): the spec's generic trigger "sks" and
+    default caption "a photo of [V]" are outside the world's vocabulary, so the preset's `[V]` and no default caption
+    apply; a trigger the client does give is still checked against the vocabulary."""
+    crosses = [
+        ("images", (f"cross-{i}.png", Path(f"examples/shapes/cross-{i}.png").read_bytes(), "image/png"))
+        for i in (1, 2)
+    ]
+    with local_api.client(local_api.create_key("shapes-dry-run")) as client:
+        answer = client.post(
+            "/v1/jobs",
+            params={"dry_run": "true"},
+            files=[*crosses, ("spec", (None, json.dumps({"preset": "shapes"})))],
+        )
+        assert answer.status_code == 200, answer.text
+        config = answer.json()["config"]
+        assert config["trigger"] == "[V]" and config["default_caption"] is None
+        assert config["validation_prompts"][0] == "a red [V] on a blue background"
+        refused = client.post(
+            "/v1/jobs", params={"dry_run": "true"},
+            files=[*crosses, ("spec", (None, json.dumps({"preset": "shapes", "trigger": "sks"})))],
+        )  # fmt: skip
+        error = assert_error_shape(refused.json())
+        assert refused.status_code == 422 and error["code"] == "invalid_spec" and "sks" in error["message"]
+
+
+def test_the_shapes_preset_offers_its_bundled_example_images(local_api: LocalApi) -> None:
+    """`GET /v1/presets` names the `shapes` model's example crosses, served by the API as the PNGs in `examples/`;
+    the photo presets offer none (they take the user's own images)."""
+    with local_api.client(local_api.create_key("presets")) as client:
+        presets = {p["name"]: p for p in client.get("/v1/presets").json()}
+        urls = presets["shapes"]["example_images"]
+        assert [u.rsplit("/", 1)[-1] for u in urls] == sorted(p.name for p in Path("examples/shapes").glob("*.png"))
+        for url in urls:
+            answer = client.get(url)
+            assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+            assert answer.content == Path("examples/shapes", url.rsplit("/", 1)[-1]).read_bytes()
+        assert presets["tiny-z-image"]["example_images"] == []

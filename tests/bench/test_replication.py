@@ -2,9 +2,11 @@
 the trainer with each teacher mode), every figure is measured at 4 steps and at the many-step control, the D-OPSD
 arms carry the report's verdicts, the gates are printed, and the summary line comes last.
 
-The gates themselves (prior accuracy >= 0.9 at 4 steps, teacher concept rate >= 0.5) are printed, not asserted:
-the shipped base does not pass them yet (docs/replication.md), and a direction of the claim is asserted only once
-the full benchmark shows it beyond its intervals."""
+The shipped base's in-context gates are asserted: its teacher (the trigger caption with a cross reference) draws the
+cross at least half the time, and the trigger caption alone stays near 0 (docs/replication.md measures 1.00 and
+0.00 on 48 samples). The prior-accuracy gate (>= 0.9 at 4 steps) is printed, not asserted: it is the distilled
+model's gate, and the shipped base measures 0.88-0.92 at 4 steps, within a 12-sample probe's noise of the line. No
+direction of the claim is asserted: the full benchmark does not show one beyond its intervals."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ def test_quick_mode_runs_every_arm_and_prints_the_gates_and_the_summary_last() -
     assert gates["bench"] == "replication_gates"
     assert 0 <= gates["prior_accuracy@4"] <= 1 and 0 <= gates["teacher_concept_rate@4"] <= 1
     assert set(gates["passed"]) == {"prior_accuracy", "teacher_concept_rate", "trigger_text_near_zero"}
+    assert gates["passed"]["teacher_concept_rate"] and gates["teacher_concept_rate@4"] >= 0.5
+    assert gates["passed"]["trigger_text_near_zero"] and gates["trigger_text_concept_rate@4"] <= 0.1
     assert {r["arm"] for r in records} >= ARMS and all(r["seed"] == 0 for r in records)
     for r in records:
         for steps in (4, 20):

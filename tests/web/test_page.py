@@ -290,6 +290,44 @@ def test_zero_shot_preview_before_training(page: Any, prod_stack: Stack, api_key
     assert prod_stack.client(api_key).get(f"/v1/jobs/{preview_id}").json()["kind"] == "preview"
 
 
+def test_a_first_job_starts_on_the_shapes_model_with_its_example_images(
+    page: Any, prod_stack: Stack, api_key: str
+) -> None:
+    """A newcomer's page: the pretrained `shapes` model is chosen, with its trigger word, no default caption, its
+    own prompt and its bundled cross images one click away; the preview shows its teacher drawing them. Another
+    model takes its own starting points, and a field the person edited keeps their text."""
+    from playwright.sync_api import expect
+
+    sign_in(page, api_key)
+    page.goto("/app/#/new")
+    expect(page.locator("#preset")).to_have_value("shapes")
+    expect(page.locator("#trigger")).to_have_value("[V]")
+    expect(page.locator("#default-caption")).to_have_value("")
+    expect(page.locator("#prompts")).to_have_value("a red [V] on a blue background")
+    page.get_by_role("button", name="Use the example images").click()
+    crosses = sorted(p.name for p in (REPO / "examples" / "shapes").glob("*.png"))
+    expect(page.locator("#file-list .file")).to_have_count(len(crosses))
+    for name in crosses:
+        expect(page.locator(f'.file[data-name="{name}"]')).to_have_attribute("data-status", "ok")
+    expect(page.locator("#estimate-gpu")).to_contain_text("GPU-second")
+
+    page.get_by_label("Validation prompts (one per line)").fill("a green [V] on a red background")
+    page.select_option("#preset", "tiny-z-image")
+    expect(page.locator("#trigger")).to_have_value("sks")
+    expect(page.locator("#default-caption")).to_have_value("a photo of [V]")
+    expect(page.locator("#prompts")).to_have_value("a green [V] on a red background")  # edited: kept
+    expect(page.get_by_role("button", name="Use the example images")).to_be_hidden()
+    page.select_option("#preset", "shapes")
+    expect(page.locator("#trigger")).to_have_value("[V]")
+    expect(page.get_by_role("button", name="Use the example images")).to_be_visible()
+
+    page.get_by_role("button", name="Preview the concept first").click()
+    preview = page.locator("#preview")
+    expect(preview.locator(".badge")).to_have_attribute("data-status", "succeeded", timeout=150_000)
+    wait_for_js(page, "document.querySelectorAll('#preview figure img').length > 0")  # the first references'
+    expect(preview.locator("figcaption").first).to_contain_text("a green [V] on a red background")
+
+
 def test_phone_screen_and_keyboard(browser: Any, prod_stack: Stack, api_key: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
