@@ -663,15 +663,8 @@ def _vocabulary_errors(cfg: DOPSDConfig, preset: Any) -> list[str]:
         for problem in preset.caption_problems(text, cfg.trigger)
     ]
     if problems:
-        problems[-1] += f" (the {preset.name} model knows only these words: {', '.join(shapes_words())})"
+        problems[-1] += f" (the {preset.name} model knows only these words: {', '.join(preset.vocabulary())})"
     return problems
-
-
-def shapes_words() -> tuple[str, ...]:
-    """The words a `shapes` caption may use (the padding token excluded)."""
-    from dopsd.shapes.vocabulary import PAD, VOCABULARY
-
-    return tuple(w for w in VOCABULARY if w != PAD)
 
 
 def validation_errors(cfg: DOPSDConfig) -> list[str]:

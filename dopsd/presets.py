@@ -77,6 +77,12 @@ class Preset:
         families' pipelines need (VAE factor 8 x patch 2)."""
         return buckets_for_resolution(int(self.defaults["resolution"]))
 
+    def vocabulary(self) -> tuple[str, ...]:
+        """The words a caption or prompt of a closed-vocabulary preset may use (empty: any text)."""
+        if not self.closed_vocabulary:
+            return ()
+        return tuple(w for w in shapes_vocabulary.VOCABULARY if w != shapes_vocabulary.PAD)
+
     def caption_problems(self, text: str, trigger: str = "[V]") -> list[str]:
         """Why the preset's text encoder cannot take `text` (with `[V]` replaced by `trigger`): empty for an
         open-vocabulary model, else the words it does not know or a caption over its length."""

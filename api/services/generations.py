@@ -8,6 +8,7 @@ job has (events, stream, webhooks, cancel, delete, retention, idempotency) witho
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import secrets
@@ -99,8 +100,14 @@ def batch_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:32]
 
 
+@functools.cache
+def _caption_length_of(preset_name: str) -> int:
+    return int(DOPSDConfig.for_preset(preset_name).student_max_sequence_length)
+
+
 def _caption_length(preset: Preset) -> int:
-    return int(DOPSDConfig.for_preset(preset.name).student_max_sequence_length)
+    """The caption length a job of `preset` trains with (a full config resolution: made once per preset)."""
+    return _caption_length_of(preset.name)
 
 
 def _random_seeds(count: int) -> list[int]:
