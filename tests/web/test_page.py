@@ -56,11 +56,12 @@ def assert_security_headers(headers: dict[str, str]) -> None:
     assert headers["referrer-policy"] == "no-referrer"
 
 
-def wait_for_js(page: Any, expression: str, timeout: float = 30_000) -> None:
+def wait_for_js(page: Any, expression: str, timeout: float = 120_000) -> None:
     """Waits until `expression` is true in the page. Evaluated from here, not by Playwright's in-page polling
     (`wait_for_function`), which compiles the expression with `eval` and so breaks the page's Content-Security-Policy
     (no `unsafe-eval`); `page.evaluate` goes through the browser's debugging protocol, which the policy does not
-    cover."""
+    cover. It returns as soon as the expression holds; the long limit is for a busy machine, where the presigned S3
+    images of a finished job once took over 30 s to load while the whole suite ran."""
     deadline = time.monotonic() + timeout / 1000
     while not page.evaluate(expression):
         if time.monotonic() > deadline:
