@@ -7,13 +7,12 @@ as the default of a preset-defaulted field. Adding a field to the spec is adding
 
 from __future__ import annotations
 
-import copy
 import typing
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
-from dopsd.config import Setting, config_values_from_spec, public_settings
+from dopsd.config import Setting, config_values_from_spec, public_settings, replaced_defaults
 from dopsd.presets import get_preset
 
 
@@ -62,18 +61,13 @@ def job_spec_fields() -> dict[str, Any]:
 
 
 def training_values(spec: BaseModel) -> dict[str, Any]:
-    """A parsed spec's training fields under their `DOPSDConfig` names, ready for `DOPSDConfig.for_preset`.
-
-    A field with a fixed default that the client left out takes its preset's value where the preset replaces that
-    default (the `shapes` preset: its trigger word `[V]` and no default caption, since "sks" and "a photo of [V]" are
-    outside its vocabulary), as `DOPSDConfig.for_preset` does for the library."""
+    """A parsed spec's training fields under their `DOPSDConfig` names, ready for `DOPSDConfig.for_preset`; a field
+    the client left out takes its preset's replacement of the declared default (`dopsd.config.replaced_defaults`)."""
     names = {s.spec_name for s in public_settings()}
     values = config_values_from_spec(spec.model_dump(include=names))
     try:
         preset = get_preset(values["preset"])
     except ValueError:
         return values  # refused with its reason by the caller
-    for s in public_settings():
-        if not s.declaration.preset and s.spec_name not in spec.model_fields_set and s.name in preset.defaults:
-            values[s.name] = copy.deepcopy(preset.defaults[s.name])
-    return values
+    given = config_values_from_spec(spec.model_dump(include=names & spec.model_fields_set))
+    return {**values, **replaced_defaults(preset, given)}

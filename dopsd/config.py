@@ -20,7 +20,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, dataclass_transform
@@ -460,9 +460,7 @@ class DOPSDConfig:
         _refuse_unknown(given)
         chosen = get_preset(preset)
         defaults = chosen.config_defaults()
-        # A preset may also replace a field's declared default (`shapes`: its trigger word and no default caption)
-        # where the user did not give that field at all.
-        values = {**{k: copy.deepcopy(v) for k, v in chosen.defaults.items() if k not in given}, **given}
+        values = {**replaced_defaults(chosen, given), **given}
         for s in settings():
             if s.declaration.preset and values.get(s.name) is None:
                 values[s.name] = copy.deepcopy(defaults[s.name])
@@ -570,6 +568,18 @@ def settings() -> tuple[Setting, ...]:
 def public_settings() -> tuple[Setting, ...]:
     """The fields a client of the REST API may set, in declaration order."""
     return tuple(s for s in settings() if s.declaration.public is not None)
+
+
+def replaced_defaults(preset: Any, given: Iterable[str]) -> dict[str, Any]:
+    """The values `preset` puts in place of fields' fixed declared defaults (`shapes`: its trigger word and no
+    default caption, since "sks" and "a photo of [V]" are outside its vocabulary), for the fields not in `given`.
+    `for_preset` applies them; the API applies them to a spec's unset fields before it reads the captions."""
+    named = set(given)
+    return {
+        s.name: copy.deepcopy(preset.defaults[s.name])
+        for s in settings()
+        if not s.declaration.preset and s.name in preset.defaults and s.name not in named
+    }
 
 
 def config_values_from_spec(spec: Mapping[str, Any]) -> dict[str, Any]:

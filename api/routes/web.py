@@ -8,6 +8,7 @@ which a browser runs only when served with a JavaScript content type.
 
 from __future__ import annotations
 
+import functools
 import mimetypes
 from pathlib import Path
 
@@ -33,9 +34,11 @@ def root() -> RedirectResponse:
     return RedirectResponse("/app/", status_code=307)
 
 
+@functools.cache
 def example_image_urls(folder: str | None) -> list[str]:
     """The URLs of a preset's bundled example images (`Preset.example_images`, a folder of `examples/`), in name
-    order; empty when the preset has none or this installation does not carry them."""
+    order; empty when the preset has none or this installation does not carry them. Read once per process (the
+    folder ships with the code), not at every `GET /v1/presets`."""
     if folder is None or not (EXAMPLES_DIR / folder).is_dir():
         return []
     return [f"/app/examples/{folder}/{p.name}" for p in sorted((EXAMPLES_DIR / folder).glob("*.png"))]

@@ -85,7 +85,7 @@ def resolve(spec: GenerationSpec, *, session: Session, owner_id: uuid.UUID, sett
         "steps": spec.steps if spec.steps is not None else preset.native_sample_steps,
         "guidance_scale": spec.guidance_scale if spec.guidance_scale is not None else preset.native_guidance_scale,
         # What prompts are padded or cut to: the trainer's caption length, so images match its samples.
-        "max_sequence_length": _caption_length(preset),
+        "max_sequence_length": _caption_length(preset.name),
         "adapters": adapters,
     }
     config["batch_key"] = batch_key(config)
@@ -101,13 +101,9 @@ def batch_key(config: dict[str, Any]) -> str:
 
 
 @functools.cache
-def _caption_length_of(preset_name: str) -> int:
+def _caption_length(preset_name: str) -> int:
+    """The caption length a job of the preset trains with (a full config resolution: made once per preset)."""
     return int(DOPSDConfig.for_preset(preset_name).student_max_sequence_length)
-
-
-def _caption_length(preset: Preset) -> int:
-    """The caption length a job of `preset` trains with (a full config resolution: made once per preset)."""
-    return _caption_length_of(preset.name)
 
 
 def _random_seeds(count: int) -> list[int]:

@@ -167,7 +167,7 @@ def test_dry_run_validates_and_estimates_without_creating(local_api: LocalApi) -
             client.post(f"/v1/jobs/{job['id']}/cancel")
 
 
-def test_a_shapes_job_takes_its_presets_trigger_and_captions_from_colours(local_api: LocalApi) -> None:
+def test_a_shapes_job_takes_its_presets_trigger_and_no_default_caption(local_api: LocalApi) -> None:
     """`{"preset": "shapes"}` alone is a valid job (what `make run` prints): the spec's generic trigger "sks" and
     default caption "a photo of [V]" are outside the world's vocabulary, so the preset's `[V]` and no default caption
     apply; a trigger the client does give is still checked against the vocabulary."""
