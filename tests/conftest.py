@@ -286,6 +286,7 @@ def prod_stack(
         DOPSD_WEBHOOK_RETRY_DELAYS_S="[0.3, 0.6]",
         DOPSD_WEBHOOK_POLL_INTERVAL_S="0.2",
         DOPSD_MAINTENANCE_IN_API="false",  # the production shape: `dopsd maintain` is a process of its own
+        DOPSD_WORKER_TORCH_THREADS="1",  # the suite, the API, the browser and SeaweedFS share this machine's cores
     )
     api = PACE.timed_start(lambda: stack.start_api(env, port, logs / "api.log"))
     maintain = stack.start_maintain(env, logs / "maintain.log")
@@ -310,6 +311,7 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         DOPSD_ENVIRONMENT="development",
         DOPSD_DEV_API_KEY="dev-test-key",
         DOPSD_PROGRESS_INTERVAL_S="0.2",
+        DOPSD_WORKER_TORCH_THREADS="1",
         HF_HUB_OFFLINE="1",
         PYTHONPATH=str(REPO),
     )

@@ -40,10 +40,15 @@ app = make_celery()
 def _fresh_connections(**_: Any) -> None:
     """Database engines must not cross a fork: each pool process builds its own on first use. The trainer (and
     torch) are imported now, while the worker starts, not when its first job is already waiting (3.4 s measured by
-    bench/service.py)."""
+    bench/service.py). The torch thread count is the settings' `worker_torch_threads` where it is set."""
+    import torch
+
     import dopsd.trainer  # noqa: F401
     from worker import runner
 
+    threads = get_settings().worker_torch_threads
+    if threads is not None:
+        torch.set_num_threads(threads)
     runner.reset_process_state()
 
 

@@ -54,6 +54,9 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            # The 5 s bound the connect only. Left on the socket, it cut any response that took longer (a busy
+            # machine's S3 server): a browser's image load then failed for good, and the web test waited in vain.
+            upstream.settimeout(None)
             with self._lock:
                 self._connections.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):

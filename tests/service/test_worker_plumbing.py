@@ -110,3 +110,26 @@ def test_storage_transfers_retry_an_unavailable_store_up_to_their_budget() -> No
     with pytest.raises(NotFound):  # not transient: no retry
         with_retries(missing, what="test download", max_wait_s=0.2, first_delay_s=0.01)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("threads", [None, "1"])
+def test_a_worker_process_takes_the_configured_torch_threads(threads: str | None) -> None:
+    """`DOPSD_WORKER_TORCH_THREADS` is what a worker's pool process sets while it starts; unset, torch keeps its own
+    default."""
+    import torch
+
+    from worker.celery_app import _fresh_connections
+
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("DOPSD_WORKER_TORCH_THREADS", raising=False)
+        if threads is not None:
+            env.setenv("DOPSD_WORKER_TORCH_THREADS", threads)
+        get_settings.cache_clear()
+        try:
+            torch.set_num_threads(2)
+            _fresh_connections()
+            assert torch.get_num_threads() == (2 if threads is None else int(threads))
+        finally:
+            get_settings.cache_clear()
+            torch.set_num_threads(before)
