@@ -162,6 +162,9 @@ def dopsd_arm(
     if report_path.exists():
         report = json.loads(report_path.read_text())
         verdicts = {k: v["verdict"] for k, v in report["verdicts"].items()}
+        for name in ("concept_gap", "reference_similarity"):  # the two figures behind the concept verdict
+            figure = report["figures"].get(name) or {}
+            verdicts[name] = {"mean": figure.get("mean"), "ci95": figure.get("ci95"), "verdict": figure.get("verdict")}
         check = report.get("teacher_check") or {}
         verdicts["teacher_blind"] = check.get("blind")
         verdicts["teacher_visibility"] = check.get("visibility")

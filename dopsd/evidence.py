@@ -17,7 +17,7 @@ from dopsd.callbacks import TrainerCallback
 from dopsd.config import DOPSDConfig
 from dopsd.data import ConceptDataset, resolve_caption
 from dopsd.errors import TeacherBlind
-from dopsd.evaluation.embedding import ImageEmbedder
+from dopsd.evaluation.embedding import load_embedder
 from dopsd.evaluation.evaluate import measure
 from dopsd.evaluation.gate import VisibilityResult, teacher_visibility
 from dopsd.evaluation.inputs import EvaluationInputs, prepare_evaluation
@@ -97,7 +97,7 @@ class Evidence:
         if not self.reports:
             return None
         folder = self.cfg.eval_embedding_model or get_preset(self.cfg.preset).embedding_model
-        embedder = ImageEmbedder.from_folder(folder, device=self.family.device) if folder else None
+        embedder = load_embedder(folder, device=self.family.device) if folder else None
         report = measure(self.family, self.inputs, embedder=embedder, step=step)
         data = report.to_dict()
         if self.teacher_check is not None:

@@ -37,8 +37,9 @@ class Preset:
         step_seconds: the expected wall time of one D-OPSD step at the default resolution on the preset's device
             (an estimate for users, replaced by the service's own history once jobs of the preset ran).
         load_seconds: the expected time to load the models on a cold worker.
-        embedding_model: a local folder of a CLIP or DINOv2 model for the evaluation report's similarity figures
-            (`None`: those figures are reported as not measured unless the run names one).
+        embedding_model: a local folder of a CLIP or DINOv2 model for the evaluation report's similarity figures,
+            or `shapes://embedder`, the shapes world's own (`None`: those figures are reported as not measured
+            unless the run names one).
         prior_prompts: the prompts without the concept on which the report measures prior drift (`None`: the
             built-in open-vocabulary set, `dopsd.evaluation.prompts.PRIOR_PROMPTS`).
         closed_vocabulary: whether captions and prompts must use the model's own word list (the `shapes` world's
@@ -277,6 +278,7 @@ _SHAPES = Preset(
     },
     step_seconds=0.2,
     load_seconds=0.5,
+    embedding_model="shapes://embedder",  # a CNN that never saw the cross: the report's similarity figure
     prior_prompts=(
         "a red circle on a green background",
         "a blue square on a red background",

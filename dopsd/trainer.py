@@ -704,9 +704,9 @@ def _with_retention(
         folder = cfg.eval_embedding_model or get_preset(cfg.preset).embedding_model
         embedder = None
         if folder:
-            from dopsd.evaluation.embedding import ImageEmbedder
+            from dopsd.evaluation.embedding import load_embedder
 
-            embedder = ImageEmbedder.from_folder(folder, device=family.device)
+            embedder = load_embedder(folder, device=family.device)
         section = measure_retention(family, retention, embedder=embedder)
     add_to_report(out / REPORT_NAME, section)
     return dataclasses.replace(report, retention=section)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dopsd.evaluation.adapters import attach_adapter_file, detach_adapter
-    from dopsd.evaluation.embedding import EmbedderError, ImageEmbedder
+    from dopsd.evaluation.embedding import Embedder, EmbedderError, ImageEmbedder, load_embedder
     from dopsd.evaluation.evaluate import BaseMeasurements, measure, measure_base
     from dopsd.evaluation.gate import BLIND_MESSAGE, VisibilityResult, teacher_visibility
     from dopsd.evaluation.inputs import EvaluationInputs, prepare_evaluation
@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 _LAZY = {
     "attach_adapter_file": "dopsd.evaluation.adapters",
     "detach_adapter": "dopsd.evaluation.adapters",
+    "Embedder": "dopsd.evaluation.embedding",
     "EmbedderError": "dopsd.evaluation.embedding",
     "ImageEmbedder": "dopsd.evaluation.embedding",
+    "load_embedder": "dopsd.evaluation.embedding",
     "BLIND_MESSAGE": "dopsd.evaluation.gate",
     "VisibilityResult": "dopsd.evaluation.gate",
     "teacher_visibility": "dopsd.evaluation.gate",
@@ -54,6 +56,7 @@ __all__ = [
     "PRIOR_PROMPTS",
     "AxisVerdict",
     "BaseMeasurements",
+    "Embedder",
     "EmbedderError",
     "EvaluationInputs",
     "Figure",
@@ -64,6 +67,7 @@ __all__ = [
     "attach_adapter_file",
     "best_step",
     "detach_adapter",
+    "load_embedder",
     "measure",
     "measure_base",
     "prepare_evaluation",

@@ -3,12 +3,13 @@ concept figures that need one: similarity of samples to the reference images, an
 
 Only ever a local folder (a setting or preset field names it), never a hub id at run time: a job must not depend on
 the network, and an evaluation must say which weights judged it. Without a folder the report says "not measured".
+The `shapes` world's preset names its own committed embedder, `shapes://embedder` (`dopsd.shapes.embedder`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
@@ -16,8 +17,42 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenize
 from dopsd.evaluation.latents import image_from_pixels
 
 
+SHAPES_SCHEME = "shapes://"
+
+
 class EmbedderError(ValueError):
     """The folder does not hold a usable image-embedding model."""
+
+
+class Embedder(Protocol):
+    """What the report's similarity figures need of an embedding model."""
+
+    name: str
+
+    @property
+    def has_text(self) -> bool:
+        """Whether `embed_texts` works (a CLIP-style text tower)."""
+        ...
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, D] unit vectors for images [N, 3, H, W] in [0, 1]."""
+        ...
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """[N, D] unit vectors for texts, in the image embeddings' space."""
+        ...
+
+
+def load_embedder(name: str, *, device: torch.device | None = None) -> Embedder:
+    """The embedder a preset or setting names: `shapes://embedder` (the shapes world's own), else a local folder."""
+    if name.startswith(SHAPES_SCHEME):
+        from dopsd.shapes.embedder import EMBEDDER_ID
+        from dopsd.shapes.embedder import load_embedder as load_shapes_embedder
+
+        if name != EMBEDDER_ID:
+            raise EmbedderError(f"unknown embedder {name!r}; the shapes world ships {EMBEDDER_ID!r}")
+        return load_shapes_embedder(device=device)
+    return ImageEmbedder.from_folder(name, device=device)
 
 
 def _features(output: Any) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from dopsd.data import resolve_caption
-from dopsd.evaluation.embedding import ImageEmbedder
+from dopsd.evaluation.embedding import Embedder
 from dopsd.evaluation.image_metrics import mse_per_sample
 from dopsd.evaluation.latents import pixels_from_image
 from dopsd.evaluation.render import adapter_scope
@@ -206,7 +206,7 @@ def measure_retention(
     inputs: RetentionInputs,
     *,
     adapter: str | None = STUDENT_ADAPTER,
-    embedder: ImageEmbedder | None = None,
+    embedder: Embedder | None = None,
     thresholds: RetentionThresholds = DEFAULT_RETENTION_THRESHOLDS,
 ) -> dict[str, Any]:
     """The retention section of a report: `adapter` and the base model render the earlier run's prompts at its

@@ -37,9 +37,10 @@ _PALETTE = np.array(list(world.COLOURS.values()), dtype=np.float32)
 
 
 class ShapeClassifier(nn.Module):
-    """A three-conv CNN over 16x16 RGB: `features` (FEATURE_DIM) then logits over `LABELS`."""
+    """A three-conv CNN over 16x16 RGB: `features` (FEATURE_DIM) then logits over `labels` classes (`LABELS`; the
+    report's embedder, `dopsd.shapes.embedder`, is the same network trained without the new concept)."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: int = len(LABELS)) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
@@ -47,7 +48,7 @@ class ShapeClassifier(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * (world.SIZE // 4) ** 2, FEATURE_DIM), nn.ReLU(),
         )  # fmt: skip
-        self.head = nn.Linear(FEATURE_DIM, len(LABELS))
+        self.head = nn.Linear(FEATURE_DIM, labels)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Penultimate features of pixels in [-1, 1], [B, 3, S, S] -> [B, FEATURE_DIM]."""
@@ -82,30 +83,34 @@ def garbage_image(rng: np.random.Generator) -> np.ndarray:
     return image
 
 
-def labelled_renders(rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """`n` images with labels drawn uniformly from `LABELS` (renders of the shapes, garbage for `NONE`), and their
+def labelled_renders(
+    rng: np.random.Generator, n: int, labels: Sequence[str] = LABELS
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """`n` images with labels drawn uniformly from `labels` (renders of the shapes, garbage for `NONE`), and their
     label indices."""
-    labels = rng.integers(len(LABELS), size=n)
+    drawn = rng.integers(len(labels), size=n)
     images = [
-        garbage_image(rng) if LABELS[int(k)] == NONE else world.render(world.sample_scene(rng, LABELS[int(k)]))
-        for k in labels
+        garbage_image(rng) if labels[int(k)] == NONE else world.render(world.sample_scene(rng, labels[int(k)]))
+        for k in drawn
     ]
-    return images, labels
+    return images, drawn
 
 
-def train_classifier(seed: int = 0, steps: int = 2000, batch: int = 128, noise: float = 0.15) -> ShapeClassifier:
-    """Trains the classifier on fresh renders (with Gaussian pixel noise of std `noise`, so model samples that are
-    not quite clean are still read by shape), seeded."""
+def train_classifier(
+    seed: int = 0, steps: int = 2000, batch: int = 128, noise: float = 0.15, labels: Sequence[str] = LABELS
+) -> ShapeClassifier:
+    """Trains the classifier over `labels` on fresh renders (with Gaussian pixel noise of std `noise`, so model
+    samples that are not quite clean are still read by shape), seeded."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = ShapeClassifier()
+    model = ShapeClassifier(len(labels))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
-        images, labels = labelled_renders(rng, batch)
+        images, targets = labelled_renders(rng, batch, labels)
         x = _pixels(images)
         x = x + noise * torch.rand(()) * torch.randn_like(x)
-        loss = nn.functional.cross_entropy(model(x), torch.from_numpy(labels))
+        loss = nn.functional.cross_entropy(model(x), torch.from_numpy(targets))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -114,9 +119,11 @@ def train_classifier(seed: int = 0, steps: int = 2000, batch: int = 128, noise: 
 
 
 def load_classifier(path: Path = CLASSIFIER_PATH) -> ShapeClassifier:
-    """The committed classifier (see weights/classifier.json for its command and hash), in eval mode."""
-    model = ShapeClassifier()
-    model.load_state_dict(load_file(str(path)))
+    """The committed classifier (see weights/classifier.json for its command and hash), in eval mode; the number of
+    classes is read from the weights."""
+    state = load_file(str(path))
+    model = ShapeClassifier(int(state["head.weight"].shape[0]))
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -190,13 +197,16 @@ def diversity(images: Sequence[np.ndarray], colours: Sequence[str]) -> dict[str,
     }
 
 
-def clean_accuracy(classifier: ShapeClassifier, seed: int, n: int) -> dict[str, float]:
-    """Accuracy per class (and overall) on `n` fresh renders drawn from a seed the training never used."""
+@torch.no_grad()
+def clean_accuracy(
+    classifier: ShapeClassifier, seed: int, n: int, labels: Sequence[str] = LABELS
+) -> dict[str, float]:
+    """Accuracy per class of `labels` (and overall) on `n` fresh renders drawn from a seed the training never used."""
     rng = np.random.default_rng([seed, 7919])
-    images, labels = labelled_renders(rng, n)
-    pred = np.array([LABELS.index(p) for p in classify(classifier, images)])
-    out = {name: float((pred[labels == k] == k).mean()) for k, name in enumerate(LABELS)}
-    out["all"] = float((pred == labels).mean())
+    images, drawn = labelled_renders(rng, n, labels)
+    pred = np.array([int(k) for k in classifier(_pixels(images)).argmax(1)])
+    out = {name: float((pred[drawn == k] == k).mean()) for k, name in enumerate(labels)}
+    out["all"] = float((pred == drawn).mean())
     return out
 
 

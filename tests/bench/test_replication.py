@@ -38,6 +38,8 @@ def test_quick_mode_runs_every_arm_and_prints_the_gates_and_the_summary_last() -
     for r in records:
         if r["arm"].startswith("dopsd"):
             assert r["report"]["concept"] and r["report"]["few_step_quality"]
+            # the preset's own embedder (a CNN that never saw the cross) measures the similarity figure
+            assert r["report"]["reference_similarity"]["mean"] is not None
     assert summary["bench"] == "replication_summary" and summary["command"] == "python bench/replication.py --quick"
     assert set(summary["arms"]) == {r["arm"] for r in records}
     assert {a["arm"] for a in summary["report_vs_ground_truth"]} == {"dopsd_ema", "dopsd_frozen", "dopsd_live"}

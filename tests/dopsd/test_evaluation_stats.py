@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dopsd.evaluation.evaluate import concept_axis
 from dopsd.evaluation.report import AxisVerdict, Figure, Report
 from dopsd.evaluation.selection import best_step
 from dopsd.evaluation.stats import bootstrap_mean_ci, noise_floor, seed_pairs
@@ -44,6 +45,59 @@ def test_verdict_rules_need_the_whole_interval_past_a_threshold() -> None:
     assert concept_verdict(-0.4, None, th) == "learned"  # one seed: the point value decides
     assert direction(0.1, (0.05, 0.2)) == "higher" and direction(-0.1, (-0.2, -0.05)) == "lower"
     assert direction(0.0, (-0.1, 0.1)) == "no clear change" and direction(0.1, None) == "inconclusive"
+
+
+def _concept_figures(
+    gap: tuple[float, float, float], similarity: tuple[float, float, float, float] | None
+) -> dict[str, Figure]:
+    """The concept figures: the gap's (mean, low, high) relative change; the similarity's (mean, low, high, floor)
+    cosine delta, or not measured."""
+    mean, low, high = gap
+    figures = {
+        "concept_gap": Figure(
+            "concept_gap",
+            "gap",
+            "relative change",
+            "d",
+            per_seed=[mean],
+            mean=mean,
+            ci95=(low, high),
+            verdict=concept_verdict(mean, (low, high), DEFAULT_THRESHOLDS),
+        ),
+        "prompt_adherence": Figure.missing("prompt_adherence", "adherence", "cosine delta", "d", "no text tower"),
+    }
+    if similarity is None:
+        figures["reference_similarity"] = Figure.missing("reference_similarity", "s", "cosine delta", "d", "none")
+    else:
+        mean, low, high, floor = similarity
+        figures["reference_similarity"] = Figure(
+            "reference_similarity", "similarity", "cosine delta", "d", per_seed=[mean], mean=mean, ci95=(low, high),
+            noise_floor=floor, verdict=direction(mean, (low, high)),
+        )  # fmt: skip
+    return figures
+
+
+@pytest.mark.parametrize(
+    ("gap", "similarity", "verdict"),
+    [
+        # the shapes job of `make run`: the adapter drew the cross where the teacher did not, so the pixel gap rose,
+        # but its samples are clearly more like the references than the base model's
+        ((0.10, 0.08, 0.12), (0.048, 0.042, 0.053, 0.009), "learned"),
+        ((0.10, 0.08, 0.12), (0.005, 0.001, 0.009, 0.009), "not learned"),  # within the seed-to-seed spread
+        ((0.10, 0.08, 0.12), (0.048, -0.01, 0.09, 0.009), "not learned"),  # the interval reaches zero
+        ((0.10, 0.08, 0.12), None, "not learned"),  # no embedder: the gap alone
+        ((-0.01, -0.12, 0.05), (0.03, 0.02, 0.04, 0.01), "learned"),
+        ((-0.40, -0.50, -0.30), (-0.03, -0.04, -0.02, 0.01), "inconclusive"),  # fell, yet less like the references
+        ((-0.40, -0.50, -0.30), None, "learned"),
+    ],
+)
+def test_the_concept_verdict_weighs_the_gap_and_the_similarity(
+    gap: tuple[float, float, float], similarity: tuple[float, float, float, float] | None, verdict: str
+) -> None:
+    said = concept_axis(_concept_figures(gap, similarity), DEFAULT_THRESHOLDS)
+    assert said.verdict == verdict, said.summary
+    if verdict == "learned" and similarity is not None:
+        assert "more like your reference images" in said.summary and "reference_similarity" in said.figures
 
 
 def _report(step: int, gap: float, quality: str) -> Report:

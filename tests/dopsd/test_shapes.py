@@ -12,6 +12,8 @@ import pytest
 import torch
 from diffusers import Flux2KleinPipeline
 
+from dopsd.evaluation.embedding import EmbedderError, load_embedder
+from dopsd.presets import get_preset
 from dopsd.shapes import gates, metrics, train_base, world
 from dopsd.shapes.model import (
     REFERENCE_TIME_COORDINATE,
@@ -102,6 +104,30 @@ def test_committed_classifier_matches_its_record_and_reads_fresh_renders(classif
     acc = metrics.clean_accuracy(classifier, seed=12345, n=1000)
     assert acc["all"] >= 0.98, acc
     assert acc[world.NEW_CONCEPT] >= 0.98, acc
+
+
+def test_the_reports_embedder_never_saw_the_cross_yet_tells_crosses_from_other_shapes() -> None:
+    """`shapes://embedder`, the preset's embedding model for the report's similarity figure: the committed weights
+    match their record, its classes leave the new concept out, and a cross's embedding is nearer other crosses (in
+    other colours and places) than any pretraining shape's."""
+    record = json.loads((WEIGHTS / "embedder.json").read_text())
+    assert hashlib.sha256((WEIGHTS / "embedder.safetensors").read_bytes()).hexdigest() == record["sha256"]
+    assert world.NEW_CONCEPT not in record["labels"] and get_preset("shapes").embedding_model == "shapes://embedder"
+    embedder = load_embedder("shapes://embedder")
+    assert not embedder.has_text
+    rng = np.random.default_rng(31)
+
+    def embed(shape: str) -> torch.Tensor:
+        images = np.stack([world.render(world.sample_scene(rng, shape)) for _ in range(32)])
+        return embedder.embed_images(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+
+    crosses, others = embed(world.NEW_CONCEPT), {s: embed(s) for s in world.BASE_SHAPES}
+    assert torch.allclose(crosses.norm(dim=-1), torch.ones(32), atol=1e-5)
+    within = float((crosses @ crosses.T).mean())
+    for shape, embedded in others.items():
+        assert within > float((crosses @ embedded.T).mean()) + 0.05, shape
+    with pytest.raises(EmbedderError, match="ships 'shapes://embedder'"):
+        load_embedder("shapes://classifier")
 
 
 def test_speckle_is_no_shape_and_a_render_is_not(classifier: metrics.ShapeClassifier) -> None:
