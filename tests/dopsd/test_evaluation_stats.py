@@ -81,8 +81,9 @@ def _concept_figures(
     ("gap", "similarity", "verdict"),
     [
         # the shapes job of `make run`: the adapter drew the cross where the teacher did not, so the pixel gap rose,
-        # but its samples are clearly more like the references than the base model's
-        ((0.10, 0.08, 0.12), (0.048, 0.042, 0.053, 0.009), "learned"),
+        # but its samples are clearly more like the references than the base model's: the figures disagree
+        ((0.10, 0.08, 0.12), (0.048, 0.042, 0.053, 0.009), "inconclusive"),
+        ((-0.01, -0.03, 0.01), (0.048, 0.042, 0.053, 0.009), "learned"),  # a flat gap, a clear rise in similarity
         ((0.10, 0.08, 0.12), (0.005, 0.001, 0.009, 0.009), "not learned"),  # within the seed-to-seed spread
         ((0.10, 0.08, 0.12), (0.048, -0.01, 0.09, 0.009), "not learned"),  # the interval reaches zero
         ((0.10, 0.08, 0.12), None, "not learned"),  # no embedder: the gap alone
@@ -96,8 +97,8 @@ def test_the_concept_verdict_weighs_the_gap_and_the_similarity(
 ) -> None:
     said = concept_axis(_concept_figures(gap, similarity), DEFAULT_THRESHOLDS)
     assert said.verdict == verdict, said.summary
-    if verdict == "learned" and similarity is not None:
-        assert "more like your reference images" in said.summary and "reference_similarity" in said.figures
+    if similarity is not None and _concept_figures(gap, similarity)["reference_similarity"].verdict == "higher":
+        assert ("more like your reference images" in said.summary) == (similarity[0] > similarity[3]), said.summary
 
 
 def _report(step: int, gap: float, quality: str) -> Report:
