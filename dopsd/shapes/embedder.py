@@ -14,18 +14,21 @@ defines the ground truth, so the report-against-truth comparison in docs/replica
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from dopsd.shapes import world
-from dopsd.shapes.metrics import LABELS, ShapeClassifier, clean_accuracy, load_classifier, train_classifier
+from dopsd.shapes.metrics import (
+    LABELS,
+    ShapeClassifier,
+    clean_accuracy,
+    load_classifier,
+    save_with_record,
+    train_classifier,
+)
 
 
 EMBEDDER_ID = "shapes://embedder"  # what the preset's `embedding_model` names
@@ -81,20 +84,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     network = train_classifier(seed=args.seed, steps=args.steps, labels=PRETRAINING_LABELS)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(out))
-    record = {
+    save_with_record(network, Path(args.out), {
         "command": f"python -m dopsd.shapes.embedder --seed {args.seed} --steps {args.steps}",
         "seed": args.seed,
         "steps": args.steps,
         "labels": list(PRETRAINING_LABELS),
         "clean_accuracy_5000": clean_accuracy(network, args.seed, 5000, PRETRAINING_LABELS),
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-        "torch": torch.__version__,
-    }
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    sys.stdout.write(json.dumps(record) + "\n")
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

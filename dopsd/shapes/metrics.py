@@ -198,9 +198,7 @@ def diversity(images: Sequence[np.ndarray], colours: Sequence[str]) -> dict[str,
 
 
 @torch.no_grad()
-def clean_accuracy(
-    classifier: ShapeClassifier, seed: int, n: int, labels: Sequence[str] = LABELS
-) -> dict[str, float]:
+def clean_accuracy(classifier: ShapeClassifier, seed: int, n: int, labels: Sequence[str] = LABELS) -> dict[str, float]:
     """Accuracy per class of `labels` (and overall) on `n` fresh renders drawn from a seed the training never used."""
     rng = np.random.default_rng([seed, 7919])
     images, drawn = labelled_renders(rng, n, labels)
@@ -222,17 +220,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = train_classifier(seed=args.seed, steps=args.steps)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
-    record = {
+    save_with_record(model, Path(args.out), {
         "command": f"python -m dopsd.shapes.metrics train-classifier --seed {args.seed} --steps {args.steps}",
         "seed": args.seed,
         "steps": args.steps,
         "clean_accuracy_5000": clean_accuracy(model, args.seed, 5000),
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-        "torch": torch.__version__,
-    }
+    })  # fmt: skip
+
+
+def save_with_record(network: ShapeClassifier, out: Path, record: dict[str, object]) -> None:
+    """Saves a trained network as safetensors with its JSON record beside it (`record` plus the file's SHA-256 and
+    the torch version, which the tests check the committed file against), and prints the record."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(out))
+    record = {**record, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(), "torch": torch.__version__}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     sys.stdout.write(json.dumps(record) + "\n")
 
