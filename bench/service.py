@@ -353,6 +353,7 @@ PHASES = ("dispatch", "upload", "polling")
 def main(argv: list[str] | None = None) -> int:
     """Starts the private stack, runs the measurements (every phase, or those named with `--only`), prints one JSON
     line."""
+    stack.stop_on_sigterm()
     parser = argparse.ArgumentParser(description="Service costs on a private production-shaped stack (one JSON line)")
     parser.add_argument("--quick", action="store_true", help="2 jobs, 4 clients x 2 s, 8 images (the test suite)")
     parser.add_argument(

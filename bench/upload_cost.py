@@ -139,6 +139,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     """Starts a private embedded-mode API, measures the heavy dry run, prints one JSON line."""
+    stack.stop_on_sigterm()
     parser = argparse.ArgumentParser(description="The API's cost of one upload of large-pixel PNGs (one JSON line)")
     parser.add_argument("--images", type=int, default=1, help="PNGs in the request")
     parser.add_argument("--side", type=int, default=8000, help="width and height of each PNG")

@@ -218,6 +218,17 @@ def stop(process: subprocess.Popen[bytes] | int, timeout_s: float = 20) -> None:
         pass
 
 
+def stop_on_sigterm() -> None:
+    """Makes SIGTERM unwind like an exception, so that a benchmark stopped from outside (a test's timeout) still
+    runs its `finally` blocks and stops the servers it started: they run in sessions of their own, so nothing else
+    would, and an orphaned worker goes on taking jobs from the next run's queue."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def stack_env(*, database_url: str, broker_url: str, s3_endpoint: str, access_key: str, secret_key: str,
               public_url: str, bucket: str = "dopsd") -> dict[str, str]:  # fmt: skip
     """The environment of API and worker processes in the production shape (a fresh random signing key)."""

@@ -13,9 +13,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_bench(script: str, *args: str, timeout_s: float = 240) -> list[dict[str, Any]]:
-    """Runs `bench/<script>` with `args`; asserts it succeeded and returns the JSON lines it printed."""
-    proc = subprocess.run(
-        [sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+    """Runs `bench/<script>` with `args`; asserts it succeeded and returns the JSON lines it printed. Past
+    `timeout_s` the benchmark gets SIGTERM, so it stops the servers it started (`stack.stop_on_sigterm`), and only
+    then, if it must, SIGKILL."""
+    proc = subprocess.Popen(
+        [sys.executable, f"bench/{script}", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f"bench/{script} ran past {timeout_s:.0f} s; its last output:\n{err[-4000:]}") from None
+    assert proc.returncode == 0, err[-4000:]
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
