@@ -212,10 +212,18 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(to_uint8(to_pixels(list(to_uint8(a)))), to_uint8(a))
 
 
-def test_committed_base_checkpoint_matches_its_hash_and_samples() -> None:
-    weights = WEIGHTS / "base.safetensors"
-    expected = (WEIGHTS / "base.safetensors.sha256").read_text().split()[0]
+@pytest.mark.parametrize("name", ["base", "distilled"])
+def test_committed_checkpoint_matches_its_hash_and_samples(name: str) -> None:
+    weights = WEIGHTS / f"{name}.safetensors"
+    expected = (WEIGHTS / f"{name}.safetensors.sha256").read_text().split()[0]
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == expected
+    if name == "distilled":  # distilled from the committed base, as its header says
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            header = f.metadata()
+        base = (WEIGHTS / "base.safetensors.sha256").read_text().split()[0]
+        assert header["base_sha256"] == base and json.loads(header["sigmas"]) == [1.0, 0.75, 0.5, 0.25, 0.0]
     model = load_model(weights)
     image = model.sample(["a red circle on a blue background"], steps=2, generator=torch.Generator().manual_seed(0))
     assert image.shape == (1, 3, world.SIZE, world.SIZE) and torch.isfinite(image).all()
