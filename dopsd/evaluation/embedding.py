@@ -15,9 +15,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
 from dopsd.evaluation.latents import image_from_pixels
-
-
-SHAPES_SCHEME = "shapes://"
+from dopsd.shapes import SCHEME
 
 
 class EmbedderError(ValueError):
@@ -45,7 +43,7 @@ class Embedder(Protocol):
 
 def load_embedder(name: str, *, device: torch.device | None = None) -> Embedder:
     """The embedder a preset or setting names: `shapes://embedder` (the shapes world's own), else a local folder."""
-    if name.startswith(SHAPES_SCHEME):
+    if name.startswith(SCHEME):
         from dopsd.shapes.embedder import EMBEDDER_ID
         from dopsd.shapes.embedder import load_embedder as load_shapes_embedder
 

@@ -29,6 +29,7 @@ from PIL import Image
 from dopsd.data import resize_to_cover
 from dopsd.models.base import ModelFamily
 from dopsd.models.flux2_klein import Flux2KleinFamily, KleinCond
+from dopsd.shapes import SCHEME
 from dopsd.shapes.model import (
     REFERENCE_TIME_COORDINATE,
     CaptionEncoder,
@@ -40,7 +41,6 @@ from dopsd.shapes.model import (
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "shapes" / "weights"
-SCHEME = "shapes://"  # `shapes://NAME` is the committed `dopsd/shapes/weights/NAME.safetensors`
 
 
 def weights_path(base: str) -> Path:

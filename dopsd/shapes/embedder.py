@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dopsd.shapes import world
+from dopsd.evaluation.embedding import EmbedderError
+from dopsd.shapes import SCHEME, world
 from dopsd.shapes.metrics import (
     LABELS,
     ShapeClassifier,
@@ -31,13 +32,9 @@ from dopsd.shapes.metrics import (
 )
 
 
-EMBEDDER_ID = "shapes://embedder"  # what the preset's `embedding_model` names
+EMBEDDER_ID = f"{SCHEME}embedder"  # what the preset's `embedding_model` names
 EMBEDDER_PATH = Path(__file__).parent / "weights" / "embedder.safetensors"
 PRETRAINING_LABELS = tuple(label for label in LABELS if label != world.NEW_CONCEPT)
-
-
-class EmbedderUnavailable(ValueError):
-    """What was asked of the embedder it cannot do (it has no text tower)."""
 
 
 class ShapesEmbedder:
@@ -64,7 +61,7 @@ class ShapesEmbedder:
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Refused: a shape classifier has no text tower (`has_text` is False, so the report never asks)."""
-        raise EmbedderUnavailable(f"{self.name} has no text tower")
+        raise EmbedderError(f"{self.name} has no text tower")
 
 
 def load_embedder(path: Path = EMBEDDER_PATH, *, device: torch.device | None = None) -> ShapesEmbedder:

@@ -95,9 +95,10 @@ def _concept_figures(
 def test_the_concept_verdict_weighs_the_gap_and_the_similarity(
     gap: tuple[float, float, float], similarity: tuple[float, float, float, float] | None, verdict: str
 ) -> None:
-    said = concept_axis(_concept_figures(gap, similarity), DEFAULT_THRESHOLDS)
+    figures = _concept_figures(gap, similarity)
+    said = concept_axis(figures, DEFAULT_THRESHOLDS)
     assert said.verdict == verdict, said.summary
-    if similarity is not None and _concept_figures(gap, similarity)["reference_similarity"].verdict == "higher":
+    if similarity is not None and figures["reference_similarity"].verdict == "higher":
         assert ("more like your reference images" in said.summary) == (similarity[0] > similarity[3]), said.summary
 
 
