@@ -118,12 +118,13 @@ def worker_command(queues: list[str], *, pool: str = "prefork", name: str = "dop
     ]  # fmt: skip
 
 
-def training_queues() -> list[str]:
-    """Every model family's training queue."""
+def training_queues(gpus: int = 1) -> list[str]:
+    """Every model family's training queues of jobs that a worker owning `gpus` GPUs can run (1 to `gpus`
+    processes)."""
     from core.queue import queue_for_family
     from dopsd.presets import PRESETS
 
-    return sorted({queue_for_family(p.family) for p in PRESETS.values()})
+    return sorted({queue_for_family(p.family, n) for p in PRESETS.values() for n in range(1, gpus + 1)})
 
 
 def generation_queues() -> list[str]:
@@ -134,9 +135,10 @@ def generation_queues() -> list[str]:
     return sorted({generation_queue_for_family(p.family) for p in PRESETS.values()})
 
 
-def all_queues() -> list[str]:
-    """Every queue, training and generation (one worker that takes everything, as the test stack runs)."""
-    return training_queues() + generation_queues()
+def all_queues(gpus: int = 1) -> list[str]:
+    """Every queue, training (of jobs up to `gpus` processes) and generation (one worker that takes everything, as
+    the test stack runs)."""
+    return training_queues(gpus) + generation_queues()
 
 
 def _serve(ns: argparse.Namespace) -> int:
@@ -154,7 +156,7 @@ def _serve(ns: argparse.Namespace) -> int:
         []
         if ns.no_worker
         else [
-            subprocess.Popen(worker_command(training_queues(), name="dopsd-train")),
+            subprocess.Popen(worker_command(training_queues(settings.worker_gpus), name="dopsd-train")),
             subprocess.Popen(worker_command(generation_queues(), name="dopsd-generate")),
         ]
     )

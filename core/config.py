@@ -109,8 +109,9 @@ class Settings(BaseSettings):
     max_processes_per_job: int = Field(
         1,
         ge=1,
-        description="Processes (GPUs) one training job may ask for with `num_processes`; the workers of this release "
-        "run one per job, so more is refused (422 `num_processes_unavailable`); `dopsd train` runs several.",
+        description="Processes (GPUs) one training job may ask for with `num_processes`: the most GPUs any worker of "
+        "the deployment owns (`DOPSD_WORKER_GPUS`); more is refused (422 `num_processes_unavailable`). A job asking "
+        "for N waits in its family's queue of N-GPU jobs (docs/distributed.md).",
     )
     max_running_generations_per_key: int = Field(
         4, ge=1, description="Generations of one key that run at once (apart from its training jobs); more wait."
@@ -176,6 +177,21 @@ class Settings(BaseSettings):
     )
     progress_interval_s: float = Field(1.0, description="Throttle of progress writes and events.")
     worker_model_cache: int = Field(1, ge=0, description="Loaded base models kept per worker process.")
+    worker_gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="GPUs this worker owns (on a CPU worker: the CPU processes it may start for one job). It runs a "
+        "job asking for up to this many `num_processes` as one torchrun group, one rank per GPU; a job asking for "
+        "more fails with `num_processes_unavailable` (a deployment routes it to a larger worker by its queue).",
+    )
+    worker_group_restarts: int = Field(
+        1,
+        ge=0,
+        description="Times a multi-process job's group is started again on this worker after one of its ranks died "
+        "(torchrun's restarts; the group resumes from its newest checkpoint). Past them the job goes back to the "
+        "queue as a job whose worker died does.",
+    )
     worker_torch_threads: int | None = Field(
         None,
         ge=1,

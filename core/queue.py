@@ -18,9 +18,10 @@ TASK_GENERATE = "dopsd.generate"
 _GENERATION_PREFIX = "generate."
 
 
-def queue_for_family(family: str) -> str:
-    """One training queue per model family, so GPU workers can be routed by the weights they hold."""
-    return f"train.{family}"
+def queue_for_family(family: str, num_processes: int = 1) -> str:
+    """One training queue per model family and GPU count, so GPU workers are routed by the weights they hold and
+    the GPUs they own: `train.z_image` for one-GPU jobs, `train.z_image.gpus4` for jobs of 4 processes."""
+    return f"train.{family}" if num_processes <= 1 else f"train.{family}.gpus{num_processes}"
 
 
 def generation_queue_for_family(family: str) -> str:

@@ -17,7 +17,7 @@ NCCL's watchdog.
 The launcher is `torch.distributed.run` (torchrun) through its Python API (`launch`): no new dependency, a standalone
 rendezvous on one machine, torchrun's own multi-node rendezvous across machines, and elastic restarts (a restarted
 group resumes from the newest checkpoint: `resume_after_restart`). A rank knows it is one from RANK, WORLD_SIZE and
-LOCAL_RANK; each rank dies with its launcher (`_die_with_parent`), so a killed launcher leaves no orphans.
+LOCAL_RANK; each rank dies with its launcher (`die_with_parent`), so a killed launcher leaves no orphans.
 """
 
 from __future__ import annotations
@@ -62,6 +62,11 @@ def world_size_from_env() -> int:
 def rank_from_env() -> int:
     """RANK as the launcher set it (0 outside a launched group)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def local_rank_from_env() -> int:
+    """LOCAL_RANK as the launcher set it: this rank's place on its machine, and so its GPU (0 outside a group)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def in_launched_group() -> bool:
@@ -270,10 +275,21 @@ def state_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+_RELAYED = "_dopsd_relayed_from_rank_0"
+
+
+def relayed_from_main(exc: BaseException) -> bool:
+    """Whether `exc` is rank 0's error raised again on this rank (`Group.on_main`, `share_outcome`): rank 0 has
+    it too and decides what becomes of the run, so this rank need not report it. Any other error on a rank other
+    than 0 is its own, and only it knows of it."""
+    return bool(getattr(exc, _RELAYED, False))
+
+
 def _rebuild_exception(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
     exc = cls.__new__(cls)
     exc.args = args
     exc.__dict__.update(state)
+    setattr(exc, _RELAYED, True)
     return exc
 
 
@@ -315,7 +331,7 @@ def join_group(config: DOPSDConfig, device: torch.device) -> Iterator[Group]:
     if world == 1:
         yield Group()
         return
-    rank, local_rank = rank_from_env(), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = rank_from_env(), local_rank_from_env()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -326,7 +342,7 @@ def join_group(config: DOPSDConfig, device: torch.device) -> Iterator[Group]:
         dist.init_process_group(backend=backend, timeout=timeout, device_id=device if cuda else None)
     backend = str(dist.get_backend())
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT) if backend != "gloo" else None
-    _die_with_parent()
+    die_with_parent()
     group = Group(rank=rank, world_size=world, local_rank=local_rank, backend=backend, control_group=control)
     restore = _stop_on_interrupt(group)
     try:
@@ -337,7 +353,7 @@ def join_group(config: DOPSDConfig, device: torch.device) -> Iterator[Group]:
             dist.destroy_process_group()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Asks Linux to kill this rank when its launcher dies (PR_SET_PDEATHSIG): a launcher killed with SIGKILL has
     no chance to stop its ranks, and they would otherwise train on as orphans."""
     if not sys.platform.startswith("linux"):
@@ -383,6 +399,27 @@ class GroupOutcome:
     message: str | None = None
 
 
+def torchrun_command(num_processes: int, module: str, args: Sequence[str], *, max_restarts: int = 0) -> list[str]:
+    """The torchrun command line that runs `python -m <module> <args>` as `num_processes` ranks of one group on
+    this machine (a standalone rendezvous on a free port), for a supervisor that starts the launcher as a process
+    of its own (the service's worker). Run it with `launcher_env()` added to the environment."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
+        f"--max-restarts={max_restarts}", "--monitor-interval=0.1", "-m", module, *args,
+    ]  # fmt: skip
+
+
+def launcher_env(*, max_restarts: int) -> dict[str, str]:
+    """What the launcher's environment needs for this trainer's groups: one OpenMP thread per rank unless set, and
+    with restarts a fresh rendezvous store per restart (a restarted group must not reuse the launcher's store: its
+    keys outlive the group, and a new rank may read the old one's address and fail to connect; pytorch/pytorch
+    #135712, #167288)."""
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if max_restarts:
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    return env
+
+
 def launch(num_processes: int, argv: Sequence[str], *, max_restarts: int = 0) -> GroupOutcome:
     """Runs `python -m dopsd <argv>` as `num_processes` ranks of one group on this machine through torch's elastic
     launcher (torchrun's standalone rendezvous) and waits for the group. A rank that fails ends the group (the
@@ -392,11 +429,7 @@ def launch(num_processes: int, argv: Sequence[str], *, max_restarts: int = 0) ->
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several ranks on one machine
-    if max_restarts:
-        # A restarted group must not reuse the launcher's store: its keys outlive the group, and a new rank may read
-        # the old one's address and fail to connect (pytorch/pytorch#135712, #167288). Rank 0 then hosts a fresh one.
-        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    os.environ.update(launcher_env(max_restarts=max_restarts))
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

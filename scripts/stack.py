@@ -174,10 +174,10 @@ def start_worker(
     env: dict[str, str], log: Path, name: str = "worker", queues: list[str] | None = None
 ) -> subprocess.Popen[bytes]:
     """One Celery worker process (concurrency 1) consuming `queues` (default: every queue, training and
-    generation, of every model family)."""
+    generation, of every model family, for jobs of up to the `DOPSD_WORKER_GPUS` of `env` processes)."""
     from api.commands import all_queues, worker_command
 
-    command = worker_command(queues or all_queues())
+    command = worker_command(queues or all_queues(int(env.get("DOPSD_WORKER_GPUS", "1"))))
     command[command.index("-n") + 1] = f"{name}-{os.getpid()}@%h"
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True

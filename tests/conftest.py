@@ -287,6 +287,9 @@ def prod_stack(
         DOPSD_WEBHOOK_POLL_INTERVAL_S="0.2",
         DOPSD_MAINTENANCE_IN_API="false",  # the production shape: `dopsd maintain` is a process of its own
         DOPSD_WORKER_TORCH_THREADS="1",  # the suite, the API, the browser and SeaweedFS share this machine's cores
+        # The worker owns two CPU "GPUs": it runs jobs of 1 and of 2 processes (tests/service/test_multi_process_jobs.py).
+        DOPSD_WORKER_GPUS="2",
+        DOPSD_MAX_PROCESSES_PER_JOB="2",
     )
     api = PACE.timed_start(lambda: stack.start_api(env, port, logs / "api.log"))
     maintain = stack.start_maintain(env, logs / "maintain.log")
@@ -329,6 +332,15 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield Stack(f"http://127.0.0.1:{port}", env, f"sqlite:///{home}/var/dopsd.db", home)
     stack.stop(process)
     shutil.rmtree(home / "var", ignore_errors=True)
+
+
+def assert_one_adapter(prod_stack: Stack, job_id: str) -> None:
+    """Asserts that the job's outputs in storage hold exactly one adapter, in each of the default formats."""
+    outputs = prod_stack.s3_keys(f"jobs/{job_id}/outputs/")
+    assert [k for k in outputs if k.endswith(".safetensors")] == [
+        f"jobs/{job_id}/outputs/pytorch_lora_weights.safetensors",
+        f"jobs/{job_id}/outputs/pytorch_lora_weights_comfyui.safetensors",
+    ]
 
 
 def example_files(count: int = 2) -> list[tuple[str, tuple[str, bytes, str]]]:

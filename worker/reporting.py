@@ -49,8 +49,10 @@ class JobReporter(TrainerCallback):
         store: ArtifactStore,
         interval_s: float,
         lease_s: int,
+        devices: int = 1,
     ) -> None:
         self.job_id = job_id
+        self.devices = devices
         self.worker_id = worker_id
         self.sessions = sessions
         self.store = store
@@ -61,12 +63,13 @@ class JobReporter(TrainerCallback):
         # canceled job never resumes, and a deleted one must leave nothing behind).
         self.stopping = False
         self._claimed_at = time.monotonic()
+        self.lease_lost = threading.Event()  # set once a renewal found the job handed on
         # Output files already in storage (samples, as they were made), named relative to the output folder.
         self.uploaded_outputs: list[dict[str, object]] = []
 
     def gpu_seconds(self) -> float:
-        """Seconds this attempt has held the worker (its GPU) since the claim."""
-        return time.monotonic() - self._claimed_at
+        """GPU-seconds this attempt has held since the claim: its wall time on each of the worker's GPUs it uses."""
+        return (time.monotonic() - self._claimed_at) * self.devices
 
     def renew_lease(self) -> None:
         """Heartbeat: keeps the job this worker's; raises `LeaseLost` once it is not (raised from a trainer callback,
@@ -79,6 +82,7 @@ class JobReporter(TrainerCallback):
                 )
 
         if not retry_db(renew, what=f"job {self.job_id} heartbeat"):
+            self.lease_lost.set()
             logger.warning("job %s: lease lost; stopping without touching the job", self.job_id)
             raise LeaseLost(self.job_id)
 
@@ -112,6 +116,13 @@ class JobReporter(TrainerCallback):
         finally:
             stop.set()
             thread.join(timeout=5)
+
+    def model_loaded(self, load_s: float, *, cached: bool, resumed_from_step: int | None) -> None:
+        """Writes the `model_loaded` event: the weights are in memory (how long that took, whether they were
+        cached) and the step the run resumes from."""
+        self._event(
+            events.ModelLoadedPayload(load_s=round(load_s, 3), cached=cached, resumed_from_step=resumed_from_step)
+        )
 
     def warn(self, stage: str, message: str) -> None:
         """Writes a `warning` event: a stage after training failed and the job goes on without what it makes."""

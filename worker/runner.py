@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import events
 from core.config import Settings, get_settings
 from core.db import make_engine, make_sessionmaker, session_scope
 from core.errors import NotFound, ServiceUnavailable
@@ -35,7 +34,9 @@ from dopsd.checkpoint import list_checkpoints
 from dopsd.config import DOPSDConfig
 from dopsd.data import DataError
 from dopsd.errors import CheckpointError, ModelLoadError, TeacherBlind, TrainingCancelled
+from dopsd.trainer import TrainingResult
 from worker.dbretry import DatabaseUnavailable, retry_db
+from worker.group import GroupDied, GroupFailed, GroupResult
 from worker.model_cache import ModelCache
 from worker.model_paths import with_local_weights
 from worker.reporting import JobReporter, LeaseLost
@@ -203,6 +204,9 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
             _run_claimed(job_id, Path(tmp), resources, reporter)
     except LeaseLost:
         logger.warning("job %s: stopped after losing its lease; left to the worker that holds it now", job_id)
+    except GroupDied as exc:  # as if this worker had died: the job goes back to the queue and resumes
+        logger.warning("job %s: %s; handed back to the queue", job_id, exc)
+        _give_up(sessions, job_id, worker_id)
     except TrainingCancelled as exc:
         _cancel(resources, job_id, exc.step, worker_id, reporter.gpu_seconds())
     except Exception as exc:
@@ -213,6 +217,14 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
     finally:
         delete_if_deleted(resources, job_id)
         record_stored_bytes(resources.sessions, resources.store, job_id)  # what the key's storage quota counts
+
+
+def _give_up(sessions: sessionmaker[Session], job_id: uuid.UUID, worker_id: str) -> None:
+    def give_up() -> bool:
+        with session_scope(sessions) as session:
+            return worker_side.give_up_lease(session=session, job_id=job_id, worker_id=worker_id)
+
+    retry_db(give_up, what=f"job {job_id} lease")
 
 
 def delete_if_deleted(resources: WorkerResources, job_id: uuid.UUID) -> None:
@@ -248,6 +260,8 @@ def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id:
 
 def classify_failure(exc: Exception, max_job_s: int) -> tuple[str, str]:
     """The stable error code and readable message of a failure: the one place failures are classified."""
+    if isinstance(exc, GroupFailed):  # a rank of a multi-process job, classified there
+        return exc.code, exc.message
     if isinstance(exc, TeacherBlind):
         return "teacher_blind", exc.message
     if isinstance(exc, DataError):
@@ -287,16 +301,13 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
         }
     )
     config = with_local_weights(config, resources.settings.model_paths)  # the row keeps the ids, the worker folders
-    family, load_s, cached = resources.models.get(config)
-    reporter.renew_lease()  # loading real weights takes a while
-    with session_scope(sessions) as session:
-        events.add_event(
-            session=session,
-            job_id=job_id,
-            payload=events.ModelLoadedPayload(
-                load_s=round(load_s, 3), cached=cached, resumed_from_step=_step_of(resume)
-            ),
-        )
+    in_group = kind == "training" and config.num_processes > 1
+    if in_group:
+        _check_gpus(config, resources.settings)
+    else:
+        family, load_s, cached = resources.models.get(config)
+        reporter.renew_lease()  # loading real weights takes a while
+        reporter.model_loaded(load_s, cached=cached, resumed_from_step=_step_of(resume))
     started = time.perf_counter()
     if kind == "preview":
         from dopsd.preview import preview
@@ -306,9 +317,16 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
         records = upload_tree(store, out, output_key(job_id, ""), skip=("preview",)) + reporter.uploaded_outputs
         metrics: dict[str, Any] = {"images": len(samples.images), "render_s": round(time.perf_counter() - started, 3)}
     else:
-        from dopsd.trainer import train
+        if in_group:  # the ranks load the model themselves, rank 0 reports as this process would
+            from worker.group import train_in_group
 
-        result = train(config, [reporter], family=family)
+            result: TrainingResult | GroupResult = train_in_group(
+                config, job_id=job_id, reporter=reporter, settings=resources.settings, folder=tmp
+            )
+        else:
+            from dopsd.trainer import train
+
+            result = train(config, [reporter], family=family)
         reporter.renew_lease()
         for warning in result.warnings:  # a stage after training failed: the job succeeds, and says what is missing
             reporter.warn(warning.stage, warning.message)
@@ -348,6 +366,17 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
                 raise LeaseLost(job_id)
         raise TrainingCancelled(steps)
     logger.info("job %s: succeeded", job_id)
+
+
+def _check_gpus(config: DOPSDConfig, settings: Settings) -> None:
+    """Refuses a job asking for more processes than this worker owns GPUs (`DOPSD_WORKER_GPUS`): a deployment
+    routes jobs by their queue (`train.<family>.gpus<N>`), so this is a worker started on the wrong queue."""
+    if config.num_processes > settings.worker_gpus:
+        raise GroupFailed(
+            "num_processes_unavailable",
+            f"the job asks for {config.num_processes} processes, and the worker that took it owns "
+            f"{settings.worker_gpus} GPU(s) (DOPSD_WORKER_GPUS); it waits on the wrong queue",
+        )
 
 
 def _report_of(out: Path, kind: str) -> dict[str, Any] | None:

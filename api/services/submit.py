@@ -160,7 +160,7 @@ async def dry_run(
         validated = received.validated
         resolve_init_adapter(validated, session=session, owner_id=owner_id, kind=kind)
         check_key_limits(session=session, owner_id=owner_id, settings=settings, incoming_bytes=received.input_bytes)
-        queue = queue_for_family(validated.preset.family)
+        queue = _queue_of(validated, kind)
         return DryRunPublic(
             config=validated.config,
             images=[ImagePublic(name=u.safe_name, size=u.size) for u, _, _ in validated.images],
@@ -242,7 +242,7 @@ async def _store_and_record(
         owner_id=owner_id,
         kind=received.kind,
         preset=validated.preset.name,
-        queue=queue_for_family(validated.preset.family),
+        queue=_queue_of(validated, received.kind),
         spec=validated.spec.model_dump(mode="json"),
         config=validated.config,
         images=images,
@@ -256,6 +256,13 @@ async def _store_and_record(
         )  # fmt: skip
     session.commit()
     return job
+
+
+def _queue_of(validated: ValidatedJob, kind: str) -> str:
+    """The queue a job waits in: its model family's, for the GPUs it asks for (a preview trains nothing and runs on
+    one)."""
+    processes = int(validated.config.get("num_processes") or 1) if kind == "training" else 1
+    return queue_for_family(validated.preset.family, processes)
 
 
 def _store_inputs(store: ArtifactStore, job_id: uuid.UUID, validated: ValidatedJob) -> list[dict[str, Any]]:

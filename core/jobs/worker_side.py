@@ -91,6 +91,18 @@ def renew_lease(*, session: Session, job_id: uuid.UUID, worker_id: str, lease_s:
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def give_up_lease(*, session: Session, job_id: uuid.UUID, worker_id: str) -> bool:
+    """Ends this worker's lease on a running job at once, as if the worker had died: the reaper's next pass puts it
+    back in the queue (or fails it after its last attempt) and it resumes from its newest stored checkpoint. For a
+    worker whose training processes died past their restarts; False when the job is no longer this worker's."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
+        .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def record_progress(
     *,
     session: Session,

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import redis
 
-from tests.conftest import REDIS_DB, Stack, example_files, quick_spec
+from tests.conftest import REDIS_DB, Stack, assert_one_adapter, example_files, quick_spec
 from tests.pace import eventually, wait_for_status, wait_for_step
 
 
@@ -58,11 +58,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_finishes_once(prod_stac
         loads = [e["data"] for e in events if e["type"] == "model_loaded"]
         assert loads[0]["resumed_from_step"] is None and loads[-1]["resumed_from_step"] >= 40
         assert [e["type"] for e in events].count("succeeded") == 1
-    outputs = prod_stack.s3_keys(f"jobs/{job['id']}/outputs/")
-    assert [k for k in outputs if k.endswith(".safetensors")] == [
-        f"jobs/{job['id']}/outputs/pytorch_lora_weights.safetensors",
-        f"jobs/{job['id']}/outputs/pytorch_lora_weights_comfyui.safetensors",
-    ]
+    assert_one_adapter(prod_stack, job["id"])
 
 
 def test_jobs_queued_when_the_broker_lost_its_messages_still_run(prod_stack: Stack) -> None:
