@@ -39,6 +39,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 # batch (processes x batch x accumulation, `global_batch_of`): a run may resume on another number of processes.
 TRAINING_FIELDS = (
     "preset",
+    "finetune",
     "learning_rate",
     "loss_space",
     "rollout_schedule",
@@ -62,6 +63,8 @@ TRAINING_FIELDS = (
     "teacher_max_pixels",
 )
 DATASET_KEY = "dataset"
+# What a fingerprint written before a field existed meant by its absence.
+ABSENT_MEANS = {"finetune": "lora"}
 
 
 def dataset_digest(dataset: ConceptDataset) -> str:
@@ -103,7 +106,7 @@ def fingerprint_differences(saved: Mapping[str, Any], current: Mapping[str, Any]
     """`field (X in checkpoint, Y now)` for every fingerprint field that differs; the dataset digest abbreviated."""
     out = []
     for name in (*TRAINING_FIELDS, DATASET_KEY):
-        before, now = saved.get(name), current.get(name)
+        before, now = saved.get(name, ABSENT_MEANS.get(name)), current.get(name)
         if before == now:
             continue
         if name == DATASET_KEY:

@@ -37,6 +37,7 @@ TeacherContext = Literal["vlm", "edit"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 OutputFormat = Literal["diffusers", "comfyui"]
 Device = Literal["auto", "cpu", "cuda"]
+Finetune = Literal["lora", "full"]
 
 # The released code's 4-step training roll-out, in sigma (1 = noise): model time t = 0, .1, .25, .5, then clean.
 DISTILL4_SIGMAS: tuple[float, ...] = (1.0, 0.9, 0.75, 0.5, 0.0)
@@ -303,6 +304,25 @@ class DOPSDConfig:
         default=0,
         help="Seed of the LoRA init, the data order and the roll-out noise.",
         public=Public(bounds=Bounds(ge=0, le=2**31 - 1)),
+    )
+
+    # What is trained: a LoRA (the customized-concept setting) or every weight (the paper's domain adaptation)
+    finetune: Finetune = setting(
+        default="lora",
+        help="`lora`: a student LoRA on the frozen base (default); `full`: every weight of the transformer, with a "
+        "full EMA copy as the teacher; writes transformer/ (diffusers' save_pretrained) and, with "
+        "extract_lora_rank, the difference to the base as a LoRA (docs/distributed.md, Full fine-tuning).",
+        public=Public(
+            description="`lora` (default) or `full`: every transformer weight trained; the output is the transformer "
+            "in diffusers' format, and with `extract_lora_rank` also an adapter of its difference to the base."
+        ),
+    )
+    extract_lora_rank: int | None = setting(
+        default=None,
+        ge=1,
+        help="With finetune full: also write the difference to the base as a LoRA of this rank (a truncated SVD of "
+        "each LoRA target layer's change), in output_formats, loadable like any adapter.",
+        public=Public(bounds=Bounds(le=256)),
     )
 
     # LoRA (released: rank 64, alpha 128, gaussian init)
@@ -701,6 +721,13 @@ def validation_errors(cfg: DOPSDConfig) -> list[str]:
         for name, caps in cfg.captions.items():
             if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
                 errors.append(f"`captions[{name!r}]` must be a non-empty list of non-empty strings")
+    if cfg.finetune == "full":
+        if cfg.init_adapter is not None:
+            errors.append("`init_adapter` continues a LoRA; `finetune: full` starts from the base model's weights")
+        if cfg.keep == "best":
+            errors.append("`keep: best` is for LoRA runs (it keeps a copy per evaluated step); use `keep: last`")
+    elif cfg.extract_lora_rank is not None:
+        errors.append("`extract_lora_rank` is for `finetune: full` (a LoRA run writes its adapter as it is)")
     pixels = (cfg.teacher_min_pixels, cfg.teacher_max_pixels)
     if all(isinstance(p, int) for p in pixels) and pixels[0] > pixels[1]:
         errors.append("`teacher_min_pixels` must not exceed `teacher_max_pixels`")

@@ -23,6 +23,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dopsd.data import DataError
+from dopsd.full_weights import (
+    full_weights_of,
+    load_student_state,
+    load_teacher_state,
+    student_state,
+    weights_in_place,
+)
 
 
 STUDENT_ADAPTER = "student"
@@ -174,7 +181,16 @@ def needs_teacher_adapter(mode: str, *, from_adapter: bool = False) -> bool:
 
 @contextlib.contextmanager
 def active_adapter(transformer: torch.nn.Module, adapter: str | None) -> Iterator[None]:
-    """Runs the block with `adapter` active (`None`: all adapters off = the base model), then back to the student."""
+    """Runs the block with `adapter` active (`None`: all adapters off = the base model), then back to the student.
+    On a fully fine-tuned transformer (`dopsd.full_weights`) the teacher and the base are its weight sets."""
+    full = full_weights_of(transformer)
+    if full is not None:
+        tensors = {None: full.base, TEACHER_ADAPTER: full.teacher, STUDENT_ADAPTER: None}.get(adapter)
+        if adapter == TEACHER_ADAPTER and tensors is None:
+            raise ValueError("this full fine-tuning run has no EMA teacher")
+        with weights_in_place(transformer, tensors) if tensors is not None else contextlib.nullcontext():
+            yield
+        return
     if adapter is None:
         transformer.disable_adapters()  # type: ignore[operator]
     elif adapter != STUDENT_ADAPTER:
@@ -190,13 +206,26 @@ def active_adapter(transformer: torch.nn.Module, adapter: str | None) -> Iterato
 
 
 def adapter_state(transformer: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    """The adapter's LoRA tensors with peft's un-prefixed names (`layers.0.attention.to_q.lora_A.weight`)."""
+    """The adapter's LoRA tensors with peft's un-prefixed names (`layers.0.attention.to_q.lora_A.weight`); on a
+    fully fine-tuned transformer, every weight of the student or of the EMA teacher."""
+    full = full_weights_of(transformer)
+    if full is not None:
+        if adapter == TEACHER_ADAPTER:
+            return {k: v.detach().clone().contiguous() for k, v in (full.teacher or {}).items()}
+        return student_state(transformer)
     state = get_peft_model_state_dict(transformer, adapter_name=adapter)
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
 def load_adapter_state(transformer: torch.nn.Module, adapter: str, state: dict[str, torch.Tensor]) -> None:
     """Loads tensors from `adapter_state` into an existing adapter; any unmatched key is an error."""
+    full = full_weights_of(transformer)
+    if full is not None:
+        if adapter == TEACHER_ADAPTER:
+            load_teacher_state(full, state)
+        else:
+            load_student_state(transformer, state)
+        return
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from dopsd.models.base import ModelFamily
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
+TRANSFORMER_FOLDER = "transformer"  # a full fine-tune's weights, in diffusers' format
 
 
 def write_adapter(
@@ -42,13 +44,35 @@ def write_adapter(
     path = out / LORA_WEIGHT_NAME
     with tempfile.TemporaryDirectory(prefix=".adapter-", dir=out) as scratch:
         family.save_lora_weights(scratch, student, lora_metadata)
-        _add_metadata(Path(scratch) / LORA_WEIGHT_NAME, family, cfg, steps)
+        _add_metadata(Path(scratch) / LORA_WEIGHT_NAME, family, cfg, steps, lora_metadata)
         os.replace(Path(scratch) / LORA_WEIGHT_NAME, path)
     cfg.save(out / CONFIG_FILE)
     return path
 
 
-def _add_metadata(path: Path, family: ModelFamily, cfg: DOPSDConfig, steps: int) -> None:
+def write_transformer(out: Path, transformer: torch.nn.Module, base: Mapping[str, torch.Tensor]) -> Path:
+    """Writes a fully fine-tuned transformer to `out/transformer/` with diffusers' `save_pretrained` (so
+    `<Model>.from_pretrained(out, subfolder="transformer")` loads it, or a pipeline takes it in place of its own),
+    each weight in its base's dtype (bf16 on a GPU, not the fp32 master copy). Written whole in a scratch folder
+    first, so a folder in place is always complete."""
+    from dopsd.full_weights import weights_in_place
+
+    target = out / TRANSFORMER_FOLDER
+    cast = {name: p.detach().to(base[name].dtype) for name, p in transformer.named_parameters()}
+    scratch = Path(tempfile.mkdtemp(prefix=".transformer-", dir=out))
+    try:
+        with weights_in_place(transformer, cast):
+            transformer.save_pretrained(scratch, safe_serialization=True)  # type: ignore[operator]
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _add_metadata(
+    path: Path, family: ModelFamily, cfg: DOPSDConfig, steps: int, lora_metadata: Mapping[str, Any]
+) -> None:
     add_file_metadata(
         path,
         {
@@ -58,9 +82,10 @@ def _add_metadata(path: Path, family: ModelFamily, cfg: DOPSDConfig, steps: int)
             "dopsd.preset": cfg.preset,
             "dopsd.family": family.name,
             "dopsd.trigger": cfg.trigger,
-            "dopsd.rank": str(cfg.rank),
-            "dopsd.alpha": str(cfg.lora_alpha),
+            "dopsd.rank": str(lora_metadata.get("r", cfg.rank)),
+            "dopsd.alpha": str(lora_metadata.get("lora_alpha", cfg.lora_alpha)),
             "dopsd.steps": str(steps),
+            "dopsd.finetune": cfg.finetune,
         },
     )
 

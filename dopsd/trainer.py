@@ -54,7 +54,9 @@ from dopsd.evaluation.retention import (
     unavailable,
 )
 from dopsd.evidence import REPORT_NAME, Evidence
+from dopsd.full_weights import attach_full_weights, detach_full_weights, full_weights_of
 from dopsd.lora import (
+    LORA_WEIGHT_NAME,
     STUDENT_ADAPTER,
     TEACHER_ADAPTER,
     AdapterFile,
@@ -73,9 +75,18 @@ from dopsd.lora import (
     teacher_adapter_for,
     teacher_parameters,
 )
+from dopsd.lora_extraction import ExtractedLora, extract_lora
 from dopsd.models.base import Cond, ModelFamily
 from dopsd.models.loading import load_family_for
-from dopsd.outputs import run_metrics, write_adapter, write_metrics, write_other_formats
+from dopsd.outputs import (
+    CONFIG_FILE,
+    TRANSFORMER_FOLDER,
+    run_metrics,
+    write_adapter,
+    write_metrics,
+    write_other_formats,
+    write_transformer,
+)
 from dopsd.presets import get_preset
 from dopsd.rollout import distillation_rollout, rollout_sigmas, teacher_student_gap
 from dopsd.sampling import SampleRenderer, SampleSet
@@ -215,15 +226,23 @@ def _train(
     # the earlier adapter a continued run starts from (with its rank, alpha and target modules; a frozen teacher is
     # then that adapter, kept as it was; `init_teacher: base` leaves the teacher at the base model). A resumed run
     # takes both from its checkpoint instead.
+    # With `finetune: full` the student is every weight of the transformer and the EMA teacher a whole copy
+    # (`dopsd.full_weights`); the LoRA config then describes the adapter extracted from the result.
     torch.manual_seed(cfg.seed)
     targets = init.target_modules if init is not None else family.lora_target_modules
-    lora_config = make_lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets)
-    from_adapter = cfg.init_adapter is not None and cfg.init_teacher == "adapter"
-    add_adapters(
-        family.transformer,
-        lora_config,
-        with_teacher=needs_teacher_adapter(cfg.teacher_mode, from_adapter=from_adapter),
-    )
+    full = cfg.finetune == "full"
+    if full:
+        extract = cfg.extract_lora_rank or cfg.rank
+        lora_config = make_lora_config(extract, float(extract), 0.0, targets)
+        attach_full_weights(family.transformer, with_teacher=cfg.teacher_mode == "ema")
+    else:
+        lora_config = make_lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets)
+        from_adapter = cfg.init_adapter is not None and cfg.init_teacher == "adapter"
+        add_adapters(
+            family.transformer,
+            lora_config,
+            with_teacher=needs_teacher_adapter(cfg.teacher_mode, from_adapter=from_adapter),
+        )
     try:
         if init is not None and not cfg.resume_from:
             start_from(family.transformer, init.state, teacher=cfg.init_teacher == "adapter")
@@ -232,7 +251,10 @@ def _train(
             init=init, retention=retention, group=group,
         )  # fmt: skip
     finally:
-        remove_adapters(family.transformer)
+        if full:
+            detach_full_weights(family.transformer)
+        else:
+            remove_adapters(family.transformer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -501,9 +523,10 @@ def _train_loop(
     retention: RetentionInputs | str | None,
     group: Group,
 ) -> TrainingResult:
-    # Optimizer: AdamW over the student's LoRA parameters and nothing else, at a constant rate (as released).
+    # Optimizer: AdamW over the student's parameters (its LoRA, or every weight) and nothing else, at a constant
+    # rate (as released).
     transformer = family.transformer
-    params, teacher_params = student_parameters(transformer), teacher_parameters(transformer)
+    params, teacher_params = _trained_parameters(transformer)
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.learning_rate,
@@ -542,7 +565,8 @@ def _train_loop(
 
     def sample_and_check(step: int) -> None:  # rank 0's work; the others wait for it
         run.samples(step)
-        evidence.quick_check(step, adapter_state(transformer, STUDENT_ADAPTER), callbacks)
+        student = adapter_state(transformer, STUDENT_ADAPTER) if cfg.keep == "best" else {}
+        evidence.quick_check(step, student, callbacks)
 
     # The loop. One optimizer step: roll the student out from fresh noise along the schedule and pull its
     # prediction toward the teacher's at every state (accumulated over micro-batches), clip, AdamW, then move the
@@ -615,9 +639,12 @@ def _train_loop(
     if not group.main_only():
         return cast(TrainingResult, group.main_result())
     transformer.eval()
-    adapter_path = write_adapter(
-        out, family, adapter_state(transformer, STUDENT_ADAPTER), lora_metadata, cfg, state.step
-    )
+    extraction = None
+    if cfg.finetune == "full":
+        adapter_path, extraction = _write_full_outputs(out, family, lora_metadata, cfg, state.step)
+    else:
+        student_state = adapter_state(transformer, STUDENT_ADAPTER)
+        adapter_path = write_adapter(out, family, student_state, lora_metadata, cfg, state.step)
     adapter_step = state.step
     after = _AfterTraining()
     # The report judges the adapter the run keeps: the last one, or (`keep: best`) an earlier sample step's that
@@ -652,9 +679,12 @@ def _train_loop(
     final_samples = after.attempt("samples", "the final samples", lambda: run.render(state.step, final=True))
     if final_samples is not None:
         run.announce(final_samples)
-    after.attempt(
-        "formats", f"the conversion to {cfg.output_formats}", lambda: write_other_formats(adapter_path, cfg, family)
-    )
+    if adapter_path.name == LORA_WEIGHT_NAME:  # a full fine-tune without an extracted LoRA has none to convert
+        after.attempt(
+            "formats",
+            f"the conversion to {cfg.output_formats}",
+            lambda: write_other_formats(adapter_path, cfg, family),
+        )
     metrics = run_metrics(
         steps=state.step,
         loss=state.loss_history,
@@ -667,6 +697,9 @@ def _train_loop(
         samples=[str(p.path.relative_to(out)) for p in final_samples.images] if final_samples else [],
     )
     metrics["kept_step"] = adapter_step
+    metrics["finetune"] = cfg.finetune
+    if extraction is not None:
+        metrics["lora_extraction"] = extraction.summary()
     metrics["init_adapter"] = state.metrics.get("init_adapter")
     if report is not None and report.retention is not None:
         metrics["retention"] = {"verdict": report.retention["verdict"], "summary": report.retention["summary"]}
@@ -691,6 +724,32 @@ def _train_loop(
     for cb in callbacks:
         cb.on_train_end(out)
     return TrainingResult(out, adapter_path, metrics, tuple(after.warnings))
+
+
+def _trained_parameters(transformer: torch.nn.Module) -> tuple[AdapterParameters, AdapterParameters]:
+    """The student's parameters (all AdamW sees) and the EMA teacher's tensors, paired by name: the two LoRA
+    adapters, or with full weights every parameter and its EMA copy (none for a frozen or live teacher)."""
+    full = full_weights_of(transformer)
+    if full is None:
+        return student_parameters(transformer), teacher_parameters(transformer)
+    teacher = cast(Any, (full.teacher or {}).items())  # tensors, named like the parameters they follow
+    return AdapterParameters(transformer.named_parameters()), AdapterParameters(teacher)
+
+
+def _write_full_outputs(
+    out: Path, family: ModelFamily, lora_metadata: dict[str, Any], cfg: DOPSDConfig, steps: int
+) -> tuple[Path, ExtractedLora | None]:
+    """A full fine-tune's outputs, before anything else can fail: the transformer in diffusers' format
+    (`transformer/`) and, with `extract_lora_rank`, its change to the base as a LoRA. Returns the LoRA file (or the
+    transformer folder without one) and the extraction."""
+    full = full_weights_of(family.transformer)
+    assert full is not None
+    write_transformer(out, family.transformer, full.base)
+    if cfg.extract_lora_rank is None:
+        cfg.save(out / CONFIG_FILE)
+        return out / TRANSFORMER_FOLDER, None
+    extraction = extract_lora(family.transformer, full.base, family.lora_target_modules, cfg.extract_lora_rank)
+    return write_adapter(out, family, extraction.state, lora_metadata, cfg, steps), extraction
 
 
 def _with_retention(

@@ -34,6 +34,7 @@ from dopsd.checkpoint import list_checkpoints
 from dopsd.config import DOPSDConfig
 from dopsd.data import DataError
 from dopsd.errors import CheckpointError, ModelLoadError, TeacherBlind, TrainingCancelled
+from dopsd.outputs import TRANSFORMER_FOLDER
 from dopsd.trainer import TrainingResult
 from worker.dbretry import DatabaseUnavailable, retry_db
 from worker.group import GroupDied, GroupFailed, GroupResult
@@ -86,6 +87,8 @@ def _artifact_kind(name: str) -> str:
         return "sample"
     if name.startswith("preview/"):
         return "preview"
+    if name.startswith(f"{TRANSFORMER_FOLDER}/"):  # a full fine-tune's transformer, in diffusers' format
+        return "model"
     return name.rsplit(".", 1)[0]  # config, metrics
 
 

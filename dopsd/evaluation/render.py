@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
+from dopsd.full_weights import full_weights_of
 from dopsd.lora import active_adapter
 from dopsd.models.base import Cond, ModelFamily
 
 
 @contextlib.contextmanager
 def adapter_scope(family: ModelFamily, adapter: str | None) -> Iterator[None]:
-    """Runs the block on `adapter` (`None`: the base model); a transformer without adapters is the base model."""
-    if getattr(family.transformer, "peft_config", None):
+    """Runs the block on `adapter` (`None`: the base model); a transformer without adapters is the base model,
+    unless it is being fully fine-tuned (its weight sets stand in for the adapters)."""
+    if getattr(family.transformer, "peft_config", None) or full_weights_of(family.transformer) is not None:
         with active_adapter(family.transformer, adapter):
             yield
     elif adapter is not None:

@@ -2,7 +2,8 @@
 2-GPU jobs, the worker (DOPSD_WORKER_GPUS=2 in the test stack; CPU ranks on gloo) starts its ranks as one torchrun
 group, rank 0 reports as a single-process job does, and the job ends exactly once, whatever happens to the group:
 a finished run, a cancel, a rank killed (the group restarts and resumes; killed again, the job goes back to the
-queue and resumes on its next attempt), a lost lease, a killed worker. No rank outlives its attempt."""
+queue and resumes on its next attempt), a lost lease, a killed worker. No rank outlives its attempt. A full
+fine-tune on two processes leaves the transformer in diffusers' format beside its extracted adapter."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import signal
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -177,3 +179,25 @@ def test_a_killed_worker_takes_its_ranks_with_it(prod_stack: Stack) -> None:
         no_ranks_left(job["id"], within_s=10)
         prod_stack.restart_worker()
         succeeded_on_attempt(client, job["id"], 2, steps=30)
+
+
+def test_a_full_fine_tune_on_two_processes_leaves_a_transformer_that_loads(prod_stack: Stack, tmp_path: Path) -> None:
+    key = prod_stack.create_key("two-processes-full")
+    with prod_stack.client(key) as client:
+        job = submit(client, steps=4, finetune="full", extract_lora_rank=4, learning_rate=1e-4)
+        succeeded_on_attempt(client, job["id"], 1, steps=4)
+        artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
+        model = {name: a for name, a in artifacts.items() if a["kind"] == "model"}
+        assert set(model) == {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"}
+        folder = tmp_path / "transformer"
+        folder.mkdir()
+        for name, artifact in model.items():
+            (tmp_path / name).write_bytes(httpx.get(artifact["url"], timeout=30).content)
+        assert artifacts["pytorch_lora_weights.safetensors"]["kind"] == "adapter"
+        metrics = metrics_of(client, job["id"])
+        assert metrics["finetune"] == "full" and metrics["distributed"]["replicas_identical"] is True
+        assert metrics["lora_extraction"]["rank"] == 4
+    from diffusers import ZImageTransformer2DModel
+
+    loaded = ZImageTransformer2DModel.from_pretrained(folder)
+    assert sum(p.numel() for p in loaded.parameters()) > 0
