@@ -25,7 +25,7 @@ from dopsd.lora import read_adapter_file
 from dopsd.lora_extraction import extract_lora
 from dopsd.models.loading import load_family_for
 from dopsd.outputs import TRANSFORMER_FOLDER
-from tests.dopsd.test_distributed import cli_args, cli_env, one_thread
+from tests.dopsd.test_distributed import cli_args, cli_env, one_thread, run_settings
 from tests.pace import PACE
 
 
@@ -38,24 +38,16 @@ ATOL = 0.05 * LEARNING_RATE
 
 
 def settings(out: Path, example_dir: Path, **given: Any) -> dict[str, Any]:
-    """A 6-step full fine-tune of the example concept with an extracted rank-4 LoRA, checkpoints every 3 steps."""
-    return {
-        "preset": "tiny-z-image",
-        "instance_data_dir": str(example_dir),
-        "captions": json.loads((example_dir / "captions.json").read_text()),
-        "trigger": "sks",
-        "output_dir": str(out),
+    """A 6-step full fine-tune of the example concept with an extracted rank-4 LoRA, checkpoints every 3 steps (the
+    LoRA runs' settings otherwise)."""
+    full = {
         "finetune": "full",
         "extract_lora_rank": 4,
         "learning_rate": LEARNING_RATE,
         "max_train_steps": 6,
         "checkpointing_steps": 3,
-        "validation_prompts": ["a photo of [V]"],
-        "sample_seeds": [0],
-        "gap_eval_seeds": 1,
-        "eval_seeds": 0,
-        **given,
     }
+    return run_settings(out, example_dir, **{**full, **given})
 
 
 def transformer_weights(out: Path) -> dict[str, torch.Tensor]:
