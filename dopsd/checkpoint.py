@@ -166,7 +166,7 @@ def save_checkpoint(
     state: TrainerState,
     student: dict[str, torch.Tensor],
     teacher: dict[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any],
     noise_rng: torch.Generator,
     config: DOPSDConfig,
     keep: int,
@@ -182,7 +182,8 @@ def save_checkpoint(
         save_file(student, str(tmp / "student.safetensors"))
         if teacher is not None:
             save_file(teacher, str(tmp / "teacher.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        # The optimizer, or its state (a full fine-tune's, gathered by parameter name).
+        torch.save(dict(optimizer) if isinstance(optimizer, Mapping) else optimizer.state_dict(), tmp / "optimizer.pt")
         # The global torch RNG drives LoRA dropout; the noise generator drives the roll-outs.
         save_file(
             {"noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors")

@@ -214,6 +214,14 @@ class Group:
                 g.copy_(part.view_as(g))
         return float(flags[-1]) / self.world_size
 
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the ranks (a step's loss, where the gradients were averaged elsewhere)."""
+        if not self.distributed:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total, group=self.control_group)
+        return float(total) / self.world_size
+
     def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Copies rank 0's values of `params` to every rank (the adapters at the start, so all ranks begin alike
         whatever each one's random init did)."""

@@ -23,13 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dopsd.data import DataError
-from dopsd.full_weights import (
-    full_weights_of,
-    load_student_state,
-    load_teacher_state,
-    student_state,
-    weights_in_place,
-)
+from dopsd.full_weights import full_state, full_weights_of, in_role, load_full_state
 
 
 STUDENT_ADAPTER = "student"
@@ -185,10 +179,7 @@ def active_adapter(transformer: torch.nn.Module, adapter: str | None) -> Iterato
     On a fully fine-tuned transformer (`dopsd.full_weights`) the teacher and the base are its weight sets."""
     full = full_weights_of(transformer)
     if full is not None:
-        tensors = {None: full.base, TEACHER_ADAPTER: full.teacher, STUDENT_ADAPTER: None}.get(adapter)
-        if adapter == TEACHER_ADAPTER and tensors is None:
-            raise ValueError("this full fine-tuning run has no EMA teacher")
-        with weights_in_place(transformer, tensors) if tensors is not None else contextlib.nullcontext():
+        with in_role(full, adapter):
             yield
         return
     if adapter is None:
@@ -210,9 +201,7 @@ def adapter_state(transformer: torch.nn.Module, adapter: str) -> dict[str, torch
     fully fine-tuned transformer, every weight of the student or of the EMA teacher."""
     full = full_weights_of(transformer)
     if full is not None:
-        if adapter == TEACHER_ADAPTER:
-            return {k: v.detach().clone().contiguous() for k, v in (full.teacher or {}).items()}
-        return student_state(transformer)
+        return full_state(full.module(adapter))
     state = get_peft_model_state_dict(transformer, adapter_name=adapter)
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
@@ -221,10 +210,7 @@ def load_adapter_state(transformer: torch.nn.Module, adapter: str, state: dict[s
     """Loads tensors from `adapter_state` into an existing adapter; any unmatched key is an error."""
     full = full_weights_of(transformer)
     if full is not None:
-        if adapter == TEACHER_ADAPTER:
-            load_teacher_state(full, state)
-        else:
-            load_student_state(transformer, state)
+        load_full_state(full.module(adapter), state)
         return
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter)
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]

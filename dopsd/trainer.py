@@ -9,6 +9,7 @@ and teacher then start from its weights instead of the base model's, and the rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -54,7 +55,14 @@ from dopsd.evaluation.retention import (
     unavailable,
 )
 from dopsd.evidence import REPORT_NAME, Evidence
-from dopsd.full_weights import attach_full_weights, detach_full_weights, full_weights_of
+from dopsd.full_weights import (
+    attach_full_weights,
+    detach_full_weights,
+    full_weights_of,
+    gathered,
+    load_optimizer_state,
+    optimizer_state,
+)
 from dopsd.lora import (
     LORA_WEIGHT_NAME,
     STUDENT_ADAPTER,
@@ -234,7 +242,7 @@ def _train(
     if full:
         extract = cfg.extract_lora_rank or cfg.rank
         lora_config = make_lora_config(extract, float(extract), 0.0, targets)
-        attach_full_weights(family.transformer, with_teacher=cfg.teacher_mode == "ema")
+        attach_full_weights(family.pipeline, with_teacher=cfg.teacher_mode == "ema", shard=group.distributed)
     else:
         lora_config = make_lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_dropout, targets)
         from_adapter = cfg.init_adapter is not None and cfg.init_teacher == "adapter"
@@ -446,7 +454,11 @@ class _Run:
         load_adapter_state(self.transformer, STUDENT_ADAPTER, ckpt.student)
         if ckpt.teacher is not None and self.has_teacher:
             load_adapter_state(self.transformer, TEACHER_ADAPTER, ckpt.teacher)
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        full = full_weights_of(self.transformer)
+        if full is not None:
+            load_optimizer_state(full.student, self.optimizer, ckpt.optimizer)
+        else:
+            self.optimizer.load_state_dict(ckpt.optimizer)
         self.noise_rng.set_state(ckpt.noise_rng)
         if ckpt.torch_rng is not None:
             torch.set_rng_state(ckpt.torch_rng)
@@ -454,7 +466,13 @@ class _Run:
         logger.info("resumed from %s at step %d", ckpt.path, ckpt.state.step)
         return ckpt.state
 
-    def checkpoint(self, state: TrainerState) -> Path:
+    def optimizer_state(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """What a checkpoint keeps of the optimizer: a full fine-tune's state by parameter name, whole (gathered
+        from every rank: all ranks call this), so it resumes on any number of processes; a LoRA's as it is."""
+        full = full_weights_of(self.transformer)
+        return self.optimizer if full is None else optimizer_state(full.student, self.optimizer)
+
+    def checkpoint(self, state: TrainerState, optimizer: torch.optim.Optimizer | dict[str, Any]) -> Path:
         """Writes a checkpoint of `state` (atomically) and tells the callbacks."""
         state.data_rng = random_state_to_json(self.batches.rng)
         path = save_checkpoint(
@@ -462,7 +480,7 @@ class _Run:
             state=state,
             student=adapter_state(self.transformer, STUDENT_ADAPTER),
             teacher=adapter_state(self.transformer, TEACHER_ADAPTER) if self.has_teacher else None,
-            optimizer=self.optimizer,
+            optimizer=optimizer,
             noise_rng=self.noise_rng,
             config=self.cfg,
             keep=self.cfg.checkpoints_total_limit,
@@ -490,10 +508,14 @@ class _Run:
 
 
 def _clip_gradients(params: AdapterParameters, max_norm: float) -> float:
-    """Clips the student's gradient to `max_norm` (0: no clipping) and returns its norm before clipping."""
+    """Clips the student's gradient to `max_norm` (0: no clipping) and returns its norm before clipping (over every
+    rank's shard where the student is sharded)."""
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    full_tensor = getattr(norm, "full_tensor", None)  # a DTensor: the norm of every shard together
+    return float(full_tensor() if full_tensor is not None else norm)
 
 
 def _ask_callbacks(callbacks: Sequence[TrainerCallback], state: StepState) -> TrainerControl:
@@ -527,13 +549,15 @@ def _train_loop(
     # rate (as released).
     transformer = family.transformer
     params, teacher_params = _trained_parameters(transformer)
+    full = full_weights_of(transformer)
+    sharded = full is not None and full.sharded  # FSDP2 averages the gradients itself, and no rank holds it all
     optimizer = torch.optim.AdamW(
         params,
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
         weight_decay=cfg.adam_weight_decay,
-        fused=family.device.type == "cuda",
+        fused=family.device.type == "cuda" and not sharded,
     )
     on_cuda = family.device.type == "cuda"
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and on_cuda):
@@ -559,9 +583,11 @@ def _train_loop(
         state = run.resume()
     else:
         state = TrainerState(step=0, data_rng=None)
-        state.metrics["gap_before"] = group.on_main(gap.measure)
+        with _whole(family, group):
+            state.metrics["gap_before"] = group.on_main(gap.measure)
         state.metrics["init_adapter"] = _init_record(cfg, init)
-    group.broadcast_parameters(params + teacher_params)  # every rank starts from rank 0's adapters
+    if not sharded:  # every rank starts from rank 0's adapters (sharded copies of the same base start alike)
+        group.broadcast_parameters(params + teacher_params)
 
     def sample_and_check(step: int) -> None:  # rank 0's work; the others wait for it
         run.samples(step)
@@ -598,7 +624,7 @@ def _train_loop(
                 loss_scale=1.0 / cfg.gradient_accumulation_steps,
             )
             step_loss += loss / cfg.gradient_accumulation_steps
-        step_loss = group.average_gradients(params, step_loss)
+        step_loss = group.mean(step_loss) if sharded else group.average_gradients(params, step_loss)
         grad_norm = _clip_gradients(params, cfg.max_grad_norm)
         optimizer.step()
         if teacher_params and cfg.teacher_mode == "ema":  # a frozen teacher adapter (a continued run's) stays
@@ -624,20 +650,66 @@ def _train_loop(
         ))  # fmt: skip
         due = cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0 and state.step < total
         if control.should_save or control.should_stop or due:
-            path = group.on_main(lambda: run.checkpoint(state))
+            optimizer_now = run.optimizer_state()  # of the student as it trains (sharded, where it is)
+            with _whole(family, group):
+                path = group.on_main(partial(run.checkpoint, state, optimizer_now))
             if control.should_stop:
                 raise TrainingCancelled(state.step, str(path))
         if cfg.sample_every and state.step % cfg.sample_every == 0 and state.step < total:
-            group.on_main(partial(sample_and_check, state.step))
+            with _whole(family, group):
+                group.on_main(partial(sample_and_check, state.step))
 
     # Outputs. The adapter (and config.json) first: what follows (the report, the gap, the final samples, the
     # format conversion) can still fail, and a failure there leaves the run with its adapter and a warning instead
     # of losing the trained weights. metrics.json last. Rank 0 alone: the others wait for its result, once every
     # rank has shown the digests of its adapters (identical replicas, or a warning).
     train_s = time.perf_counter() - t_loop
-    replicas = group.replica_digests({"student": params.named(), "teacher": teacher_params.named()})
-    if not group.main_only():
-        return cast(TrainingResult, group.main_result())
+    replicas = (
+        None if sharded else group.replica_digests({"student": params.named(), "teacher": teacher_params.named()})
+    )
+    with _whole(family, group):
+        if not group.main_only():
+            return cast(TrainingResult, group.main_result())
+        return _outputs(
+            cfg, family, dataset, evidence, gap, run, state, lora_metadata, callbacks, out, load_s,
+            train_s=train_s, start_step=start_step, retention=retention, group=group, replicas=replicas,
+            sharded=sharded,
+        )  # fmt: skip
+
+
+def _whole(family: ModelFamily, group: Group) -> contextlib.AbstractContextManager[None]:
+    """Around work rank 0 does alone: for a sharded full fine-tune, every rank gathers the whole student and teacher
+    for it (`dopsd.full_weights.gathered`); otherwise nothing."""
+    full = full_weights_of(family.transformer)
+    if full is None:
+        return contextlib.nullcontext()
+    return gathered(full, is_main=group.is_main)
+
+
+def _outputs(
+    cfg: DOPSDConfig,
+    family: ModelFamily,
+    dataset: ConceptDataset,
+    evidence: Evidence,
+    gap: _GapProbe,
+    run: _Run,
+    state: TrainerState,
+    lora_metadata: dict[str, Any],
+    callbacks: Sequence[TrainerCallback],
+    out: Path,
+    load_s: float,
+    *,
+    train_s: float,
+    start_step: int,
+    retention: RetentionInputs | str | None,
+    group: Group,
+    replicas: dict[str, list[str]] | None,
+    sharded: bool,
+) -> TrainingResult:
+    """Rank 0's outputs after the last step: the adapter (or a full fine-tune's transformer) first, then the report,
+    the gap, the final samples, the other formats and `metrics.json`, each stage after the weights allowed to fail
+    into a warning."""
+    transformer = family.transformer
     transformer.eval()
     extraction = None
     if cfg.finetune == "full":
@@ -717,6 +789,7 @@ def _train_loop(
     metrics["distributed"] = group.summary(
         replicas, batch=global_batch_size(group.world_size, cfg.train_batch_size, cfg.gradient_accumulation_steps)
     )
+    metrics["distributed"]["sharded"] = sharded
     if metrics["distributed"]["replicas_identical"] is False:
         after.warnings.append(RunWarning("distributed", "the ranks' adapters differ (metrics.json: replica_sha256)"))
     metrics["warnings"] = [asdict(w) for w in after.warnings]
@@ -732,8 +805,8 @@ def _trained_parameters(transformer: torch.nn.Module) -> tuple[AdapterParameters
     full = full_weights_of(transformer)
     if full is None:
         return student_parameters(transformer), teacher_parameters(transformer)
-    teacher = cast(Any, (full.teacher or {}).items())  # tensors, named like the parameters they follow
-    return AdapterParameters(transformer.named_parameters()), AdapterParameters(teacher)
+    teacher = full.teacher.named_parameters() if full.teacher is not None else ()
+    return AdapterParameters(full.student.named_parameters()), AdapterParameters(teacher)
 
 
 def _write_full_outputs(
@@ -744,11 +817,12 @@ def _write_full_outputs(
     transformer folder without one) and the extraction."""
     full = full_weights_of(family.transformer)
     assert full is not None
-    write_transformer(out, family.transformer, full.base)
+    base = full.base_tensors()
+    write_transformer(out, full.student, base)
     if cfg.extract_lora_rank is None:
         cfg.save(out / CONFIG_FILE)
         return out / TRANSFORMER_FOLDER, None
-    extraction = extract_lora(family.transformer, full.base, family.lora_target_modules, cfg.extract_lora_rank)
+    extraction = extract_lora(full.student, base, family.lora_target_modules, cfg.extract_lora_rank)
     return write_adapter(out, family, extraction.state, lora_metadata, cfg, steps), extraction
 
 

@@ -195,7 +195,7 @@ def test_a_full_fine_tune_on_two_processes_leaves_a_transformer_that_loads(prod_
             (tmp_path / name).write_bytes(httpx.get(artifact["url"], timeout=30).content)
         assert artifacts["pytorch_lora_weights.safetensors"]["kind"] == "adapter"
         metrics = metrics_of(client, job["id"])
-        assert metrics["finetune"] == "full" and metrics["distributed"]["replicas_identical"] is True
+        assert metrics["finetune"] == "full" and metrics["distributed"]["sharded"] is True
         assert metrics["lora_extraction"]["rank"] == 4
     from diffusers import ZImageTransformer2DModel
 
