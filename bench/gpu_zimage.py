@@ -55,6 +55,7 @@ from peft.helpers import disable_input_dtype_casting
 from PIL import Image
 
 from bench.common import build_family, default_dtype, dopsd_step, sft_step, target_image, timed
+from dopsd.fast_path import CompiledGraphs, compile_blocks, set_attention_backend
 from dopsd.lora import add_adapters, make_lora_config, student_parameters, teacher_parameters
 from dopsd.models import tiny
 from dopsd.models.base import Cond
@@ -304,6 +305,39 @@ def run_config(
     return record
 
 
+def run_fast_path(
+    bench: Bench, args: argparse.Namespace, top: int, warmup: int, repeats: int,
+    conds: tuple[list[Cond], list[Cond]],
+) -> None:  # fmt: skip
+    """The D-OPSD step with each `--attention-backends` backend, then (`--compile`) with the repeated blocks
+    compiled: its first step's compile time and the graphs made in the timed steps (none, if switching teacher and
+    student adapters never recompiles) in the record."""
+    for backend in [b for b in args.attention_backends.split(",") if b]:
+        try:
+            set_attention_backend(bench.family, backend)
+        except Exception as exc:  # not installed, or not for this card
+            bench.emit({"bench": "gpu_zimage", "method": "dopsd", "attention_backend": backend, "error": str(exc)})
+            continue
+        run_config(bench, resolution=top, method="dopsd", checkpointing=True, warmup=warmup, repeats=repeats,
+                   conds=conds, extra={"attention_backend": backend})  # fmt: skip
+        set_attention_backend(bench.family, "native")
+    if args.compile:
+        started = time.perf_counter()
+        compile_blocks(bench.family, args.compile_backend)
+        graphs = CompiledGraphs(enabled=True)
+        graphs.start()  # the first steps compile every variant the roll-out needs (timed: the step after them)
+        run_config(bench, resolution=top, method="dopsd", checkpointing=True, warmup=max(1, warmup), repeats=1,
+                   conds=conds, extra={"compiled": args.compile_backend, "phase": "compile"})  # fmt: skip
+        graphs.end(first=True)
+        compile_s = time.perf_counter() - started
+        graphs.start()
+        run_config(bench, resolution=top, method="dopsd", checkpointing=True, warmup=0, repeats=repeats, conds=conds,
+                   extra={"compiled": args.compile_backend, "compile_and_warmup_s": round(compile_s, 1)})  # fmt: skip
+        graphs.end(first=False)
+        bench.emit({"bench": "gpu_zimage", "event": "compiled", "backend": args.compile_backend,
+                    "graphs_compile_phase": graphs.first_step, "graphs_timed_steps": graphs.later_steps})  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line, builds the model once, runs the configurations in priority order."""
     parser = argparse.ArgumentParser(description="Full-size Z-Image D-OPSD / SFT steps on one GPU, JSON lines")
@@ -323,6 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-batches", action="store_true", help="time only batch 1 and --batches at the top resolution"
     )
+    parser.add_argument(
+        "--attention-backends",
+        default="",
+        help="also time the D-OPSD step at the top resolution with each of these diffusers attention backends "
+        "(e.g. flash,_native_cudnn,_native_flash), against native in the same run",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="last, time the D-OPSD step with the repeated blocks compiled"
+    )
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     cfg = QUICK_TRANSFORMER if args.quick else REAL_TRANSFORMER
@@ -417,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Reference-style: both encoders resident and run every step (no feature caching), then the same D-OPSD step.
     if not args.no_reference and ok.get(top):
         run_reference(bench, args.quick, top, warmup, repeats)
+    # 6. The fast path's levers at the top resolution, each against `dopsd` (native attention, eager) above.
+    if ok.get(top):
+        run_fast_path(bench, args, top, warmup, repeats, conds_for(top))
     emit({"bench": "gpu_zimage", "event": "done", "total_s": round(time.perf_counter() - t0, 1)})
     return 0
 

@@ -462,6 +462,17 @@ class DOPSDConfig:
         default=None,
         help="Local folder of a CLIP or DINOv2 model for the report's similarity figures (never downloaded).",
     )
+    compile_blocks: bool = setting(
+        default=False,
+        help="torch.compile the transformer's repeated blocks (diffusers' compile_repeated_blocks, dynamic shapes); "
+        "the teacher, student and base variants compile in the first step and never again (metrics.json: compile).",
+        public=Public(description="Compile the transformer's repeated blocks with torch.compile (GPU workers)."),
+    )
+    compile_backend: str = setting(
+        default="inductor",
+        min_length=1,
+        help="torch.compile backend of compile_blocks (`aot_eager` traces without generating code: the CPU tests').",
+    )
     mixed_precision: MixedPrecision = setting(default="auto", help="`bf16` on CUDA by default; `no`.")
     device: Device = setting(default="auto", help="`auto` picks CUDA when present.")
     gradient_checkpointing: bool | None = setting(default=None, help="Default: on for CUDA, off on CPU.")

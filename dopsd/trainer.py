@@ -55,6 +55,7 @@ from dopsd.evaluation.retention import (
     unavailable,
 )
 from dopsd.evidence import REPORT_NAME, Evidence
+from dopsd.fast_path import CompiledGraphs, compile_blocks
 from dopsd.full_weights import (
     attach_full_weights,
     detach_full_weights,
@@ -251,6 +252,8 @@ def _train(
             lora_config,
             with_teacher=needs_teacher_adapter(cfg.teacher_mode, from_adapter=from_adapter),
         )
+    if cfg.compile_blocks:
+        compile_blocks(family, cfg.compile_backend)
     try:
         if init is not None and not cfg.resume_from:
             start_from(family.transformer, init.state, teacher=cfg.init_teacher == "adapter")
@@ -604,8 +607,10 @@ def _train_loop(
         cb.on_train_begin(total, state.step)
     t_loop = time.perf_counter()
     start_step = state.step
+    compiled = CompiledGraphs(cfg.compile_blocks)
     while state.step < total:
         transformer.train()  # LoRA dropout (if any) acts on the student only; the teacher adapter has none
+        compiled.start()
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.gradient_accumulation_steps):
@@ -629,6 +634,7 @@ def _train_loop(
         optimizer.step()
         if teacher_params and cfg.teacher_mode == "ema":  # a frozen teacher adapter (a continued run's) stays
             ema_update(teacher_params, params, cfg.ema_decay)
+        compiled.end(first=state.step == start_step)
         state.step += 1
         state.loss_history.append(step_loss)
         state.grad_norm_history.append(grad_norm)
@@ -673,7 +679,7 @@ def _train_loop(
         return _outputs(
             cfg, family, dataset, evidence, gap, run, state, lora_metadata, callbacks, out, load_s,
             train_s=train_s, start_step=start_step, retention=retention, group=group, replicas=replicas,
-            sharded=sharded,
+            sharded=sharded, compiled=compiled.summary(cfg.compile_backend),
         )  # fmt: skip
 
 
@@ -705,6 +711,7 @@ def _outputs(
     group: Group,
     replicas: dict[str, list[str]] | None,
     sharded: bool,
+    compiled: dict[str, Any] | None,
 ) -> TrainingResult:
     """Rank 0's outputs after the last step: the adapter (or a full fine-tune's transformer) first, then the report,
     the gap, the final samples, the other formats and `metrics.json`, each stage after the weights allowed to fail
@@ -770,6 +777,7 @@ def _outputs(
     )
     metrics["kept_step"] = adapter_step
     metrics["finetune"] = cfg.finetune
+    metrics["compile"] = compiled
     if extraction is not None:
         metrics["lora_extraction"] = extraction.summary()
     metrics["init_adapter"] = state.metrics.get("init_adapter")

@@ -16,7 +16,10 @@ def test_quick_mode_runs_every_configuration_and_writes_json_lines(tmp_path: Pat
     """`bench/gpu_zimage.py --quick`: setup line, D-OPSD/SFT at two sizes, the batching lever, checkpointing off,
     the reference-style step and its cached twin; each also appended to the --out file."""
     out = tmp_path / "gpu_zimage.jsonl"
-    printed = run_bench("gpu_zimage.py", "--quick", "--out", str(out), timeout_s=180)
+    printed = run_bench(
+        "gpu_zimage.py", "--quick", "--out", str(out), "--attention-backends", "native",
+        "--compile", "--compile-backend", "aot_eager", timeout_s=300,
+    )  # fmt: skip
     assert printed == [json.loads(line) for line in out.read_text().splitlines()]
     assert printed[0]["event"] == "setup" and printed[-1]["event"] == "done"
     steps = [r for r in printed if "step_s" in r]
@@ -25,6 +28,12 @@ def test_quick_mode_runs_every_configuration_and_writes_json_lines(tmp_path: Pat
         (64, "dopsd-live-batched", True), (64, "dopsd-ema-batched", True), (128, "dopsd", False),
         (128, "reference", True),
     }  # fmt: skip
+    # The fast path's levers: an attention backend by name, and compiled blocks that compile in their first steps only.
+    assert any(r.get("attention_backend") == "native" for r in steps)
+    timed = [r for r in steps if r.get("compiled")]
+    assert len(timed) == 2 and timed[0]["phase"] == "compile" and "compile_and_warmup_s" in timed[1]
+    compiled = next(r for r in printed if r.get("event") == "compiled")
+    assert compiled["graphs_compile_phase"] > 0 and compiled["graphs_timed_steps"] == 0
     for record in steps:
         assert record["step_s"] > 0 and record["loss_finite"], record
         assert record["image_tokens"] == (record["resolution"] // 16) ** 2
