@@ -475,7 +475,11 @@ class DOPSDConfig:
     )
     mixed_precision: MixedPrecision = setting(default="auto", help="`bf16` on CUDA by default; `no`.")
     device: Device = setting(default="auto", help="`auto` picks CUDA when present.")
-    gradient_checkpointing: bool | None = setting(default=None, help="Default: on for CUDA, off on CPU.")
+    gradient_checkpointing: bool | None = setting(
+        default=None,
+        help="Recompute activations in the backward pass (less memory, slower steps). Unset: off until a step runs "
+        "out of GPU memory without it, then that step again with it, and on from there (several GPUs: on).",
+    )
 
     def __post_init__(self) -> None:
         errors = validation_errors(self)

@@ -510,6 +510,83 @@ class _Run:
         return samples
 
 
+@dataclass
+class _Checkpointing:
+    """Gradient checkpointing (activations recomputed in the backward pass: less memory, slower steps), by the
+    run's `gradient_checkpointing`: on, off, or unset (`auto`): off, until a step runs out of GPU memory without it;
+    that step is then run again, on the same samples and noise, with it on, and it stays on. With several
+    processes `auto` is on from the start on a GPU (one rank cannot retry a step while the others wait in its
+    collectives)."""
+
+    transformer: torch.nn.Module
+    policy: str  # "on", "off" or "auto"
+    enabled: bool
+    turned_on_at_step: int | None = None
+
+    @classmethod
+    def for_run(cls, cfg: DOPSDConfig, transformer: torch.nn.Module, *, cuda: bool, group: Group) -> _Checkpointing:
+        """The run's policy, applied to the transformer."""
+        if cfg.gradient_checkpointing is not None:
+            policy, enabled = ("on", True) if cfg.gradient_checkpointing else ("off", False)
+        else:
+            policy, enabled = "auto", cuda and group.distributed
+        if enabled:
+            transformer.enable_gradient_checkpointing()  # type: ignore[operator]
+        return cls(transformer=transformer, policy=policy, enabled=enabled)
+
+    def run_step(
+        self, rollouts: Callable[[], float], run: _Run, optimizer: torch.optim.Optimizer, *, step: int
+    ) -> float:
+        """The step's roll-outs (gradients zeroed first); under `auto`, one that runs out of memory without
+        checkpointing runs again with it, from the same random states."""
+        retry = self.policy == "auto" and not self.enabled
+        states = _RandomStates.of(run) if retry else None
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            return rollouts()
+        except torch.OutOfMemoryError:
+            if states is None:
+                raise
+            logger.warning("step %d ran out of memory without gradient checkpointing; it runs again with it", step)
+        # Out of the handler, so its traceback (and the activations it holds) is gone before the retry.
+        optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.transformer.enable_gradient_checkpointing()  # type: ignore[operator]
+        self.enabled, self.turned_on_at_step = True, step
+        assert states is not None
+        states.restore(run)
+        return rollouts()
+
+    def summary(self) -> dict[str, Any]:
+        """What `metrics.json` says of checkpointing: the policy, whether it ended on, the step that turned it on."""
+        return {"policy": self.policy, "enabled": self.enabled, "turned_on_at_step": self.turned_on_at_step}
+
+
+@dataclass(frozen=True)
+class _RandomStates:
+    """The random states a step draws from (its samples, its noise, dropout), to run the step again alike."""
+
+    data: Any
+    noise: torch.Tensor
+    torch_cpu: torch.Tensor
+    torch_cuda: list[torch.Tensor] | None
+
+    @classmethod
+    def of(cls, run: _Run) -> _RandomStates:
+        """The states now."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        return cls(run.batches.rng.getstate(), run.noise_rng.get_state(), torch.get_rng_state(), cuda)
+
+    def restore(self, run: _Run) -> None:
+        """Puts the states back."""
+        run.batches.rng.setstate(self.data)
+        run.noise_rng.set_state(self.noise)
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda is not None:
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+
+
 def _clip_gradients(params: AdapterParameters, max_norm: float) -> float:
     """Clips the student's gradient to `max_norm` (0: no clipping) and returns its norm before clipping (over every
     rank's shard where the student is sharded)."""
@@ -562,9 +639,7 @@ def _train_loop(
         weight_decay=cfg.adam_weight_decay,
         fused=family.device.type == "cuda" and not sharded,
     )
-    on_cuda = family.device.type == "cuda"
-    if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and on_cuda):
-        transformer.enable_gradient_checkpointing()  # recomputes activations in the backward pass to save memory
+    checkpointing = _Checkpointing.for_run(cfg, transformer, cuda=family.device.type == "cuda", group=group)
     from_adapter = cfg.init_adapter is not None and cfg.init_teacher == "adapter"
     teacher_adapter = teacher_adapter_for(cfg.teacher_mode, from_adapter=from_adapter)
     gap = _GapProbe(cfg, family, pairs)
@@ -608,10 +683,8 @@ def _train_loop(
     t_loop = time.perf_counter()
     start_step = state.step
     compiled = CompiledGraphs(cfg.compile_blocks)
-    while state.step < total:
-        transformer.train()  # LoRA dropout (if any) acts on the student only; the teacher adapter has none
-        compiled.start()
-        optimizer.zero_grad(set_to_none=True)
+
+    def rollouts() -> float:  # the step's roll-outs and backward passes, over its micro-batches
         step_loss = 0.0
         for _ in range(cfg.gradient_accumulation_steps):
             batch = run.batches.next()
@@ -629,6 +702,12 @@ def _train_loop(
                 loss_scale=1.0 / cfg.gradient_accumulation_steps,
             )
             step_loss += loss / cfg.gradient_accumulation_steps
+        return step_loss
+
+    while state.step < total:
+        transformer.train()  # LoRA dropout (if any) acts on the student only; the teacher adapter has none
+        compiled.start()
+        step_loss = checkpointing.run_step(rollouts, run, optimizer, step=state.step + 1)
         step_loss = group.mean(step_loss) if sharded else group.average_gradients(params, step_loss)
         grad_norm = _clip_gradients(params, cfg.max_grad_norm)
         optimizer.step()
@@ -680,6 +759,7 @@ def _train_loop(
             cfg, family, dataset, evidence, gap, run, state, lora_metadata, callbacks, out, load_s,
             train_s=train_s, start_step=start_step, retention=retention, group=group, replicas=replicas,
             sharded=sharded, compiled=compiled.summary(cfg.compile_backend),
+            checkpointing_summary=checkpointing.summary(),
         )  # fmt: skip
 
 
@@ -712,6 +792,7 @@ def _outputs(
     replicas: dict[str, list[str]] | None,
     sharded: bool,
     compiled: dict[str, Any] | None,
+    checkpointing_summary: dict[str, Any],
 ) -> TrainingResult:
     """Rank 0's outputs after the last step: the adapter (or a full fine-tune's transformer) first, then the report,
     the gap, the final samples, the other formats and `metrics.json`, each stage after the weights allowed to fail
@@ -778,6 +859,7 @@ def _outputs(
     metrics["kept_step"] = adapter_step
     metrics["finetune"] = cfg.finetune
     metrics["compile"] = compiled
+    metrics["gradient_checkpointing"] = checkpointing_summary
     if extraction is not None:
         metrics["lora_extraction"] = extraction.summary()
     metrics["init_adapter"] = state.metrics.get("init_adapter")
