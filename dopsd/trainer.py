@@ -532,6 +532,8 @@ class _Checkpointing:
             policy, enabled = "auto", cuda and group.distributed
         if enabled:
             transformer.enable_gradient_checkpointing()  # type: ignore[operator]
+        elif getattr(transformer, "is_gradient_checkpointing", False):  # a cached model, from an earlier run
+            transformer.disable_gradient_checkpointing()  # type: ignore[operator]
         return cls(transformer=transformer, policy=policy, enabled=enabled)
 
     def run_step(

@@ -55,3 +55,13 @@ def test_checkpointing_set_on_or_off_is_kept(tmp_path: Path, example_dir: Path) 
         )
     summary = json.loads((tmp_path / "metrics.json").read_text())["gradient_checkpointing"]
     assert summary == {"policy": "off", "enabled": False, "turned_on_at_step": None}
+
+
+def test_a_cached_model_does_not_carry_checkpointing_into_the_next_run(tmp_path: Path, example_dir: Path) -> None:
+    cfg = DOPSDConfig.for_preset(**run_settings(tmp_path, example_dir, max_train_steps=1))
+    family = load_family_for(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    with one_thread():
+        train(cfg.with_changes(gradient_checkpointing=True), family=family)
+        train(cfg.with_changes(output_dir=str(tmp_path / "next")), family=family)
+    summary = json.loads((tmp_path / "next" / "metrics.json").read_text())["gradient_checkpointing"]
+    assert summary["enabled"] is False and not family.transformer.is_gradient_checkpointing
