@@ -214,3 +214,19 @@ def test_settings_that_mean_nothing_for_a_full_fine_tune_are_refused(given: dict
     assert not validation_errors(DOPSDConfig.for_preset("tiny-z-image", finetune="full"))
     with pytest.raises(ValueError, match=re.escape(refused)):
         DOPSDConfig.for_preset("tiny-z-image", **given)
+
+
+def test_flux2_klein_fine_tunes_in_full_on_two_sharded_processes(tmp_path: Path, example_dir: Path) -> None:
+    """FLUX.2-klein's transformer (double- and single-stream block lists, each block sharded) through the same
+    path: the run writes its transformer, which loads, and an adapter of its change."""
+    given = settings(tmp_path, example_dir, preset="tiny-flux2-klein", num_processes=2, max_train_steps=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "dopsd", *cli_args({**given, "checkpointing_steps": 0})],
+        capture_output=True, text=True, env=cli_env(), timeout=PACE.patience_s * 4,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    family = base_family(DOPSDConfig.load(tmp_path / "config.json"))
+    reloaded = type(family.transformer).from_pretrained(tmp_path, subfolder=TRANSFORMER_FOLDER)
+    assert reloaded.state_dict().keys() == family.transformer.state_dict().keys()
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["distributed"]["sharded"] is True and metrics["lora_extraction"]["layers"] > 0
