@@ -55,12 +55,20 @@ from peft.helpers import disable_input_dtype_casting
 from PIL import Image
 
 from bench.common import build_family, default_dtype, dopsd_step, sft_step, target_image, timed
-from dopsd.fast_path import CompiledGraphs, compile_blocks, set_attention_backend
+from dopsd.config import DISTILL4_SIGMAS
+from dopsd.fast_path import (
+    CompiledGraphs,
+    compile_blocks,
+    fp8_base_layers,
+    restore_linear_layers,
+    set_attention_backend,
+)
 from dopsd.lora import add_adapters, make_lora_config, student_parameters, teacher_parameters
 from dopsd.models import tiny
 from dopsd.models.base import Cond
 from dopsd.models.loading import TINY_SEED
 from dopsd.models.z_image import ZImageFamily
+from dopsd.rollout import distillation_rollout
 
 
 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -321,6 +329,8 @@ def run_fast_path(
         run_config(bench, resolution=top, method="dopsd", checkpointing=True, warmup=warmup, repeats=repeats,
                    conds=conds, extra={"attention_backend": backend})  # fmt: skip
         set_attention_backend(bench.family, "native")
+    if args.fp8:
+        run_fp8(bench, top, warmup, repeats, conds, emulate=bench.device.type != "cuda")
     if args.compile:
         started = time.perf_counter()
         compile_blocks(bench.family, args.compile_backend)
@@ -336,6 +346,47 @@ def run_fast_path(
         graphs.end(first=False)
         bench.emit({"bench": "gpu_zimage", "event": "compiled", "backend": args.compile_backend,
                     "graphs_compile_phase": graphs.first_step, "graphs_timed_steps": graphs.later_steps})  # fmt: skip
+
+
+def rollout_and_gradient(
+    bench: Bench, shape: tuple[int, ...], conds: tuple[list[Cond], list[Cond]]
+) -> tuple[float, torch.Tensor]:
+    """One D-OPSD roll-out's loss and the student's LoRA gradient (flattened, fp32) on fixed noise; no step."""
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(bench.device)
+    bench.optimizer.zero_grad(set_to_none=True)
+    loss = distillation_rollout(
+        bench.family, noise=noise, student_conds=conds[0], teacher_conds=conds[1], sigmas=list(DISTILL4_SIGMAS),
+        teacher_adapter="teacher", loss_space="x0", loss_scale=1.0,
+    )  # fmt: skip
+    grad = torch.cat([p.grad.float().reshape(-1) for p in bench.params if p.grad is not None])
+    bench.optimizer.zero_grad(set_to_none=True)
+    return loss, grad
+
+
+def run_fp8(
+    bench: Bench, top: int, warmup: int, repeats: int, conds: tuple[list[Cond], list[Cond]], *, emulate: bool
+) -> None:
+    """FP8 matmuls of the frozen base: first the loss and LoRA gradient of one roll-out against bf16 on the same
+    batch and noise, then the timed D-OPSD step, then the base back as it was."""
+    shape = (1, *bench.family.latent_shape(top, top))
+    exact_loss, exact_grad = rollout_and_gradient(bench, shape, conds)
+    try:
+        converted = fp8_base_layers(bench.family.transformer, emulate=emulate)
+    except Exception as exc:  # torchao missing, or a card without FP8
+        bench.emit({"bench": "gpu_zimage", "method": "dopsd", "fp8_base": True, "error": str(exc)})
+        return
+    try:
+        fp8_loss, fp8_grad = rollout_and_gradient(bench, shape, conds)
+        bench.emit({
+            "bench": "gpu_zimage", "event": "fp8_check", "resolution": top, "layers": converted, "emulated": emulate,
+            "loss_bf16": exact_loss, "loss_fp8": fp8_loss, "loss_relative_difference": abs(fp8_loss / exact_loss - 1),
+            "gradient_cosine": float(torch.nn.functional.cosine_similarity(fp8_grad, exact_grad, dim=0)),
+            "gradient_norm_ratio": float(fp8_grad.norm() / exact_grad.norm()),
+        })  # fmt: skip
+        run_config(bench, resolution=top, method="dopsd", checkpointing=True, warmup=warmup, repeats=repeats,
+                   conds=conds, extra={"fp8_base": True, "emulated": emulate})  # fmt: skip
+    finally:
+        restore_linear_layers(bench.family.transformer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", action="store_true", help="last, time the D-OPSD step with the repeated blocks compiled"
     )
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile")
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="time the D-OPSD step with the frozen base in FP8 (torchao), after comparing its loss and LoRA "
+        "gradients with bf16 on the same batch (emulated FP8 with --quick)",
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     cfg = QUICK_TRANSFORMER if args.quick else REAL_TRANSFORMER

@@ -462,6 +462,11 @@ class DOPSDConfig:
         default=None,
         help="Local folder of a CLIP or DINOv2 model for the report's similarity figures (never downloaded).",
     )
+    fp8_base: bool = setting(
+        default=False,
+        help="FP8 matmuls of the frozen base's linear layers in the blocks (torchao float8 training, tensorwise "
+        "scaling; a GPU of compute capability 8.9 or more, emulated on the CPU); LoRA runs only.",
+    )
     compile_blocks: bool = setting(
         default=False,
         help="torch.compile the transformer's repeated blocks (diffusers' compile_repeated_blocks, dynamic shapes); "
@@ -741,6 +746,8 @@ def validation_errors(cfg: DOPSDConfig) -> list[str]:
             errors.append("`init_adapter` continues a LoRA; `finetune: full` starts from the base model's weights")
         if cfg.keep == "best":
             errors.append("`keep: best` is for LoRA runs (it keeps a copy per evaluated step); use `keep: last`")
+        if cfg.fp8_base:
+            errors.append("`fp8_base` runs a frozen base in FP8; `finetune: full` trains every weight")
     elif cfg.extract_lora_rank is not None:
         errors.append("`extract_lora_rank` is for `finetune: full` (a LoRA run writes its adapter as it is)")
     pixels = (cfg.teacher_min_pixels, cfg.teacher_max_pixels)

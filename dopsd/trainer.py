@@ -43,7 +43,7 @@ from dopsd.data import (
     resolve_caption,
 )
 from dopsd.distributed import Group, global_batch_size, join_group, resume_after_restart
-from dopsd.errors import TrainingCancelled
+from dopsd.errors import ModelLoadError, TrainingCancelled
 from dopsd.evaluation.report import Report
 from dopsd.evaluation.retention import (
     RetentionInputs,
@@ -55,7 +55,7 @@ from dopsd.evaluation.retention import (
     unavailable,
 )
 from dopsd.evidence import REPORT_NAME, Evidence
-from dopsd.fast_path import CompiledGraphs, compile_blocks
+from dopsd.fast_path import CompiledGraphs, compile_blocks, fp8_base_layers, restore_linear_layers
 from dopsd.full_weights import (
     attach_full_weights,
     detach_full_weights,
@@ -252,6 +252,9 @@ def _train(
             lora_config,
             with_teacher=needs_teacher_adapter(cfg.teacher_mode, from_adapter=from_adapter),
         )
+    if cfg.fp8_base:
+        _check_fp8(device)
+        fp8_base_layers(family.transformer, emulate=device.type != "cuda")
     if cfg.compile_blocks:
         compile_blocks(family, cfg.compile_backend)
     try:
@@ -262,12 +265,20 @@ def _train(
             init=init, retention=retention, group=group,
         )  # fmt: skip
     finally:
+        restore_linear_layers(family.transformer)
         if full:
             detach_full_weights(family.transformer)
         else:
             remove_adapters(family.transformer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _check_fp8(device: torch.device) -> None:
+    """Refuses `fp8_base` on a GPU without FP8 matmuls (compute capability below 8.9: before Ada and Hopper)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ModelLoadError(f"fp8_base needs a GPU of compute capability 8.9 or more; this one is {major}.{minor}")
 
 
 def _init_adapter(cfg: DOPSDConfig) -> AdapterFile | None:

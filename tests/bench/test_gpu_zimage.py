@@ -18,7 +18,7 @@ def test_quick_mode_runs_every_configuration_and_writes_json_lines(tmp_path: Pat
     out = tmp_path / "gpu_zimage.jsonl"
     printed = run_bench(
         "gpu_zimage.py", "--quick", "--out", str(out), "--attention-backends", "native",
-        "--compile", "--compile-backend", "aot_eager", timeout_s=300,
+        "--compile", "--compile-backend", "aot_eager", "--fp8", timeout_s=300,
     )  # fmt: skip
     assert printed == [json.loads(line) for line in out.read_text().splitlines()]
     assert printed[0]["event"] == "setup" and printed[-1]["event"] == "done"
@@ -32,6 +32,9 @@ def test_quick_mode_runs_every_configuration_and_writes_json_lines(tmp_path: Pat
     assert any(r.get("attention_backend") == "native" for r in steps)
     timed = [r for r in steps if r.get("compiled")]
     assert len(timed) == 2 and timed[0]["phase"] == "compile" and "compile_and_warmup_s" in timed[1]
+    fp8 = next(r for r in printed if r.get("event") == "fp8_check")
+    assert fp8["emulated"] and fp8["layers"] > 0 and fp8["gradient_cosine"] > 0.9
+    assert any(r.get("fp8_base") for r in steps)
     compiled = next(r for r in printed if r.get("event") == "compiled")
     assert compiled["graphs_compile_phase"] > 0 and compiled["graphs_timed_steps"] == 0
     for record in steps:
