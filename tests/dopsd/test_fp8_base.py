@@ -4,15 +4,19 @@ batch and noise, a D-OPSD roll-out's loss and the student's LoRA gradients stay 
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+import pytest
 import torch
 
-from dopsd import DOPSDConfig
+from dopsd import DOPSDConfig, train
 from dopsd.config import DISTILL4_SIGMAS
 from dopsd.fast_path import fp8_base_layers, restore_linear_layers
 from dopsd.lora import TEACHER_ADAPTER, add_adapters, make_lora_config, remove_adapters, student_parameters
 from dopsd.models.loading import load_family_for
 from dopsd.rollout import distillation_rollout
-from tests.dopsd.test_distributed import one_thread
+from tests.dopsd.test_distributed import one_thread, run_settings
 
 
 # Measured on the tiny preset (23 base layers in FP8; one roll-out of 4 states at 64 px, rank 8): the loss within
@@ -62,3 +66,17 @@ def test_fp8_base_keeps_the_loss_and_the_lora_gradients_and_comes_back() -> None
     again_loss, again_grad = rollout()
     assert again_loss == exact_loss and torch.equal(again_grad, exact_grad)
     remove_adapters(family.transformer)
+
+
+def test_a_run_with_fp8_base_trains_and_leaves_the_cached_model_plain(tmp_path: Path, example_dir: Path) -> None:
+    cfg = DOPSDConfig.for_preset(**run_settings(tmp_path, example_dir, max_train_steps=2, fp8_base=True))
+    family = load_family_for(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    with one_thread():
+        result = train(cfg, family=family)
+    assert result.metrics["steps"] == 2 and all(math.isfinite(v) for v in result.metrics["loss"])
+    assert not any(type(m).__name__ == "Float8Linear" for m in family.transformer.modules())
+
+
+def test_fp8_base_is_for_lora_runs() -> None:
+    with pytest.raises(ValueError, match="`fp8_base` runs a frozen base in FP8"):
+        DOPSDConfig.for_preset("tiny-z-image", finetune="full", fp8_base=True)
