@@ -27,7 +27,7 @@ from dopsd.distributed import (
     resume_after_restart,
 )
 from dopsd.errors import CheckpointError, TrainingCancelled
-from worker.group import RankJob, write_outcome
+from worker.group import RANK_MODULE, RankJob, write_outcome
 from worker.reporting import JobReporter, LeaseLost
 
 
@@ -39,6 +39,8 @@ PEER_DEATH_WAIT_S = 3.0  # torchrun polls its ranks every 0.1 s (`--monitor-inte
 def main(argv: list[str]) -> int:
     """Runs this rank of the job in the job file `argv[0]`; its exit code is 0 once the outcome is written."""
     die_with_parent()  # before anything slow: a launcher killed while this rank loads takes it along
+    if not _launched_by_torchrun():  # the launcher died while this rank imported, before the line above
+        return 1
     settings = get_settings()
     configure_logging(settings.log_format)
     job = RankJob.load(Path(argv[0]))
@@ -88,7 +90,7 @@ def _run(job: RankJob, rank: int, settings: Any) -> dict[str, Any] | None:
     except Exception as exc:
         if rank != 0 and relayed_from_main(exc):
             return None
-        if _a_peer_died():  # the error is the dead rank's echo (a collective that lost its partner): no outcome
+        if _a_peer_died(job.outcome_path):  # the dead rank's echo (a collective that lost its partner): no outcome
             logger.warning("job %s: rank %d stopped: another rank of the group died", job.job_id, rank)
             raise SystemExit(1) from exc
         code, message = classify_failure(exc, settings.max_job_s)
@@ -105,23 +107,43 @@ def _run(job: RankJob, rank: int, settings: Any) -> dict[str, Any] | None:
     }
 
 
-def _a_peer_died(within_s: float = PEER_DEATH_WAIT_S) -> bool:
+def _a_peer_died(outcome_path: Path, within_s: float = PEER_DEATH_WAIT_S) -> bool:
     """Whether another rank of this group on this machine has died (gone, or a zombie its launcher has not reaped
-    yet), waiting up to `within_s` for it to show: a rank's death reaches the others first as an error of their
-    next collective, and torchrun, which stops them, sees it within its monitor interval."""
+    yet) without an outcome, waiting up to `within_s` for it to show: a rank's death reaches the others first as an
+    error of their next collective, and torchrun, which stops them, sees it within its monitor interval. A rank that
+    left after writing the outcome (every rank hit the same error, and it was first) did not die."""
     expected = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     deadline = time.monotonic() + within_s
     while True:
+        if outcome_path.exists():
+            return False
         try:
             siblings = psutil.Process(os.getppid()).children()
-            alive = [p for p in siblings if p.status() != psutil.STATUS_ZOMBIE]
         except psutil.NoSuchProcess:  # the launcher itself is gone
             return True
+        alive = [p for p in siblings if _a_live_rank(p)]
         if len(alive) < expected:
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
+
+
+def _launched_by_torchrun() -> bool:
+    """Whether this rank's parent is still the torchrun that started it (an orphan's parent is init, or a
+    subreaper)."""
+    try:
+        return "torch.distributed.run" in psutil.Process(os.getppid()).cmdline()
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _a_live_rank(process: psutil.Process) -> bool:
+    """Whether a child of the launcher is a rank (not a helper process of its own) and still alive."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE and RANK_MODULE in process.cmdline()
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _resumed_step(config: DOPSDConfig) -> int | None:
