@@ -65,15 +65,7 @@ def _run(job: RankJob, rank: int, settings: Any) -> dict[str, Any] | None:
     config = resume_after_restart(job.config)
     reporter: JobReporter | None = None
     if rank == 0:
-        resources = WorkerResources.from_settings(settings)
-        reporter = JobReporter(
-            job.job_id,
-            worker_id=job.worker_id,
-            sessions=resources.sessions,
-            store=resources.store,
-            interval_s=settings.progress_interval_s,
-            lease_s=settings.lease_s,
-        )
+        reporter = WorkerResources.from_settings(settings).reporter(job.job_id, job.worker_id)
     try:
         device, dtype = resolve_device(config)
         if device.type == "cuda":
@@ -148,10 +140,10 @@ def _a_live_rank(process: psutil.Process) -> bool:
 
 def _resumed_step(config: DOPSDConfig) -> int | None:
     """The step the run resumes from (None: a fresh start; a bad checkpoint fails the run in the trainer)."""
-    if not config.resume_from:
-        return None
+    from worker.runner import step_of
+
     try:
-        return int(find_checkpoint(config.resume_from).name.split("-")[-1])
+        return step_of(find_checkpoint(config.resume_from)) if config.resume_from else None
     except CheckpointError:
         return None
 

@@ -58,6 +58,18 @@ class WorkerResources:
     store: ArtifactStore
     models: ModelCache
 
+    def reporter(self, job_id: uuid.UUID, worker_id: str) -> JobReporter:
+        """The trainer callback that reports `job_id`'s attempt under `worker_id` (this process's, or a rank's of
+        a multi-process job, which reports under its worker's id)."""
+        return JobReporter(
+            job_id,
+            worker_id=worker_id,
+            sessions=self.sessions,
+            store=self.store,
+            interval_s=self.settings.progress_interval_s,
+            lease_s=self.settings.lease_s,
+        )
+
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerResources:
         """Connects to what `settings` describe (lazily: nothing is opened until the first query or transfer)."""
@@ -194,14 +206,7 @@ def run_job(job_id: uuid.UUID, *, worker_id: str) -> None:
         )
         return
     logger.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, attempt)
-    reporter = JobReporter(
-        job_id,
-        worker_id=worker_id,
-        sessions=sessions,
-        store=resources.store,
-        interval_s=settings.progress_interval_s,
-        lease_s=settings.lease_s,
-    )
+    reporter = resources.reporter(job_id, worker_id)
     try:
         with tempfile.TemporaryDirectory(prefix=f"dopsd-job-{job_id}-") as tmp, reporter.heartbeat():
             _run_claimed(job_id, Path(tmp), resources, reporter)
@@ -310,7 +315,7 @@ def _run_claimed(job_id: uuid.UUID, tmp: Path, resources: WorkerResources, repor
     else:
         family, load_s, cached = resources.models.get(config)
         reporter.renew_lease()  # loading real weights takes a while
-        reporter.model_loaded(load_s, cached=cached, resumed_from_step=_step_of(resume))
+        reporter.model_loaded(load_s, cached=cached, resumed_from_step=step_of(resume))
     started = time.perf_counter()
     if kind == "preview":
         from dopsd.preview import preview
@@ -391,5 +396,6 @@ def _report_of(out: Path, kind: str) -> dict[str, Any] | None:
     return {"teacher_check": json.loads(path.read_text())} if path.is_file() else None
 
 
-def _step_of(checkpoint: Path | None) -> int | None:
+def step_of(checkpoint: Path | None) -> int | None:
+    """The step a checkpoint folder (`step-00000040`) was written at; None for no checkpoint."""
     return int(checkpoint.name.split("-")[-1]) if checkpoint else None

@@ -72,6 +72,16 @@ def submit(client: httpx.Client, **spec: Any) -> dict[str, Any]:
     return dict(response.json())
 
 
+def training_on_both_ranks(client: httpx.Client, name: str) -> tuple[dict[str, Any], list[psutil.Process]]:
+    """A 30-step 2-process job with checkpoints every 4 steps, once it has trained 9 steps (two checkpoints stored),
+    and its two rank processes."""
+    job = submit(client, steps=30, checkpointing_steps=4)
+    wait_for_step(client, job["id"], 9)
+    ranks = ranks_of(job["id"])
+    assert len(ranks) == 2, f"{name}: {len(ranks)} ranks"
+    return job, ranks
+
+
 def succeeded_on_attempt(client: httpx.Client, job_id: str, attempt: int, steps: int) -> None:
     """Waits for the job to end and asserts it succeeded on `attempt`, having trained all its `steps`."""
     done = wait_for_status(client, job_id, {"succeeded", "failed", "canceled"})
@@ -149,10 +159,7 @@ def test_a_killed_rank_restarts_the_group_and_a_second_kill_sends_the_job_back_t
 def test_a_lost_lease_stops_the_group_and_the_job_resumes_on_its_next_attempt(prod_stack: Stack) -> None:
     key = prod_stack.create_key("two-processes-lease")
     with prod_stack.client(key) as client:
-        job = submit(client, steps=30, checkpointing_steps=4)
-        wait_for_step(client, job["id"], 9)
-        ranks = ranks_of(job["id"])
-        assert len(ranks) == 2
+        job, ranks = training_on_both_ranks(client, "lease")
         # Another worker takes the job over, as the reaper hands on a job whose heartbeats stopped.
         engine = create_engine(prod_stack.database_url)
         with engine.begin() as connection:
@@ -170,9 +177,7 @@ def test_a_lost_lease_stops_the_group_and_the_job_resumes_on_its_next_attempt(pr
 def test_a_killed_worker_takes_its_ranks_with_it(prod_stack: Stack) -> None:
     key = prod_stack.create_key("two-processes-worker-kill")
     with prod_stack.client(key) as client:
-        job = submit(client, steps=30, checkpointing_steps=4)
-        wait_for_step(client, job["id"], 9)
-        assert len(ranks_of(job["id"])) == 2
+        job, _ = training_on_both_ranks(client, "worker kill")
         assert prod_stack.worker is not None
         os.killpg(prod_stack.worker.pid, signal.SIGKILL)
         prod_stack.worker.wait()
