@@ -21,7 +21,8 @@ Both cost the same. The default is 0 (the teacher's states); see docs/replicatio
 The student starts as the base; its EMA (`--ema`, 0 turns it off) is what is saved, every `--save-every` steps, to
 `--out/distilled.safetensors` (header: step, seed, the base's sha256, the student's sigmas) with a `.sha256` beside
 it; the full state goes to `--state`, from which `--resume` continues bit for bit (the data of step k depends only on
-(seed, k)). AdamW, constant lr 1e-4, grad clip 1.
+(seed, k)). `--init W --start-step K` continues a run whose state is gone from its saved (EMA) weights, with a fresh
+optimiser and new settings; the teacher stays `--base`. AdamW, constant lr 1e-4, grad clip 1.
 
     nice -n 10 python -m dopsd.shapes.distill --base dopsd/shapes/weights/base.safetensors --steps 2000
 """
@@ -147,6 +148,13 @@ def train(args: argparse.Namespace) -> None:
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
+    elif args.init:
+        init = load_model(Path(args.init))
+        if init.config != student.config:
+            raise SystemExit(f"--init weights have config {init.config}, not {student.config}")
+        student.load_state_dict(init.state_dict())
+        ema.load_state_dict(init.state_dict())
+        step = args.start_step
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "distill-train.jsonl").open("a") as log:
@@ -229,6 +237,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--state", default=str(DEFAULT_STATE))
     p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+    p.add_argument("--init", default=None, help="start the student and its EMA from these weights (when not resuming)")
+    p.add_argument("--start-step", type=int, default=0, help="the step number a run from --init starts at")
     args = p.parse_args(argv)
     if args.batch < 2 or args.student_steps < 1 or args.teacher_substeps < 1 or not 0 <= args.p_student_states <= 1:
         p.error("need --batch >= 2, --student-steps >= 1, --teacher-substeps >= 1, 0 <= --p-student-states <= 1")

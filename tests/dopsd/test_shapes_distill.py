@@ -146,3 +146,28 @@ def test_in_context_half_gives_its_references_to_teacher_and_student(
         text_half, ctx_half = calls[name][:per_half], calls[name][per_half:]
         assert all(r is None for r in text_half)
         assert all(r is not None and torch.equal(r, refs) for r in ctx_half)
+
+
+def test_init_continues_from_saved_weights_at_the_given_step(base: Path, tmp_path: Path) -> None:
+    distill.main(_cli(base, tmp_path / "a", 1, "--ema", "0"))  # raw student after one step
+    saved = tmp_path / "a" / "out" / "distilled.safetensors"
+    run = tmp_path / "b"
+    distill.main(_cli(base, run, 3, "--init", str(saved), "--start-step", "1"))
+    log = [json.loads(line) for line in (run / "out" / "distill-train.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "start" and log[0]["step"] == 1
+    records = [r for r in log if "loss_text" in r]
+    assert [r["step"] for r in records] == [2, 3]
+    args = distill.parse_args(["--base", str(base), "--batch", "4", "--teacher-substeps", "2"])
+    torch.set_num_threads(1)
+    _, parts = distill.distill_loss(load_model(saved), load_model(base), args, 1)
+    assert records[0]["loss_text"] == pytest.approx(parts["loss_text"], rel=1e-5)  # the student began as `saved`
+    assert records[0]["loss_ref"] == pytest.approx(parts["loss_ref"], rel=1e-5)
+
+
+def test_init_refuses_weights_of_another_shape(base: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.safetensors"
+    save_model(
+        ShapesModel(ShapesModelConfig(heads=1, head_dim=32, double_layers=1, single_layers=1, text_dim=8)), other
+    )
+    with pytest.raises(SystemExit, match="--init weights have config"):
+        distill.main(_cli(base, tmp_path, 1, "--init", str(other)))
