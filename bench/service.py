@@ -47,6 +47,7 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/service.py` from anywhere
@@ -71,12 +72,16 @@ class BenchStack:
     key: str
     api: psutil.Process
     env: dict[str, str]
+    api_processes: int = 1  # with several, each /metrics scrape sees one of them
 
 
 @contextmanager
-def private_stack(workdir: Path, *, api_workers: int = 1, profile: str | None = None) -> Iterator[BenchStack]:
-    """Starts SeaweedFS, a fresh database, the API (raised upload and rate limits; `api_workers` processes, or one
-    under `bench/profile_api.py`'s sampler with `profile`) and one worker; stops them after."""
+def private_stack(
+    workdir: Path, *, api_workers: int = 1, profile: str | None = None, server: str = "auto"
+) -> Iterator[BenchStack]:
+    """Starts SeaweedFS, a fresh database, the API (raised upload and rate limits; `api_workers` processes under
+    uvicorn's `server` choice, or one under `bench/profile_api.py`'s sampler with `profile`) and one worker; stops
+    them after."""
     from api.commands import migrate
 
     stack.ensure_postgres_and_redis()
@@ -108,11 +113,11 @@ def private_stack(workdir: Path, *, api_workers: int = 1, profile: str | None = 
         api = (
             start_profiled_api(env, port, workdir / "api.log", profile)
             if profile
-            else stack.start_api(env, port, workdir / "api.log", workers=api_workers)
+            else stack.start_api(env, port, workdir / "api.log", workers=api_workers, server=server)
         )
         processes.append(api)
         processes.append(stack.start_worker(env, workdir / "worker.log", name="bench"))
-        yield BenchStack(f"http://127.0.0.1:{port}", key, psutil.Process(api.pid), env)
+        yield BenchStack(f"http://127.0.0.1:{port}", key, psutil.Process(api.pid), env, 1 if profile else api_workers)
     finally:
         for process in reversed(processes):
             stack.stop(process, timeout_s=10)
@@ -305,9 +310,45 @@ def _cpu_s(process: psutil.Process) -> float:
     return total
 
 
+POLLED_ROUTES = {"/v1/jobs/{job_id}", "/v1/jobs"}
+
+
+def server_latency(bench: BenchStack) -> dict[float, float]:
+    """The API's own latency histogram (`/metrics`, request received to response started) of the polled routes'
+    GETs: cumulative counts by bucket bound in seconds. A single API process answers every scrape."""
+    text = httpx.get(f"{bench.url}/metrics", timeout=30).raise_for_status().text
+    counts: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "dopsd_http_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name.endswith("_bucket") and labels["route"] in POLLED_ROUTES and labels["method"] == "GET":
+                bound = float(labels["le"])
+                counts[bound] = counts.get(bound, 0.0) + sample.value
+    return counts
+
+
+def server_side(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """What the API itself measured during one load: requests, the bucket bound its p99 falls under, and the share
+    over 50 ms. Beside the client's p99 it tells the server's time from the client's and the machine's."""
+    delta = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in sorted(after)}
+    total = delta.get(float("inf"), 0.0)
+    if not total:
+        return {"requests": 0}
+    p99_bound = next(b for b, c in delta.items() if c >= 0.99 * total)
+    return {
+        "requests": int(total),
+        "p99_ms_at_most": None if p99_bound == float("inf") else round(1000 * p99_bound, 1),
+        "share_over_50ms": round(1 - delta.get(0.05, 0.0) / total, 4),
+    }
+
+
 def api_cpu(bench: BenchStack, load: Callable[[], dict[str, Any]], profile: bool = False) -> dict[str, Any]:
     """Runs `load()` and adds the API's CPU time per request: what a request costs the API, which a busy machine
-    changes much less than it changes latency. With `profile`, the profiler's window spans the load."""
+    changes much less than it changes latency; and the API's own latency histogram of the load (`server`). With
+    `profile`, the profiler's window spans the load."""
+    histogram = server_latency(bench)
     before = _cpu_s(bench.api)
     if profile:
         os.kill(bench.api.pid, signal.SIGUSR1)
@@ -315,7 +356,8 @@ def api_cpu(bench: BenchStack, load: Callable[[], dict[str, Any]], profile: bool
     if profile:
         os.kill(bench.api.pid, signal.SIGUSR2)
     spent = _cpu_s(bench.api) - before
-    return {**result, "api_cpu_ms_per_request": round(1000 * spent / max(1, result["requests"]), 2)}
+    server = server_side(histogram, server_latency(bench)) if bench.api_processes == 1 else None
+    return {**result, "api_cpu_ms_per_request": round(1000 * spent / max(1, result["requests"]), 2), "server": server}
 
 
 def bench_polling(
@@ -365,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.0, help="seconds each polling client waits (0: none)")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only this phase (repeatable)")
     parser.add_argument("--api-workers", type=int, default=1, help="API processes (uvicorn --workers)")
+    parser.add_argument("--server", choices=sorted(stack.SERVERS), default="auto",
+                        help="uvicorn's loop and parser: auto (uvloop, httptools) or asyncio (asyncio, h11)")  # fmt: skip
     parser.add_argument("--profile", metavar="PREFIX", help="one API process under bench/profile_api.py: "
                         "PREFIX-1.txt/.folded for the polling with no job training, PREFIX-2 with one")  # fmt: skip
     args = parser.parse_args(argv)
@@ -374,13 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     record: dict[str, Any] = {
         "bench": "service", "quick": args.quick, "cpus": os.cpu_count(),
-        "api_workers": 1 if args.profile else args.api_workers,
+        "api_workers": 1 if args.profile else args.api_workers, "server": args.server,
         "load_before": os.getloadavg()[0],  # the 1-minute load average: how busy the shared machine was
     }  # fmt: skip
     profile = str(Path(args.profile).resolve()) if args.profile else None
     with (
         tempfile.TemporaryDirectory(prefix="dopsd-bench-") as tmp,
-        private_stack(Path(tmp), api_workers=args.api_workers, profile=profile) as bench,
+        private_stack(Path(tmp), api_workers=args.api_workers, profile=profile, server=args.server) as bench,
     ):
         record["stack_start_s"] = round(time.perf_counter() - t0, 1)
         headers = {"Authorization": f"Bearer {bench.key}"}

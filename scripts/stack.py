@@ -156,12 +156,21 @@ def _s3_ready(endpoint: str, access_key: str, secret_key: str) -> bool:
     return True
 
 
-def start_api(env: dict[str, str], port: int, log: Path, *, workers: int = 1) -> subprocess.Popen[bytes]:
+SERVERS = {"auto": ("auto", "auto"), "asyncio": ("asyncio", "h11")}  # uvicorn's --loop and --http
+
+
+def start_api(
+    env: dict[str, str], port: int, log: Path, *, workers: int = 1, server: str = "auto"
+) -> subprocess.Popen[bytes]:
     """uvicorn serving `api.main:create_app` on loopback, in `workers` processes (uvicorn's supervisor forks them;
-    each has its own database pool and thread pool, and shares the per-key limits through Redis)."""
+    each has its own database pool and thread pool, and shares the per-key limits through Redis). `server` "auto"
+    is uvicorn's default (uvloop and httptools, which the service extra installs); "asyncio" is the pure-Python
+    event loop and HTTP parser, the baseline bench/service.py compares them with."""
+    loop, http = SERVERS[server]
     command = [
         sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-        "--port", str(port), "--log-level", "warning", *(["--workers", str(workers)] if workers > 1 else []),
+        "--port", str(port), "--log-level", "warning", "--loop", loop, "--http", http,
+        *(["--workers", str(workers)] if workers > 1 else []),
     ]  # fmt: skip
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True

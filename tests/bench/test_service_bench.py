@@ -22,6 +22,9 @@ def test_quick_mode_reports_dispatch_startup_polling_and_upload() -> None:
     assert dispatch["startup_warm_p50"]["to_training_ms"] > 0
     polling = record["polling"]
     assert polling["errors"] == 0 and polling["requests"] > 10 and polling["p99_ms"] >= polling["p50_ms"] > 0
+    # The API's own histogram saw the same polls (the client's count, give or take the requests in flight at a scrape).
+    assert abs(polling["server"]["requests"] - polling["requests"]) <= 8, polling
+    assert record["server"] == "auto" and 0 <= polling["server"]["share_over_50ms"] <= 1
     upload = record["upload"]
     assert upload["big"]["files"] == 8 and upload["big"]["bytes"] > 39_000_000
     # Streamed to disk: the API's peak memory does not follow the upload's size (held in memory it would be ~1).
