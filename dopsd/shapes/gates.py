@@ -58,7 +58,10 @@ def _sample(
 def prior_metrics(
     model: ShapesModel, classifier: ShapeClassifier, *, steps: int, n: int, seed: int
 ) -> dict[str, float]:
-    """Text-only base-shape prompts: accuracy, purity, colour match, Frechet distance to renders, diversity."""
+    """Text-only base-shape prompts: accuracy, purity, colour match, Frechet distance to renders, diversity; and how
+    the misses divide (they sum to 1 - accuracy): drawn as the new concept (`cross_rate`: a concept leaking into
+    the prior), as a random polygon (`object_rate`: a misshapen blob), as another base shape
+    (`wrong_shape_rate`), or as no shape (`no_shape_rate`)."""
     rng = np.random.default_rng([seed, 1])
     scenes = [world.sample_scene(rng, world.BASE_SHAPES[i % len(world.BASE_SHAPES)]) for i in range(n)]
     images = _sample(model, [s.caption() for s in scenes], steps, seed)
@@ -69,6 +72,9 @@ def prior_metrics(
     out = {
         "accuracy": float(np.mean([p == s.shape for p, s in zip(predicted, scenes, strict=True)])),
         "no_shape_rate": float(np.mean([p == NONE for p in predicted])),
+        "cross_rate": float(np.mean([p == world.NEW_CONCEPT for p in predicted])),
+        "object_rate": float(np.mean([p == world.OBJECT for p in predicted])),
+        "wrong_shape_rate": float(np.mean([p in world.BASE_SHAPES and p != s.shape for p, s in zip(predicted, scenes, strict=True)])),
         "purity": float(np.mean([colour_purity(im, s.colour, s.background) for im, s in zip(images, scenes, strict=True)])),
         "colours_match": float(np.mean([colours_match(im, s.colour, s.background) for im, s in zip(images, scenes, strict=True)])),
         "frechet": frechet_distance(features(classifier, images), features(classifier, renders)),
