@@ -144,13 +144,14 @@ def with_adapter(weights: Path, state: dict[str, torch.Tensor] | None) -> Shapes
 
 def dopsd_arm(
     weights: Path, captions: dict[str, list[str]], folder: Path, out: Path, *, mode: str, steps: int, lr: float,
-    seed: int, eval_seeds: int,
+    seed: int, eval_seeds: int, options: dict[str, Any] | None = None,
 ) -> tuple[ShapesModel, dict[str, Any]]:  # fmt: skip
-    """D-OPSD through the trainer itself, teacher mode `mode`; returns the tuned model and the report's verdicts."""
+    """D-OPSD through the trainer itself, teacher mode `mode` and any other `DOPSDConfig` `options` (an ablation);
+    returns the tuned model and the report's verdicts."""
     cfg = DOPSDConfig.for_preset(
         preset="shapes", pretrained_model_name_or_path=str(weights), instance_data_dir=str(folder),
         captions=captions, max_train_steps=steps, learning_rate=lr, teacher_mode=mode, seed=seed,
-        output_dir=str(out), eval_seeds=eval_seeds, sample_every=0, force=True,
+        output_dir=str(out), eval_seeds=eval_seeds, sample_every=0, force=True, **(options or {}),
     )  # fmt: skip
     train(cfg)
     pipe = ShapesPipeline.from_weights(str(weights))
@@ -226,6 +227,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     model, verdicts = dopsd_arm(
                         few_step, captions, folder, Path(tmp) / f"{arm}-{seed}", mode=DOPSD_ARMS[arm],
                         steps=args.steps, lr=args.lr, seed=seed, eval_seeds=args.eval_seeds,
+                        options=args.dopsd_option,
                     )  # fmt: skip
                 train_s = time.perf_counter() - t0
                 record: dict[str, Any] = {
@@ -269,8 +271,20 @@ def summarise(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[s
         "bench": "replication_summary",
         "command": "python bench/replication.py" + (" --quick" if args.quick else ""),
         "seeds": list(args.seeds), "steps": args.steps, "lr": args.lr, "n": args.n, "references": args.references,
+        "dopsd_options": args.dopsd_option,
         "few_step": args.few_step, "base": args.base, "arms": arms, "report_vs_ground_truth": agreement,
     }  # fmt: skip
+
+
+def _option(parser: argparse.ArgumentParser, text: str) -> tuple[str, Any]:
+    """`KEY=VALUE`, the value read as JSON where it parses (numbers, booleans) and as a string otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        parser.error(f"--dopsd-option needs KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -288,7 +302,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control-steps", type=int, default=20)
     p.add_argument("--eval-seeds", type=int, default=4, help="the D-OPSD arms' report seeds (0: no report)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dopsd-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a DOPSDConfig field for the D-OPSD arms (an ablation, e.g. loss_space=velocity); repeatable")  # fmt: skip
     args = p.parse_args(argv)
+    args.dopsd_option = dict(_option(p, o) for o in args.dopsd_option)
     if args.quick:
         args.seeds, args.steps, args.n, args.eval_seeds = [0], 10, 12, 1
     return args
