@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench import replication
 from tests.bench.conftest import run_bench
 
 
@@ -44,3 +45,10 @@ def test_quick_mode_runs_every_arm_and_prints_the_gates_and_the_summary_last() -
     assert set(summary["arms"]) == {r["arm"] for r in records}
     assert {a["arm"] for a in summary["report_vs_ground_truth"]} == {"dopsd_ema", "dopsd_frozen", "dopsd_live"}
     assert summary["gates"] == {k: v for k, v in gates.items() if k != "bench"}
+
+
+def test_dopsd_options_are_read_as_json_where_they_parse() -> None:
+    args = replication.parse_args(["--dopsd-option", "loss_space=velocity", "--dopsd-option", "ema_decay=0.99"])
+    assert args.dopsd_option == {"loss_space": "velocity", "ema_decay": 0.99}
+    with pytest.raises(SystemExit):
+        replication.parse_args(["--dopsd-option", "no-equals-sign"])
