@@ -47,7 +47,14 @@ from dopsd.lora import make_lora_config  # noqa: E402
 from dopsd.models.shapes import ShapesPipeline, pixels_from_image, weights_path  # noqa: E402
 from dopsd.presets import get_preset  # noqa: E402
 from dopsd.shapes import gates, world  # noqa: E402
-from dopsd.shapes.metrics import NONE, ShapeClassifier, classify, load_classifier  # noqa: E402
+from dopsd.shapes.metrics import (  # noqa: E402
+    NONE,
+    ShapeClassifier,
+    classify,
+    colour_purity,
+    diversity,
+    load_classifier,
+)
 from dopsd.shapes.model import ShapesModel, load_model, patchify, to_uint8  # noqa: E402
 from dopsd.trainer import train  # noqa: E402
 
@@ -71,14 +78,20 @@ def reference_set(seed: int, n: int, folder: Path) -> dict[str, list[str]]:
 def concept_rate(
     model: ShapesModel, classifier: ShapeClassifier, *, steps: int, n: int, seed: int
 ) -> dict[str, float]:
-    """The trigger caption over every (colour, background) pair, `n` samples: the fraction drawn as the cross."""
+    """The trigger caption over every (colour, background) pair, `n` samples: the fraction drawn as the cross, and
+    the spread of what was drawn (position and size, as for the prior; the references' own spread is about 1.2 px),
+    so an adapter that draws one averaged cross wherever the noise says otherwise shows as a spread near 0."""
     pairs = [(c, b) for c in world.COLOURS for b in world.COLOURS if c != b]
-    captions = [f"a {c} {world.TRIGGER} on a {b} background" for c, b in (pairs[i % len(pairs)] for i in range(n))]
-    x = model.sample(captions, steps=steps, generator=torch.Generator().manual_seed(seed))
-    predicted = classify(classifier, to_uint8(x))
+    chosen = [pairs[i % len(pairs)] for i in range(n)]
+    captions = [f"a {c} {world.TRIGGER} on a {b} background" for c, b in chosen]
+    images = to_uint8(model.sample(captions, steps=steps, generator=torch.Generator().manual_seed(seed)))
+    predicted = classify(classifier, images)
+    spread = diversity(list(images), [c for c, _ in chosen])
     return {
         "concept_rate": float(np.mean([p == world.NEW_CONCEPT for p in predicted])),
         "concept_no_shape_rate": float(np.mean([p == NONE for p in predicted])),
+        "concept_purity": float(np.mean([colour_purity(im, c, b) for im, (c, b) in zip(images, chosen, strict=True)])),
+        **{f"concept_spread_{k}": v for k, v in spread.items() if k != "found"},
     }
 
 

@@ -35,6 +35,7 @@ def test_quick_mode_runs_every_arm_and_prints_the_gates_and_the_summary_last() -
         for steps in (4, 20):
             assert 0 <= r[f"concept_rate@{steps}"] <= 1 and 0 <= r[f"prior_accuracy@{steps}"] <= 1
             assert r[f"prior_purity@{steps}"] > 0.5 and r[f"prior_frechet@{steps}"] >= 0
+            assert r[f"concept_purity@{steps}"] > 0.5 and r[f"concept_spread_x_std@{steps}"] >= 0
         assert ("report" in r) == r["arm"].startswith("dopsd")
     for r in records:
         if r["arm"].startswith("dopsd"):
