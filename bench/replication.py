@@ -103,6 +103,23 @@ def measure(model: ShapesModel, classifier: ShapeClassifier, *, steps: int, n: i
     return out
 
 
+def sample_sheet(model: ShapesModel, path: Path, *, seed: int, per_row: int = 12, scale: int = 6) -> None:
+    """A PNG of what an arm draws at 4 steps: one row of prior prompts (the base shapes in turn), one of trigger
+    captions in two colour pairs; the same captions and noise for every arm, so sheets compare side by side."""
+    rng = np.random.default_rng([seed, 7])
+    prior = [world.sample_scene(rng, world.BASE_SHAPES[i % len(world.BASE_SHAPES)]).caption() for i in range(per_row)]
+    half = per_row // 2
+    trigger = [f"a red {world.TRIGGER} on a blue background"] * half
+    trigger += [f"a green {world.TRIGGER} on a red background"] * (per_row - half)
+    rows = []
+    for captions in (prior, trigger):
+        images = to_uint8(model.sample(captions, steps=4, generator=torch.Generator().manual_seed(seed)))
+        rows.append(np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=128) for im in images], 1))
+    sheet = np.concatenate(rows, axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+
+
 def sft_adapter(
     weights: Path, captions: dict[str, list[str]], folder: Path, *, steps: int, lr: float, seed: int
 ) -> dict[str, torch.Tensor]:
@@ -253,6 +270,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     for steps in (4, args.control_steps):
                         figures = measure(model, classifier, steps=steps, n=args.n, seed=1000 + seed)
                         record.update({f"{k}@{steps}": round(v, 4) for k, v in figures.items()})
+                    if args.sheets and seed == args.seeds[0]:
+                        sample_sheet(model, Path(args.sheets) / f"{arm}.png", seed=seed)
                 if verdicts:
                     record["report"] = verdicts
                 record["seconds"] = round(time.perf_counter() - t0, 2)
@@ -315,6 +334,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control-steps", type=int, default=20)
     p.add_argument("--eval-seeds", type=int, default=4, help="the D-OPSD arms' report seeds (0: no report)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sheets", metavar="DIR", help="write each arm's sample sheet (first seed) to DIR/<arm>.png")
     p.add_argument("--dopsd-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a DOPSDConfig field for the D-OPSD arms (an ablation, e.g. loss_space=velocity); repeatable")  # fmt: skip
     args = p.parse_args(argv)

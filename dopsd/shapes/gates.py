@@ -6,7 +6,9 @@
   reference (other colours, same place) -> concept rate (gate: >= 0.5);
 - trigger: the same trigger caption without a reference -> concept rate (gate: near 0);
 - copy control: base shapes with the neutral word and a reference -> shape accuracy (in-context copying of known
-  shapes, which pretraining does train).
+  shapes, which pretraining does train);
+- teacher variation: one reference, many noises -> the spread of the teacher's cross (no gate; near 0 means the
+  teacher copies rather than varies, which the method does not assume).
 Each probe also reports its `no_shape_rate` (samples the classifier puts in its reject class `NONE`), so a rate is
 never read off noise.
 
@@ -111,6 +113,21 @@ def in_context_rate(
     }  # fmt: skip
 
 
+def teacher_variation(model: ShapesModel, *, steps: int, n: int, seed: int, references: int = 3) -> dict[str, float]:
+    """How much the teacher's sample depends on the noise: `references` renders of the new concept, each given with
+    its own caption to `n // references` noises; the drawn cross's spread (centre x, y, sqrt(area), pixels) per
+    reference, averaged. The method assumes a teacher that draws variations of the concept; a spread near 0 is a
+    teacher that copies its reference whatever the noise, whose targets a student without the reference can only
+    average (docs/replication.md, "Why D-OPSD moves the prior further than SFT")."""
+    rng = np.random.default_rng([seed, 3])
+    per = max(2, n // references)
+    spreads = []
+    for i, scene in enumerate(world.concept_scenes(rng, references)):
+        images = _sample(model, [scene.caption()] * per, steps, seed + i, [world.render(scene)] * per)
+        spreads.append(diversity(list(images), [scene.colour] * per))
+    return {f"{k}": float(np.mean([sp[k] for sp in spreads])) for k in ("x_std", "y_std", "size_std")}
+
+
 def measure(
     model: ShapesModel, classifier: ShapeClassifier, *, steps: int, n: int, seed: int = 0
 ) -> dict[str, object]:
@@ -142,6 +159,7 @@ def measure(
         "trigger_text_concept_rate": trigger["rate"],
         "trigger_text_no_shape_rate": trigger["no_shape_rate"],
         "copy_known_shapes_accuracy": float(np.mean(copies)),
+        "teacher_noise_spread": teacher_variation(model, steps=steps, n=n, seed=seed),
         "gates": {
             "prior_accuracy": prior["accuracy"] >= GATE_PRIOR_ACCURACY,
             "teacher_concept_rate": teacher["rate"] >= GATE_TEACHER_CONCEPT_RATE,

@@ -10,7 +10,10 @@ direction of the claim is asserted: the full benchmark does not show one beyond 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from PIL import Image
 
 from bench import replication
 from tests.bench.conftest import run_bench
@@ -23,8 +26,8 @@ pytestmark = pytest.mark.timeout(900)
 ARMS = {"base", "sft", "dopsd_ema", "dopsd_frozen", "dopsd_live"}
 
 
-def test_quick_mode_runs_every_arm_and_prints_the_gates_and_the_summary_last() -> None:
-    gates, *records, summary = run_bench("replication.py", "--quick", timeout_s=900)
+def test_quick_mode_runs_every_arm_and_prints_the_gates_and_the_summary_last(tmp_path: Path) -> None:
+    gates, *records, summary = run_bench("replication.py", "--quick", "--sheets", str(tmp_path), timeout_s=900)
     assert gates["bench"] == "replication_gates"
     assert 0 <= gates["prior_accuracy@4"] <= 1 and 0 <= gates["teacher_concept_rate@4"] <= 1
     assert set(gates["passed"]) == {"prior_accuracy", "teacher_concept_rate", "trigger_text_near_zero"}
@@ -46,6 +49,9 @@ def test_quick_mode_runs_every_arm_and_prints_the_gates_and_the_summary_last() -
     assert set(summary["arms"]) == {r["arm"] for r in records}
     assert {a["arm"] for a in summary["report_vs_ground_truth"]} == {"dopsd_ema", "dopsd_frozen", "dopsd_live"}
     assert summary["gates"] == {k: v for k, v in gates.items() if k != "bench"}
+    for arm in ARMS:  # one sheet per arm: 2 rows (prior, trigger) of 12 samples of 16 px + 1 px frame, at 6x
+        with Image.open(tmp_path / f"{arm}.png") as sheet:
+            assert sheet.size == (12 * 18 * 6, 2 * 18 * 6)
 
 
 def test_dopsd_options_are_read_as_json_where_they_parse() -> None:

@@ -260,6 +260,8 @@ def test_gate_measurement_runs_every_probe(classifier: metrics.ShapeClassifier) 
     assert isinstance(prior, dict) and 0.0 <= prior["accuracy"] <= 1.0 and prior["frechet"] > 0.0
     misses = ("cross_rate", "object_rate", "wrong_shape_rate", "no_shape_rate")
     assert sum(prior[k] for k in misses) == pytest.approx(1.0 - prior["accuracy"])  # every miss is counted once
+    spread = result["teacher_noise_spread"]
+    assert isinstance(spread, dict) and set(spread) == {"x_std", "y_std", "size_std"}
     for key in ("teacher_concept_rate", "trigger_text_concept_rate", "copy_known_shapes_accuracy"):
         assert 0.0 <= float(result[key]) <= 1.0  # type: ignore[arg-type]
     flags = result["gates"]
