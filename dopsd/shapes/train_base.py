@@ -45,10 +45,11 @@ def text_only_batch(rng: np.random.Generator, n: int) -> tuple[list[str], list[n
 
 
 def in_context_batch(
-    rng: np.random.Generator, n: int, p_object: float = 0.5, p_neutral: float = 0.5
+    rng: np.random.Generator, n: int, p_object: float = 0.5, p_neutral: float = 0.5, shift: float = 0.0
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """`n` in-context samples: captions, target renders and reference renders (same shape and place, other
-    colours). A fraction `p_object` are random polygons; a base shape's word becomes "object" with `p_neutral`."""
+    colours; moved by up to `shift` px, see `world.reference_for`). A fraction `p_object` are random polygons; a
+    base shape's word becomes "object" with `p_neutral`."""
     captions, targets, refs = [], [], []
     for _ in range(n):
         shape = world.OBJECT if rng.random() < p_object else None
@@ -56,7 +57,7 @@ def in_context_batch(
         neutral = scene.shape == world.OBJECT or rng.random() < p_neutral
         captions.append(scene.caption(world.OBJECT if neutral else None))
         targets.append(world.render(scene))
-        refs.append(world.render(world.reference_for(rng, scene)))
+        refs.append(world.render(world.reference_for(rng, scene, shift)))
     return captions, targets, refs
 
 
@@ -127,7 +128,7 @@ def train(args: argparse.Namespace) -> None:
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             captions, images = text_only_batch(rng, half)
             loss_text = flow_loss(model, captions, to_pixels(images).to(device), gen)
-            captions, images, refs = in_context_batch(rng, args.batch - half)
+            captions, images, refs = in_context_batch(rng, args.batch - half, shift=args.reference_shift)
             loss_ref = flow_loss(model, captions, to_pixels(images).to(device), gen, to_pixels(refs))
             loss = 0.5 * (loss_text + loss_ref)
             lr = args.lr * min(1.0, (step + 1 - args.start_step) / args.warmup)
@@ -210,6 +211,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
     p.add_argument("--init", default=None, help="start from these saved weights (when not resuming)")
     p.add_argument("--start-step", type=int, default=0, help="the step number a run from --init starts at")
+    p.add_argument("--reference-shift", type=float, default=0.0,
+                   help="move in-context references by up to this many px from their targets (0: aligned)")  # fmt: skip
     return p.parse_args(argv)
 
 

@@ -111,15 +111,27 @@ def _other(rng: np.random.Generator, names: list[str], not_this: str) -> str:
     return others[int(rng.integers(len(others)))]
 
 
-def reference_for(rng: np.random.Generator, scene: Scene) -> Scene:
+def reference_for(rng: np.random.Generator, scene: Scene, shift: float = 0.0) -> Scene:
     """A reference for in-context samples: the same shape (the same polygon outline for an object) at the same place
     and size, in other colours (a different shape colour, any other background). Aligned like an edit pair, so that
     klein's edit branch, which gives the reference the output's 2-D positions, makes copying a local pattern; a
-    reference elsewhere made copying a search the 0.9M-parameter model had not learned after 4,500 steps."""
+    reference elsewhere made copying a search the 0.9M-parameter model had not learned after 4,500 steps.
+
+    `shift` > 0 moves the reference's centre by up to `shift` px in each axis and changes its size by up to
+    `shift / 2` px (kept inside the world's ranges), so that the target's place and size are not the reference's:
+    a model trained so learns to draw the reference's shape where its own noise leads, the varying teacher the
+    method assumes (docs/replication.md). With 0 the random stream is the aligned world's, draw for draw."""
     names = [n for n in COLOURS if n != scene.colour]
     colour = names[int(rng.integers(len(names)))]
     background = _other(rng, list(COLOURS), colour)
-    return Scene(scene.shape, colour, background, scene.cx, scene.cy, scene.size, scene.vertices)
+    cx, cy, size = scene.cx, scene.cy, scene.size
+    if shift > 0:
+        lo, hi = SIZE / 2 - CENTRE_JITTER, SIZE / 2 + CENTRE_JITTER
+        dx, dy, ds = rng.uniform(-1.0, 1.0, 3)
+        cx = float(np.clip(cx + shift * dx, lo, hi))
+        cy = float(np.clip(cy + shift * dy, lo, hi))
+        size = float(np.clip(size + shift / 2 * ds, *SIZE_RANGE))
+    return Scene(scene.shape, colour, background, cx, cy, size, scene.vertices)
 
 
 def _inside_polygon(xs: np.ndarray, ys: np.ndarray, poly: np.ndarray) -> np.ndarray:

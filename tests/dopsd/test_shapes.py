@@ -78,6 +78,28 @@ def test_reference_keeps_the_shape_and_place_and_changes_colour() -> None:
         assert (world.shape_mask(ref) == world.shape_mask(scene)).all()
 
 
+def test_a_shifted_reference_keeps_the_shape_and_moves_within_the_world() -> None:
+    rng = np.random.default_rng(3)
+    lo, hi = world.SIZE / 2 - world.CENTRE_JITTER, world.SIZE / 2 + world.CENTRE_JITTER
+    moved = []
+    for i in range(200):
+        scene = world.sample_scene(rng, world.CLASSES[i % len(world.CLASSES)])
+        ref = world.reference_for(rng, scene, shift=2.0)
+        assert ref.shape == scene.shape and ref.vertices == scene.vertices and ref.colour != scene.colour
+        assert abs(ref.cx - scene.cx) <= 2.0 and abs(ref.cy - scene.cy) <= 2.0 and abs(ref.size - scene.size) <= 1.0
+        assert lo <= ref.cx <= hi and lo <= ref.cy <= hi and world.SIZE_RANGE[0] <= ref.size <= world.SIZE_RANGE[1]
+        moved.append(np.hypot(ref.cx - scene.cx, ref.cy - scene.cy))
+    assert np.mean(moved) > 0.5  # the target is not where the reference is
+
+
+def test_an_unshifted_reference_draws_the_aligned_worlds_stream() -> None:
+    a, b = np.random.default_rng(4), np.random.default_rng(4)
+    scene = world.sample_scene(a, world.NEW_CONCEPT)
+    assert world.sample_scene(b, world.NEW_CONCEPT) == scene
+    assert world.reference_for(a, scene) == world.reference_for(b, scene, shift=0.0)
+    assert a.random() == b.random()  # shift 0 draws nothing more: the committed runs' data are unchanged
+
+
 def test_pretraining_data_never_shows_the_new_concept_or_its_trigger() -> None:
     rng = np.random.default_rng(1)
     captions, _ = train_base.text_only_batch(rng, 300)
