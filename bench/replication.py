@@ -117,7 +117,9 @@ def sample_sheet(model: ShapesModel, path: Path, *, seed: int, per_row: int = 12
         rows.append(np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=128) for im in images], 1))
     sheet = np.concatenate(rows, axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.Resampling.NEAREST).save(path)
+    Image.fromarray(sheet).resize((sheet.shape[1] * scale, sheet.shape[0] * scale), Image.Resampling.NEAREST).save(
+        path
+    )
 
 
 def sft_adapter(
