@@ -187,7 +187,11 @@ def _serve(ns: argparse.Namespace) -> int:
         for worker in workers:
             worker.terminate()
         for worker in workers:
-            worker.wait(timeout=30)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a worker whose shutdown hangs must not outlive the service
+                worker.kill()
+                worker.wait(timeout=10)
     return 0
 
 

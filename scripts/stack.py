@@ -206,7 +206,9 @@ def start_maintain(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def stop(process: subprocess.Popen[bytes] | int, timeout_s: float = 20) -> None:
-    """SIGTERM to the process group, SIGKILL after `timeout_s`."""
+    """SIGTERM to the process group, SIGKILL to what is left of it after `timeout_s`. Waits for the whole group,
+    not only its leader: `dopsd serve` leads its worker processes, and a Celery worker whose shutdown hangs would
+    otherwise outlive the test that started it (seen: one still waiting on its dead pool child an hour later)."""
     pid = process if isinstance(process, int) else process.pid
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -214,17 +216,19 @@ def stop(process: subprocess.Popen[bytes] | int, timeout_s: float = 20) -> None:
         return
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if not isinstance(process, int):
+            process.poll()  # reaps the leader, whose zombie would keep the group alive
         try:
-            os.kill(pid, 0)
+            os.killpg(pid, 0)
         except ProcessLookupError:
-            return
-        if not isinstance(process, int) and process.poll() is not None:
             return
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    if not isinstance(process, int):
+        process.wait(timeout=10)
 
 
 def stop_on_sigterm() -> None:
