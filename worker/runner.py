@@ -252,8 +252,10 @@ def delete_if_deleted(resources: WorkerResources, job_id: uuid.UUID) -> None:
 
 
 def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id: str, gpu_s: float) -> None:
-    """Records a stop its owner asked for. A canceled job never resumes, so its checkpoints go (a deleted job's
-    objects all go, in `delete_if_deleted`)."""
+    """Records a stop its owner asked for. A canceled job never resumes, so its checkpoints go, before the job
+    reads as canceled: a client that sees `canceled` finds none left (the other order left a window, seen in CI,
+    in which both were true). A storage error leaves them to retention; a deleted job's objects all go,
+    in `delete_if_deleted`."""
 
     def cancel() -> bool:
         with session_scope(resources.sessions) as session:
@@ -261,8 +263,11 @@ def _cancel(resources: WorkerResources, job_id: uuid.UUID, step: int, worker_id:
                 session=session, job_id=job_id, step=step, worker_id=worker_id, gpu_seconds=gpu_s
             )
 
-    if not retry_db(cancel, what=f"job {job_id} cancel"):
+    try:
         resources.store.delete_prefix(checkpoint_prefix(job_id))
+    except ServiceUnavailable:
+        logger.warning("job %s: could not remove a canceled job's checkpoints; retention will", job_id, exc_info=True)
+    retry_db(cancel, what=f"job {job_id} cancel")
     logger.info("job %s: canceled at step %d", job_id, step)
 
 
