@@ -125,7 +125,7 @@ def teacher_variation(model: ShapesModel, *, steps: int, n: int, seed: int, refe
     for i, scene in enumerate(world.concept_scenes(rng, references)):
         images = _sample(model, [scene.caption()] * per, steps, seed + i, [world.render(scene)] * per)
         spreads.append(diversity(list(images), [scene.colour] * per))
-    return {f"{k}": float(np.mean([sp[k] for sp in spreads])) for k in ("x_std", "y_std", "size_std")}
+    return {k: float(np.mean([sp[k] for sp in spreads])) for k in ("x_std", "y_std", "size_std")}
 
 
 def measure(

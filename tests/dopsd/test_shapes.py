@@ -275,6 +275,27 @@ def test_training_resumes_exactly(tmp_path: Path) -> None:
     torch.set_num_threads(2)  # train_base sets its own thread count
 
 
+class _Copier:
+    """A stand-in teacher that draws its reference, moved by `jitter` px at random per sample (0: a pure copier)."""
+
+    def __init__(self, jitter: int) -> None:
+        self.jitter = jitter
+
+    def sample(self, captions, *, steps, generator, references):  # type: ignore[no-untyped-def]
+        shifts = torch.randint(-self.jitter, self.jitter + 1, (len(captions), 2), generator=generator)
+        moved = [
+            torch.roll(r, (int(dy), int(dx)), dims=(1, 2)) for r, (dy, dx) in zip(references, shifts, strict=True)
+        ]
+        return torch.stack(moved)
+
+
+def test_teacher_variation_tells_a_copier_from_a_teacher_that_varies() -> None:
+    copier = gates.teacher_variation(_Copier(0), steps=1, n=24, seed=0)  # type: ignore[arg-type]
+    varies = gates.teacher_variation(_Copier(2), steps=1, n=24, seed=0)  # type: ignore[arg-type]
+    assert all(v == pytest.approx(0.0, abs=1e-9) for v in copier.values()), copier
+    assert varies["x_std"] > 0.5 and varies["y_std"] > 0.5, varies
+
+
 def test_gate_measurement_runs_every_probe(classifier: metrics.ShapeClassifier) -> None:
     torch.manual_seed(2)
     result = gates.measure(ShapesModel(TINY).eval(), classifier, steps=2, n=3)
