@@ -22,7 +22,8 @@ The student starts as the base; its EMA (`--ema`, 0 turns it off) is what is sav
 `--out/distilled.safetensors` (header: step, seed, the base's sha256, the student's sigmas) with a `.sha256` beside
 it; the full state goes to `--state`, from which `--resume` continues bit for bit (the data of step k depends only on
 (seed, k)). `--init W --start-step K` continues a run whose state is gone from its saved (EMA) weights, with a fresh
-optimiser and new settings; the teacher stays `--base`. AdamW, constant lr 1e-4, grad clip 1.
+optimiser and new settings; the teacher stays `--base`. AdamW, lr 1e-4 (constant, or decaying linearly over the run's
+last `--decay-steps` steps), grad clip 1.
 
     nice -n 10 python -m dopsd.shapes.distill --base dopsd/shapes/weights/base.safetensors --steps 2000
 """
@@ -163,6 +164,9 @@ def train(args: argparse.Namespace) -> None:
         while step < args.steps:
             t0 = time.perf_counter()
             loss, parts = distill_loss(student, teacher, args, step)
+            lr = args.lr * (min(1.0, (args.steps - step) / args.decay_steps) if args.decay_steps else 1.0)
+            for group in opt.param_groups:
+                group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -172,10 +176,10 @@ def train(args: argparse.Namespace) -> None:
                 for p_ema, p in zip(ema.parameters(), student.parameters(), strict=True):
                     p_ema.lerp_(p, 1 - decay)
             step += 1
-            window.append({**parts, "s_per_step": time.perf_counter() - t0})
+            window.append({**parts, "s_per_step": time.perf_counter() - t0, "lr": lr})
             if step % args.log_every == 0 or step == args.steps:
                 record: dict[str, object] = {"step": step}
-                for key in ("loss_text", "loss_ref", "segments", "s_per_step"):
+                for key in ("loss_text", "loss_ref", "segments", "s_per_step", "lr"):
                     record[key] = np.mean([w[key] for w in window], axis=0).tolist()
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -228,6 +232,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-substeps", type=int, default=8, help="teacher Euler steps per student segment")
     p.add_argument("--p-student-states", type=float, default=0.0, help="fraction of roll-outs on the student's states")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--decay-steps", type=int, default=0, help="decay the lr linearly over the last N steps (0: constant)"
+    )
     p.add_argument("--ema", type=float, default=0.999, help="0 saves the raw student")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -240,8 +247,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default=None, help="start the student and its EMA from these weights (when not resuming)")
     p.add_argument("--start-step", type=int, default=0, help="the step number a run from --init starts at")
     args = p.parse_args(argv)
-    if args.batch < 2 or args.student_steps < 1 or args.teacher_substeps < 1 or not 0 <= args.p_student_states <= 1:
-        p.error("need --batch >= 2, --student-steps >= 1, --teacher-substeps >= 1, 0 <= --p-student-states <= 1")
+    if (
+        args.batch < 2
+        or args.student_steps < 1
+        or args.teacher_substeps < 1
+        or not 0 <= args.p_student_states <= 1
+        or args.decay_steps < 0
+    ):
+        p.error(
+            "need --batch >= 2, --student-steps >= 1, --teacher-substeps >= 1, 0 <= --p-student-states <= 1, "
+            "--decay-steps >= 0"
+        )
     return args
 
 

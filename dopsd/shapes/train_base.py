@@ -45,11 +45,16 @@ def text_only_batch(rng: np.random.Generator, n: int) -> tuple[list[str], list[n
 
 
 def in_context_batch(
-    rng: np.random.Generator, n: int, p_object: float = 0.5, p_neutral: float = 0.5, shift: float = 0.0
+    rng: np.random.Generator,
+    n: int,
+    p_object: float = 0.5,
+    p_neutral: float = 0.5,
+    shift: float = 0.0,
+    p_shift: float = 1.0,
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     """`n` in-context samples: captions, target renders and reference renders (same shape and place, other
-    colours; moved by up to `shift` px, see `world.reference_for`). A fraction `p_object` are random polygons; a
-    base shape's word becomes "object" with `p_neutral`."""
+    colours; with `shift` > 0, a fraction `p_shift` of them moved by up to `shift` px, see `world.reference_for`).
+    A fraction `p_object` are random polygons; a base shape's word becomes "object" with `p_neutral`."""
     captions, targets, refs = [], [], []
     for _ in range(n):
         shape = world.OBJECT if rng.random() < p_object else None
@@ -57,7 +62,8 @@ def in_context_batch(
         neutral = scene.shape == world.OBJECT or rng.random() < p_neutral
         captions.append(scene.caption(world.OBJECT if neutral else None))
         targets.append(world.render(scene))
-        refs.append(world.render(world.reference_for(rng, scene, shift)))
+        moved = shift > 0 and (p_shift >= 1 or rng.random() < p_shift)
+        refs.append(world.render(world.reference_for(rng, scene, shift if moved else 0.0)))
     return captions, targets, refs
 
 
@@ -128,10 +134,14 @@ def train(args: argparse.Namespace) -> None:
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             captions, images = text_only_batch(rng, half)
             loss_text = flow_loss(model, captions, to_pixels(images).to(device), gen)
-            captions, images, refs = in_context_batch(rng, args.batch - half, shift=args.reference_shift)
+            captions, images, refs = in_context_batch(
+                rng, args.batch - half, shift=args.reference_shift, p_shift=args.p_reference_shift
+            )
             loss_ref = flow_loss(model, captions, to_pixels(images).to(device), gen, to_pixels(refs))
             loss = 0.5 * (loss_text + loss_ref)
             lr = args.lr * min(1.0, (step + 1 - args.start_step) / args.warmup)
+            if args.decay_steps:  # warmup-stable-decay: linear to lr / decay_steps at the last step
+                lr *= min(1.0, (args.steps - step) / args.decay_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
@@ -196,6 +206,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="half text-only, half in-context")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="decay the lr linearly over the run's last N steps (0: constant after warmup)")  # fmt: skip
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heads", type=int, default=3)
@@ -213,14 +225,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-step", type=int, default=0, help="the step number a run from --init starts at")
     p.add_argument("--reference-shift", type=float, default=0.0,
                    help="move in-context references by up to this many px from their targets (0: aligned)")  # fmt: skip
+    p.add_argument("--p-reference-shift", type=float, default=1.0,
+                   help="the fraction of in-context references --reference-shift moves (the rest stay aligned)")  # fmt: skip
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: `python -m dopsd.shapes.train_base [options]`."""
     args = parse_args(argv)
-    if not math.isfinite(args.lr) or args.batch < 2:
-        raise SystemExit("--lr must be finite and --batch at least 2")
+    if not math.isfinite(args.lr) or args.batch < 2 or args.decay_steps < 0 or not 0 <= args.p_reference_shift <= 1:
+        raise SystemExit("--lr must be finite, --batch >= 2, --decay-steps >= 0 and 0 <= --p-reference-shift <= 1")
     train(args)
 
 

@@ -100,6 +100,17 @@ def test_an_unshifted_reference_draws_the_aligned_worlds_stream() -> None:
     assert a.random() == b.random()  # shift 0 draws nothing more: the committed runs' data are unchanged
 
 
+def test_a_fraction_of_in_context_references_is_moved() -> None:
+    def aligned(p_shift: float) -> float:
+        _, targets, refs = train_base.in_context_batch(np.random.default_rng(5), 200, shift=2.0, p_shift=p_shift)
+        masks = [[(im != im[0, 0]).any(-1) for im in pair] for pair in zip(targets, refs, strict=True)]
+        return float(np.mean([np.array_equal(t, r) for t, r in masks]))
+
+    assert aligned(0.0) == 1.0
+    assert 0.35 < aligned(0.5) < 0.75  # moved references rarely keep the target's exact pixels
+    assert aligned(1.0) < 0.25
+
+
 def test_pretraining_data_never_shows_the_new_concept_or_its_trigger() -> None:
     rng = np.random.default_rng(1)
     captions, _ = train_base.text_only_batch(rng, 300)
@@ -273,6 +284,13 @@ def test_training_resumes_exactly(tmp_path: Path) -> None:
     assert [r["step"] for r in log if "loss_text" in r] == [1, 2]
     assert all(np.isfinite(r["loss_ref"]) for r in log if "loss_ref" in r)
     torch.set_num_threads(2)  # train_base sets its own thread count
+
+
+def test_a_decaying_run_ends_at_a_small_learning_rate(tmp_path: Path) -> None:
+    train_base.main([*_train_args(tmp_path, 4), "--lr", "1e-3", "--decay-steps", "2"])
+    log = [json.loads(line) for line in (tmp_path / "out" / "base-train.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log if "loss_text" in r] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+    torch.set_num_threads(2)
 
 
 class _Copier:

@@ -171,3 +171,9 @@ def test_init_refuses_weights_of_another_shape(base: Path, tmp_path: Path) -> No
     )
     with pytest.raises(SystemExit, match="--init weights have config"):
         distill.main(_cli(base, tmp_path, 1, "--init", str(other)))
+
+
+def test_a_decaying_run_logs_its_falling_learning_rate(base: Path, tmp_path: Path) -> None:
+    distill.main(_cli(base, tmp_path, 3, "--lr", "3e-4", "--decay-steps", "3"))
+    log = [json.loads(line) for line in (tmp_path / "out" / "distill-train.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log if "loss_text" in r] == pytest.approx([3e-4, 2e-4, 1e-4])
