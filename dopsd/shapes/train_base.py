@@ -11,7 +11,10 @@ run sees exactly the batches an uninterrupted one would.
 Checkpoints: the EMA weights (what the gates measure) go to `--out/base.safetensors` with a `.sha256` beside it,
 every `--save-every` steps (only the latest is kept); the full training state (weights, EMA, optimiser, step) goes
 to `--state`, from which `--resume` continues. `--init` starts a run from saved weights (model and EMA) with a fresh
-optimiser: how the committed base continued after the world's references were aligned with their targets.
+optimiser: how the committed base continued after the world's references were aligned with their targets, and how
+it was annealed at the end (`--decay-steps`: the lr falls linearly to 0 over the run's last N steps, after a
+constant phase; warmup-stable-decay). `--reference-shift` / `--p-reference-shift` move (a fraction of) the
+references off their targets, for a teacher whose drawing depends on the noise (docs/replication.md).
 
     nice -n 19 python -m dopsd.shapes.train_base --steps 20000 --threads 1 > /tmp/shapes-base.log 2>&1 &
 """
