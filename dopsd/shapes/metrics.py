@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -210,15 +211,25 @@ def clean_accuracy(classifier: ShapeClassifier, seed: int, n: int, labels: Seque
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m dopsd.shapes.metrics train-classifier`: trains, saves the weights and a JSON record (command,
-    seed, clean accuracy on 5,000 fresh renders, SHA-256) beside them."""
-    p = argparse.ArgumentParser(description="Train the shapes world's ground-truth classifier.")
-    p.add_argument("command", choices=["train-classifier"])
+    seed, clean accuracy on 5,000 fresh renders, SHA-256) beside them. `... classify IMAGE...`: what the world's
+    classifier reads in each image (a generation downloaded from the service, a sample sheet's tile), as one JSON
+    line with the counts, so a user can check an adapter's drawings against ground truth."""
+    p = argparse.ArgumentParser(description="Train the shapes world's ground-truth classifier, or apply it.")
+    p.add_argument("command", choices=["train-classifier", "classify"])
+    p.add_argument("images", nargs="*", help="classify: 16x16 RGB image files")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(CLASSIFIER_PATH))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.command == "classify":
+        if not args.images:
+            p.error("classify needs at least one image")
+        labels = classify(load_classifier(), np.stack([_read_image(Path(f)) for f in args.images]))
+        counts = {name: labels.count(name) for name in LABELS if name in labels}
+        sys.stdout.write(json.dumps({"counts": counts, "images": dict(zip(args.images, labels, strict=True))}) + "\n")
+        return
     model = train_classifier(seed=args.seed, steps=args.steps)
     save_with_record(model, Path(args.out), {
         "command": f"python -m dopsd.shapes.metrics train-classifier --seed {args.seed} --steps {args.steps}",
@@ -226,6 +237,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "steps": args.steps,
         "clean_accuracy_5000": clean_accuracy(model, args.seed, 5000),
     })  # fmt: skip
+
+
+def _read_image(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    if rgb.shape != (world.SIZE, world.SIZE, 3):
+        raise SystemExit(
+            f"{path}: {rgb.shape[1]}x{rgb.shape[0]} pixels, the world's images are {world.SIZE}x{world.SIZE}"
+        )
+    return rgb
 
 
 def save_with_record(network: ShapeClassifier, out: Path, record: dict[str, object]) -> None:

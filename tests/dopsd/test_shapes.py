@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
+from PIL import Image
 
 from dopsd.evaluation.embedding import EmbedderError, load_embedder
 from dopsd.presets import get_preset
@@ -328,3 +329,18 @@ def test_gate_measurement_runs_every_probe(classifier: metrics.ShapeClassifier) 
     flags = result["gates"]
     assert isinstance(flags, dict)
     assert set(flags) == {"prior_accuracy", "teacher_concept_rate", "trigger_text_near_zero"}
+
+
+def test_classify_cli_reads_the_bundled_crosses_and_refuses_other_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    crosses = sorted(str(p) for p in (Path(__file__).parents[2] / "examples" / "shapes").glob("cross-*.png"))
+    circle = tmp_path / "circle.png"
+    Image.fromarray(world.render(world.sample_scene(np.random.default_rng(0), "circle"))).save(circle)
+    metrics.main(["classify", *crosses, str(circle)])
+    out = json.loads(capsys.readouterr().out)
+    assert out["counts"] == {"circle": 1, "cross": len(crosses)} and len(crosses) == 6
+    assert out["images"][str(circle)] == "circle"
+    Image.new("RGB", (32, 32)).save(tmp_path / "big.png")
+    with pytest.raises(SystemExit, match="32x32"):
+        metrics.main(["classify", str(tmp_path / "big.png")])
