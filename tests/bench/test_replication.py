@@ -5,8 +5,8 @@ arms carry the report's verdicts, the gates are printed, and the summary line co
 The shipped base's in-context gates are asserted: its teacher (the trigger caption with a cross reference) draws the
 cross at least half the time, and the trigger caption alone stays near 0 (docs/replication.md measures 1.00 and
 0.00 on 48 samples). The prior-accuracy gate (>= 0.9 at 4 steps) is printed, not asserted: it is the distilled
-model's gate, and the shipped base measures 0.88-0.92 at 4 steps, within a 12-sample probe's noise of the line. No
-direction of the claim is asserted: the full benchmark does not show one beyond its intervals."""
+model's gate, and though the shipped base measures 0.93-0.95 at 4 steps on 576 samples, a 12-sample probe's noise
+spans the line. No direction of the claim is asserted: the full benchmark does not show one beyond its intervals."""
 
 from __future__ import annotations
 
