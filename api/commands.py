@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,6 @@ def _migrate(_: argparse.Namespace) -> int:
 
 def _maintain(_: argparse.Namespace) -> int:
     """Runs maintenance until SIGTERM or SIGINT, then lets the passes in flight end and exits 0."""
-    import signal
     import threading
 
     from api.maintenance import service_maintenance
@@ -181,6 +181,10 @@ def _serve(ns: argparse.Namespace) -> int:
         f"Or open {base}/app/ (the web page) with the key above.\n",
         flush=True,
     )
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; with the default handler that kills this
+    # process before `finally` stops the workers (orphaned workers after `docker stop`, systemd or `kill`). A handler
+    # that exits instead lets the workers go with the service.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=ns.host, port=ns.port, log_level="info")
     finally:
