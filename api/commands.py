@@ -166,7 +166,7 @@ def _serve(ns: argparse.Namespace) -> int:
     base = f"http://{ns.host}:{ns.port}"
     print(
         f"\nD-OPSD service on {base} (docs: {base}/docs); workers: {'off' if not workers else 'training + generation'}\n"
-        "Teach the bundled `shapes` model a concept it has never seen (a cross; about 2 minutes on a CPU):\n"
+        "Teach the bundled `shapes` model a concept it has never seen (a cross; under a minute on a quiet 2-core CPU):\n"
         f"  curl -s -H 'Authorization: Bearer {key}' \\\n"
         "    -F images=@examples/shapes/cross-1.png -F images=@examples/shapes/cross-2.png \\\n"
         "    -F images=@examples/shapes/cross-3.png -F images=@examples/shapes/cross-4.png \\\n"
