@@ -11,7 +11,6 @@ One JSON line per (seed, K).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -44,10 +43,9 @@ class FirstStepsFromBase:
         """Pixels in [-1, 1], [B, 3, S, S], as `ShapesModel.sample` draws them from the same generator."""
         texts = self.base.text.encode(list(captions)), self.distilled.text.encode(list(captions))
         x = torch.randn(len(captions), PIXEL_CHANNELS, world.SIZE, world.SIZE, generator=generator)
-        for i, (s, s_next) in enumerate(itertools.pairwise(sigma_schedule(steps))):
-            model, text = (self.base, texts[0]) if i < self.k else (self.distilled, texts[1])
-            x = x + (s_next - s) * model.velocity(x, torch.full((len(captions),), s), text, references)
-        return x.clamp(-1, 1)
+        sigmas = sigma_schedule(steps)
+        x = self.base.euler(x, sigmas[: self.k + 1], texts[0], references)
+        return self.distilled.euler(x, sigmas[self.k :], texts[1], references).clamp(-1, 1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

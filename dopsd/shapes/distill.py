@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from dopsd.shapes.model import ShapesModel, load_model, save_model, sigma_schedule, to_pixels
-from dopsd.shapes.train_base import in_context_batch, sha256, text_only_batch
+from dopsd.shapes.train_base import decay_factor, in_context_batch, sha256, text_only_batch, update_ema
 
 
 DEFAULT_OUT = Path(__file__).parent / "weights"
@@ -61,11 +61,7 @@ def teacher_segment(
     substeps: int,
 ) -> torch.Tensor:
     """The teacher's Euler ODE from `x` at sigma `s` to `s_next` in `substeps` equal steps: the segment's end state."""
-    for a, b in itertools.pairwise(np.linspace(s, s_next, substeps + 1)):
-        x = x + float(b - a) * teacher.velocity(
-            x, torch.full((x.shape[0],), float(a), device=x.device), text, reference
-        )
-    return x
+    return teacher.euler(x, np.linspace(s, s_next, substeps + 1).tolist(), text, reference)
 
 
 def segment_losses(
@@ -164,17 +160,14 @@ def train(args: argparse.Namespace) -> None:
         while step < args.steps:
             t0 = time.perf_counter()
             loss, parts = distill_loss(student, teacher, args, step)
-            lr = args.lr * (min(1.0, (args.steps - step) / args.decay_steps) if args.decay_steps else 1.0)
+            lr = args.lr * decay_factor(step, args.steps, args.decay_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), student.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - decay)
+            update_ema(ema, student, step, args.ema)
             step += 1
             window.append({**parts, "s_per_step": time.perf_counter() - t0, "lr": lr})
             if step % args.log_every == 0 or step == args.steps:

@@ -147,11 +147,21 @@ class ShapesModel(nn.Module):
         device = text.device
         x = torch.randn(len(captions), PIXEL_CHANNELS, world.SIZE, world.SIZE, generator=generator).to(device)
         references = None if references is None else references.to(device)
-        sigmas = sigma_schedule(steps)
+        return self.euler(x, sigma_schedule(steps), text, references).clamp(-1, 1)
+
+    def euler(
+        self,
+        x: torch.Tensor,
+        sigmas: Sequence[float],
+        text: torch.Tensor,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The Euler ODE from `x` at `sigmas[0]` through each of `sigmas` in turn: the state at `sigmas[-1]`. One
+        integrator for sampling, the distillation's teacher segments and the benchmarks that mix two models."""
         for s, s_next in itertools.pairwise(sigmas):
-            v = self.velocity(x, torch.full((len(captions),), s, device=device), text, references)
-            x = x + (s_next - s) * v
-        return x.clamp(-1, 1)
+            v = self.velocity(x, torch.full((x.shape[0],), float(s), device=x.device), text, reference)
+            x = x + (float(s_next) - float(s)) * v
+        return x
 
 
 def sigma_schedule(steps: int) -> list[float]:

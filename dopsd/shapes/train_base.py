@@ -12,7 +12,7 @@ Checkpoints: the EMA weights (what the gates measure) go to `--out/base.safetens
 every `--save-every` steps (only the latest is kept); the full training state (weights, EMA, optimiser, step) goes
 to `--state`, from which `--resume` continues. `--init` starts a run from saved weights (model and EMA) with a fresh
 optimiser: how the committed base continued after the world's references were aligned with their targets, and how
-it was annealed at the end (`--decay-steps`: the lr falls linearly to 0 over the run's last N steps, after a
+it was annealed at the end (`--decay-steps`: over the run's last N steps the lr falls linearly to lr / N at the last step, after a
 constant phase; warmup-stable-decay). `--reference-shift` / `--p-reference-shift` move (a fraction of) the
 references off their targets, for a teacher whose drawing depends on the noise (docs/replication.md).
 
@@ -89,6 +89,21 @@ def flow_loss(
     return torch.mean((v - (noise - x0)) ** 2)
 
 
+def decay_factor(step: int, steps: int, decay_steps: int) -> float:
+    """The lr's multiplier at `step` of a run ending at `steps` (warmup-stable-decay): 1 until the last
+    `decay_steps` steps, then linearly down to 1 / `decay_steps` at the last step; always 1 when `decay_steps` is 0."""
+    return min(1.0, (steps - step) / decay_steps) if decay_steps else 1.0
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, rate: float) -> None:
+    """Moves `ema`'s weights towards `model`'s after step `step`, at `rate` once warmed up (the early steps use a
+    smaller rate, (1 + step) / (10 + step), so the average is not dominated by the initial weights)."""
+    decay = min(rate, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
+        p_ema.lerp_(p, 1 - decay)
+
+
 def sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -143,18 +158,14 @@ def train(args: argparse.Namespace) -> None:
             loss_ref = flow_loss(model, captions, to_pixels(images).to(device), gen, to_pixels(refs))
             loss = 0.5 * (loss_text + loss_ref)
             lr = args.lr * min(1.0, (step + 1 - args.start_step) / args.warmup)
-            if args.decay_steps:  # warmup-stable-decay: linear to lr / decay_steps at the last step
-                lr *= min(1.0, (args.steps - step) / args.decay_steps)
+            lr *= decay_factor(step, args.steps, args.decay_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    p_ema.lerp_(p, 1 - decay)
+            update_ema(ema, model, step, args.ema)
             step += 1
             window.append((loss_text.item(), loss_ref.item(), time.perf_counter() - t0))
             if step % args.log_every == 0 or step == args.steps:
