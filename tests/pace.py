@@ -54,10 +54,15 @@ class Pace:
             ran = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
             self.slowest_job_s = max(self.slowest_job_s, ran.total_seconds())
 
+    def limit_s(self, seconds: float) -> float:
+        """A limit for waiting on the stack's work: `seconds` on an idle machine, or 10 times the patience on one
+        whose stack processes started slowly, whichever is longer."""
+        return max(seconds, 10 * self.patience_s)
+
     def test_timeout_s(self, configured_s: float) -> float:
-        """The per-test limit for a test on a real stack: the configured one (pytest-timeout's), 10 times the
-        patience, or 200 of the slowest steps seen, whichever is longest."""
-        return max(configured_s, 10 * self.patience_s, 200 * self.slowest_step_s)
+        """The per-test limit for a test on a real stack: `limit_s` of the configured one (pytest-timeout's), or
+        200 of the slowest steps seen, whichever is longer."""
+        return max(self.limit_s(configured_s), 200 * self.slowest_step_s)
 
 
 PACE = Pace()

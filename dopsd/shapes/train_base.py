@@ -12,8 +12,8 @@ Checkpoints: the EMA weights (what the gates measure) go to `--out/base.safetens
 every `--save-every` steps (only the latest is kept); the full training state (weights, EMA, optimiser, step) goes
 to `--state`, from which `--resume` continues. `--init` starts a run from saved weights (model and EMA) with a fresh
 optimiser: how the committed base continued after the world's references were aligned with their targets, and how
-it was annealed at the end (`--decay-steps`: over the run's last N steps the lr falls linearly to lr / N at the last step, after a
-constant phase; warmup-stable-decay). `--reference-shift` / `--p-reference-shift` move (a fraction of) the
+it was annealed at the end (`--decay-steps`: after a constant phase, the lr falls linearly over the run's last N
+steps to lr / N at the last one; warmup-stable-decay). `--reference-shift` / `--p-reference-shift` move (a fraction of) the
 references off their targets, for a teacher whose drawing depends on the noise (docs/replication.md).
 
     nice -n 19 python -m dopsd.shapes.train_base --steps 20000 --threads 1 > /tmp/shapes-base.log 2>&1 &

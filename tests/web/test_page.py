@@ -49,10 +49,9 @@ document.addEventListener("securitypolicyviolation", (e) => {
 
 
 def within_ms(seconds: float) -> float:
-    """A wait for the stack's work (a job's progress or end) in Playwright's milliseconds: `seconds` on an idle
-    machine, longer on one whose stack processes started slowly (10 times the run's patience, tests/pace.py), so a
-    busy machine slows the test down instead of failing it."""
-    return max(seconds, 10 * PACE.patience_s) * 1000
+    """`PACE.limit_s(seconds)` in Playwright's milliseconds: a busy machine slows a wait for the stack's work (a
+    job's progress or end) instead of failing it."""
+    return PACE.limit_s(seconds) * 1000
 
 
 def assert_security_headers(headers: dict[str, str]) -> None:
@@ -244,9 +243,8 @@ def test_watch_a_running_job_then_cancel_and_delete_it(
     sign_in(page, api_key)
     page.goto("/app/#/jobs")
     row = page.locator(f".job-row[data-id='{job_id}']")
-    expect(row.locator(".badge")).to_have_attribute(
-        "data-status", "running", timeout=within_ms(120)
-    )  # live in the list
+    # live in the list
+    expect(row.locator(".badge")).to_have_attribute("data-status", "running", timeout=within_ms(120))
     expect(row.locator("progress")).to_be_visible(timeout=within_ms(120))  # the first progress report
     shoot(page, "jobs.png", tmp_path)
 
